@@ -1,0 +1,16 @@
+"""hmt-adapter: the Hierarchical Memory Transformer (arXiv 2405.06067) as a PEFT adapter.
+
+Importing this package registers the "HMT" adapter type with PEFT, so `peft.get_peft_model(model,
+HMTConfig(...))`, `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM.from_pretrained` work.
+"""
+
+from . import _peft_shim
+from .config import HMTConfig
+from .layer import HMTLayer
+from .model import HMTFusedOutput, HMTModel
+
+_peft_shim.register(HMTConfig, HMTModel)
+
+__version__ = "0.1.0"
+
+__all__ = ["HMTConfig", "HMTFusedOutput", "HMTLayer", "HMTModel", "__version__"]

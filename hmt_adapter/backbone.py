@@ -1,0 +1,162 @@
+"""Access to the parts of a Hugging Face causal LM that HMT drives: decoder stack, embeddings, LM head.
+
+HMT never calls the causal LM's own `forward` (TRL patches it, and it would build (B, T, V) logits);
+it runs the decoder stack (`model.base_model`) on input embeddings and applies the LM head itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import HMTConfig
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """Raise `TypeError` unless ``model`` is a Hugging Face causal LM HMT can drive."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"HMT adapts Hugging Face causal LMs (a transformers PreTrainedModel such as LlamaForCausalLM), "
+            f"got {type(model).__name__}."
+        )
+    decoder = model.base_model
+    head = model.get_output_embeddings()
+    if decoder is model or head is None or not type(model).__name__.endswith("ForCausalLM"):
+        raise TypeError(
+            f"HMT needs a causal LM with a language-modelling head (AutoModelForCausalLM), got "
+            f"{type(model).__name__}. Load the model with AutoModelForCausalLM.from_pretrained(...)."
+        )
+
+
+class Backbone:
+    """A view on a causal LM: its decoder stack, input embeddings and LM head.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (possibly with PEFT layers injected).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.decoder = model.base_model
+        self.head = model.get_output_embeddings()
+        cfg = model.config.get_text_config()
+        self.final_logit_softcapping = getattr(cfg, "final_logit_softcapping", None)
+        scale = getattr(cfg, "logit_scale", None)
+        self.logit_scale = 1.0 if scale is None else float(scale)
+
+    @property
+    def embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def embed_dtype(self) -> torch.dtype:
+        return self.embeddings.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids)
+
+    def run(
+        self,
+        inputs_embeds: torch.Tensor,
+        past_key_values=None,
+        use_cache: bool = False,
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ):
+        """Run the decoder stack on (B, P, d) embeddings; returns the model output (``last_hidden_state`` etc.).
+
+        Positions default to 0..P-1 (each segment restarts at 0); with no attention mask the pass is plainly
+        causal, which is all a right-padded segment needs.
+        """
+        kwargs = {"inputs_embeds": inputs_embeds, "use_cache": use_cache, "return_dict": True}
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return self.decoder(**kwargs)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits for hidden states (..., d) -> (..., V), with the model's logit scaling if any."""
+        logits = self.head(hidden)
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.final_logit_softcapping is not None:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        flag = getattr(type(self.model), "is_activation_checkpointing", None)
+        if flag is None:  # transformers < 5.x name
+            return bool(getattr(self.model, "is_gradient_checkpointing", False))
+        return bool(self.model.is_activation_checkpointing)
+
+    @contextlib.contextmanager
+    def layer_checkpointing_off(self) -> Iterator[None]:
+        """Turn off transformers' per-layer checkpointing while HMT checkpoints whole segments (no double recompute)."""
+        layers = [m for m in self.decoder.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        for m in layers:
+            m.gradient_checkpointing = False
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.gradient_checkpointing = True
+
+
+def input_embedding_width(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
+def output_hidden_width(model: nn.Module) -> int:
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        raise TypeError(f"{type(model).__name__}'s LM head has no weight; HMT cannot drive it.")
+    # bitsandbytes 4-bit heads keep the logical shape in `out_features`/`in_features`
+    return int(getattr(head, "in_features", weight.shape[-1]))
+
+
+def max_positions(model: nn.Module) -> Optional[int]:
+    cfg = model.config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_backbone(model: nn.Module, config: HMTConfig) -> None:
+    """Check that ``config`` fits ``model``; raise `ValueError`/`TypeError` saying what to change."""
+    check_causal_lm(model)
+    width = input_embedding_width(model)
+    out_width = output_hidden_width(model)
+    if out_width != width:
+        raise ValueError(
+            f"HMT needs the backbone's last hidden state in its input-embedding space, but {type(model).__name__} "
+            f"embeds tokens in {width} dims and its LM head reads {out_width} dims."
+        )
+    expected = getattr(config, "base_embedding_dim", None)
+    if expected is not None and expected != width:
+        raise ValueError(
+            f"This HMT adapter was trained on a backbone with {expected}-dim input embeddings, but the model it is "
+            f"being attached to ({type(model).__name__}, {getattr(model.config, '_name_or_path', '') or 'local'}) "
+            f"has {width}-dim embeddings. Load it onto the backbone it was trained with "
+            f"(adapter_config.json: base_model_name_or_path={config.base_model_name_or_path!r})."
+        )
+    limit = max_positions(model)
+    need = max(config.positions_per_segment, config.summary_length + 2)
+    if limit is not None and need > limit:
+        raise ValueError(
+            f"HMT segments need {need} positions (segment_length={config.segment_length} + num_sensory="
+            f"{config.num_sensory} + 2 memory positions) but the backbone has max_position_embeddings={limit}. "
+            f"Lower segment_length to at most {limit - config.num_sensory - 2}."
+        )

@@ -1,0 +1,109 @@
+"""The PEFT tuner layer that holds HMT's trainable parameters.
+
+HMT does not change any backbone layer: it feeds the backbone extra input embeddings. Its parameters
+still live in a `BaseTunerLayer` (wrapping the backbone's input-embedding module, whose forward it
+leaves unchanged) so PEFT's own machinery finds them: saving only the adapter, `disable_adapter()`,
+`get_model_status()`, `unload()`, `print_trainable_parameters()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import HMTConfig
+
+
+class HMTLayer(nn.Module, BaseTunerLayer):
+    """Wraps the backbone's input embeddings and holds, per adapter name, HMT's parameters.
+
+    Parameters (d = input-embedding width, h = ``recall_dim``):
+        hmt_memory_init:   (d,)   learned initial memory m_0, read by segment 0.
+        hmt_summary_token: (d,)   learned token s framing the summary pass (only with ``use_recall``).
+        hmt_recall_q:      d -> h query projection W_q, no bias (only with ``use_recall``).
+        hmt_recall_k:      d -> h key projection W_k, no bias (only with ``use_recall``).
+        hmt_memory_proj:   d -> d projection of memory embeddings, initialised to the identity
+                           (only with ``memory_projection``).
+
+    ``forward`` is the wrapped embedding's forward, unchanged.
+    """
+
+    adapter_layer_names = (
+        "hmt_memory_init",
+        "hmt_summary_token",
+        "hmt_recall_q",
+        "hmt_recall_k",
+        "hmt_memory_proj",
+    )
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Embedding, adapter_name: str, config: HMTConfig) -> None:
+        super().__init__()
+        BaseTunerLayer.__init__(self)
+        self.base_layer = base_layer
+        self.hmt_memory_init = nn.ParameterDict()
+        self.hmt_summary_token = nn.ParameterDict()
+        self.hmt_recall_q = nn.ModuleDict()
+        self.hmt_recall_k = nn.ModuleDict()
+        self.hmt_memory_proj = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.update_layer(adapter_name, config)
+
+    # The wrapped module stays usable as an embedding by code that inspects it.
+    @property
+    def embedding_dim(self) -> int:
+        return self.base_layer.weight.shape[1]
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base_layer.weight.shape[0]
+
+    @property
+    def padding_idx(self):
+        return getattr(self.base_layer, "padding_idx", None)
+
+    def forward(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.base_layer(input_ids, *args, **kwargs)
+
+    @torch.no_grad()
+    def embedding_row_norm(self) -> torch.Tensor:
+        """Mean L2 norm of the embedding rows, as a 0-d float32 tensor: the scale memory is mapped back to."""
+        weight = self.base_layer.weight
+        if weight.device.type == "meta":
+            return torch.ones((), device="meta")
+        return weight.float().norm(dim=-1).mean()
+
+    def update_layer(self, adapter_name: str, config: HMTConfig) -> None:
+        """Create the parameters of adapter ``adapter_name`` (on the embedding's device, in float32)."""
+        weight = self.base_layer.weight
+        d, device = weight.shape[1], weight.device
+        factory = {"device": device, "dtype": torch.float32}
+        with torch.no_grad():
+            if device.type == "meta":
+                mean = torch.zeros(d, **factory)
+            else:
+                mean = weight.float().mean(dim=0)
+            # m_0 and s start at the mean embedding, a point the frozen backbone has seen, plus small noise.
+            self.hmt_memory_init[adapter_name] = nn.Parameter(mean + config.init_std * torch.randn(d, **factory))
+            if config.use_recall:
+                self.hmt_summary_token[adapter_name] = nn.Parameter(mean + config.init_std * torch.randn(d, **factory))
+                self.hmt_recall_q[adapter_name] = nn.Linear(d, config.recall_dim, bias=False, **factory)
+                self.hmt_recall_k[adapter_name] = nn.Linear(d, config.recall_dim, bias=False, **factory)
+                nn.init.normal_(self.hmt_recall_q[adapter_name].weight, std=config.init_std)
+                nn.init.normal_(self.hmt_recall_k[adapter_name].weight, std=config.init_std)
+            if config.memory_projection:
+                proj = nn.Linear(d, d, bias=False, **factory)
+                proj.weight.copy_(torch.eye(d, **factory))
+                self.hmt_memory_proj[adapter_name] = proj
+        self.set_adapter(self.active_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise ValueError(
+            "HMT cannot be merged into the backbone's weights: its memory is computed at run time. "
+            "Keep the adapter attached (or call `unload()` to get the plain backbone back)."
+        )
+
+    def unmerge(self) -> None:
+        return None

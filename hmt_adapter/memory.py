@@ -1,0 +1,129 @@
+"""Memory operations of HMT: projection of memory embeddings, the long-term cache, and recall.
+
+Everything here runs in the adapter's parameter dtype (float32 by default), whatever the backbone's
+activation dtype: callers cast backbone outputs in and cast the results back to the embedding dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import HMTConfig
+from .layer import HMTLayer
+
+
+@dataclass
+class HMTParams:
+    """The parameters of one HMT adapter, resolved from an `HMTLayer` for the duration of a call."""
+
+    memory_init: torch.Tensor  # (d,)
+    summary_token: Optional[torch.Tensor]  # (d,)
+    w_q: Optional[torch.Tensor]  # (h, d)
+    w_k: Optional[torch.Tensor]  # (h, d)
+    memory_proj: Optional[torch.Tensor]  # (d, d)
+    embed_norm: torch.Tensor  # () typical norm of an input-embedding row
+
+    @classmethod
+    def from_layer(cls, layer: HMTLayer, adapter_name: str, config: HMTConfig) -> "HMTParams":
+        def get(container, is_linear: bool):
+            if adapter_name not in container:
+                return None
+            return container[adapter_name].weight if is_linear else container[adapter_name]
+
+        return cls(
+            memory_init=layer.hmt_memory_init[adapter_name],
+            summary_token=get(layer.hmt_summary_token, False),
+            w_q=get(layer.hmt_recall_q, True),
+            w_k=get(layer.hmt_recall_k, True),
+            memory_proj=get(layer.hmt_memory_proj, True) if config.memory_projection else None,
+            embed_norm=layer.embedding_row_norm(),
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.memory_init.dtype
+
+
+def to_memory_space(hidden: torch.Tensor, params: HMTParams) -> torch.Tensor:
+    """Map last-layer hidden states (..., d) to memory embeddings in the input-embedding space (DESIGN 3b).
+
+    With a memory projection: rescale each vector to the embeddings' typical norm, then apply the learned
+    d x d map (identity at init). Without one: the hidden state as it is.
+    """
+    hidden = hidden.to(params.dtype)
+    if params.memory_proj is None:
+        return hidden
+    scale = params.embed_norm.to(hidden.dtype) / hidden.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return F.linear(hidden * scale, params.memory_proj)
+
+
+def query_space(hidden: torch.Tensor, params: HMTParams) -> torch.Tensor:
+    """Summary-pass hidden state (..., d) -> recall query input, on the same scale as the memories."""
+    hidden = hidden.to(params.dtype)
+    if params.memory_proj is None:
+        return hidden
+    return hidden * (params.embed_norm.to(hidden.dtype) / hidden.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+
+@dataclass
+class MemoryCache:
+    """Long-term memory: the last ``recall_window`` memory embeddings and their recall keys.
+
+    values: list of (B, d) memory embeddings, oldest first; keys: list of (B, h) = W_k values (or None
+    without recall); segment: the 0-based segment index that wrote each entry.
+    """
+
+    window: int
+    values: list[torch.Tensor] = field(default_factory=list)
+    keys: list[Optional[torch.Tensor]] = field(default_factory=list)
+    segment: list[int] = field(default_factory=list)
+
+    def append(self, value: torch.Tensor, key: Optional[torch.Tensor], segment: int) -> None:
+        self.values.append(value)
+        self.keys.append(key)
+        self.segment.append(segment)
+        if len(self.values) > self.window:
+            del self.values[0], self.keys[0], self.segment[0]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def detached_before(self, first_attached_segment: int) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
+        """Values and keys, with entries written before ``first_attached_segment`` cut from the graph."""
+        values, keys = [], []
+        for v, k, s in zip(self.values, self.keys, self.segment):
+            cut = s < first_attached_segment
+            values.append(v.detach() if cut else v)
+            keys.append(None if k is None else (k.detach() if cut else k))
+        return values, keys
+
+
+def recall_key(memory: torch.Tensor, params: HMTParams) -> Optional[torch.Tensor]:
+    """Recall key W_k e for a memory embedding (B, d) -> (B, h); None when recall is off."""
+    return None if params.w_k is None else F.linear(memory, params.w_k)
+
+
+def recall(
+    query: torch.Tensor, values: list[torch.Tensor], keys: list[torch.Tensor], params: HMTParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Memory recall: ``softmax((W_q q)(W_k M)^T / sqrt(h)) M``.
+
+    Args:
+        query: (B, d) summary-pass hidden states in query space.
+        values: N tensors (B, d), the cached memory embeddings M (oldest first).
+        keys: N tensors (B, h), W_k M.
+
+    Returns:
+        memory (B, d) and attention weights (B, N).
+    """
+    q = F.linear(query.to(params.dtype), params.w_q)  # (B, h)
+    k = torch.stack(keys, dim=1)  # (B, N, h)
+    v = torch.stack(values, dim=1)  # (B, N, d)
+    scores = torch.einsum("bh,bnh->bn", q, k) / math.sqrt(q.shape[-1])
+    weights = scores.softmax(dim=-1)
+    return torch.einsum("bn,bnd->bd", weights, v), weights

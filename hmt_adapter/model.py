@@ -1,0 +1,476 @@
+"""`HMTModel`: the PEFT tuner that runs a causal LM segment by segment with hierarchical memory."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from .backbone import Backbone, check_backbone, input_embedding_width
+from .config import HMTConfig
+from .layer import HMTLayer
+from .loss import token_log_probs
+from .memory import HMTParams
+from .recurrence import HMTRunner
+from .segments import IGNORE_INDEX, PackedBatch, check_inputs, pack_batch
+
+_UNSUPPORTED_WITH_HMT = ("past_key_values", "position_ids", "cache_position")
+
+
+@dataclass
+class HMTFusedOutput(ModelOutput):
+    """Output of ``forward(..., fused_lm_head=True)``, the fields TRL's trainers read.
+
+    Per-token fields have shape (batch, seq_len - 1) (or (batch, seq_len) with ``shift_labels``), are aligned
+    with the inputs as in Hugging Face (position t scores the label at t + 1) and are zero where the label is
+    ignored. ``loss`` is the mean negative log-likelihood over ``label_mask`` (or divided by
+    ``num_items_in_batch``).
+    """
+
+    loss: Optional[torch.Tensor] = None
+    log_probs: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
+    mean_logits: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
+    label_mask: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+
+
+@dataclass
+class _SegmentResult:
+    e_raw: torch.Tensor  # (B, d) hidden state at the write position
+    loss_sum: torch.Tensor  # () summed NLL of the segment's scored tokens
+    log_probs: Optional[torch.Tensor]  # (B, l) per-token log-probs (fused path)
+    entropy: Optional[torch.Tensor]
+    is_top1: Optional[torch.Tensor]
+    logits: Optional[torch.Tensor]  # (N_keep, V) logits of the kept positions
+
+
+class HMTModel(BaseTuner):
+    """Hierarchical Memory Transformer adapter (see `HMTConfig` and DESIGN.md).
+
+    Attach it with ``peft.get_peft_model(model, HMTConfig(...))``. The forward reads inputs of any length:
+
+    Input shape: ``input_ids`` (batch_size, seq_len), ``attention_mask`` (batch_size, seq_len), left or right
+    padded; ``labels`` (batch_size, seq_len) with -100 for ignored tokens.
+    Output: ``CausalLMOutputWithPast`` with ``loss`` (the causal-LM loss over every labelled token, across
+    segment borders) and ``logits`` (batch_size, seq_len or logits_to_keep, vocab_size); or, with
+    ``fused_lm_head=True``, an `HMTFusedOutput` of per-token log-probabilities and no logits.
+    """
+
+    prefix: str = "hmt_"
+    tuner_layer_cls = HMTLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ---- injection ----------------------------------------------------------------------------------------
+    def _prepare_adapter_config(self, peft_config: HMTConfig, model_config: dict) -> HMTConfig:
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: HMTConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, HMTLayer):
+            target.update_layer(adapter_name, peft_config)
+        else:
+            setattr(parent, target_name, HMTLayer(target, adapter_name, peft_config))
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: HMTConfig, key: str) -> bool:
+        return False  # HMT targets the input embeddings, found structurally in `inject_adapter`
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """Wrap the input embeddings with an `HMTLayer` (and add LoRA when ``lora_r > 0``).
+
+        Every check runs before the model is changed, so a failed attach leaves it untouched.
+        """
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, HMTConfig):
+            raise TypeError(f"HMTModel needs an HMTConfig, got {type(config).__name__}.")
+        check_backbone(model, config)
+        name, parent, child_name = self._find_input_embeddings(model)
+        config.base_embedding_dim = input_embedding_width(model)
+        if config.lora_r > 0:
+            self._inject_lora(model, config, adapter_name)
+        target = getattr(parent, child_name)
+        self._create_and_replace(config, adapter_name, target, child_name, parent, name)
+        if name not in self.targeted_module_names:
+            self.targeted_module_names.append(name)
+        self._hmt_layer_name = name
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._mark_only_adapters_as_trainable(model)
+
+    @staticmethod
+    def _find_input_embeddings(model: nn.Module) -> tuple[str, nn.Module, str]:
+        embeddings = model.get_input_embeddings()
+        for name, module in model.named_modules():
+            if module is embeddings:
+                parent_name, _, child_name = name.rpartition(".")
+                return name, model.get_submodule(parent_name), child_name
+        raise TypeError(f"Could not locate the input embeddings of {type(model).__name__} among its modules.")
+
+    def _inject_lora(self, model: nn.Module, config: HMTConfig, adapter_name: str) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        previous = getattr(model, "peft_config", None)
+        inject_adapter_in_model(lora, model, adapter_name=adapter_name)
+        if previous is not None:
+            model.peft_config = previous
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and not isinstance(module, HMTLayer):
+                module.set_adapter(module.active_adapters)  # re-enable LoRA parameters of the active adapter
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.set_adapter([n for n in names if n in module._get_available_adapters()] or names)
+                if inference_mode:
+                    for layer_name in module.adapter_layer_names:
+                        for param in getattr(module, layer_name).parameters():
+                            param.requires_grad_(False)
+        self.active_adapter = adapter_name
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def hmt_layer(self) -> HMTLayer:
+        """The `HMTLayer` holding this model's HMT parameters."""
+        return self.model.get_submodule(self._hmt_layer_name)
+
+    @property
+    def hmt_config(self) -> HMTConfig:
+        """Config of the active HMT adapter."""
+        adapters = self.active_adapters
+        if len(adapters) != 1:
+            raise ValueError(f"HMT runs one adapter at a time; active adapters are {adapters}. Call set_adapter(name).")
+        return self.peft_config[adapters[0]]
+
+    def runner(self) -> HMTRunner:
+        """An `HMTRunner` for the active adapter (stateless; build one per call)."""
+        config = self.hmt_config
+        params = HMTParams.from_layer(self.hmt_layer(), self.active_adapters[0], config)
+        return HMTRunner(Backbone(self.model), params, config)
+
+    def _adapter_enabled(self) -> bool:
+        return not self.hmt_layer().disable_adapters
+
+    def _checkpointing(self, backbone: Backbone) -> bool:
+        return backbone.is_gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any):
+        raise ValueError(
+            "HMT cannot be merged into the backbone's weights: its memory is computed at run time. Use `unload()` to "
+            "get the plain backbone back."
+        )
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        fused_lm_head: bool = False,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+        shift_labels: Optional[torch.Tensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        use_cache: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[CausalLMOutputWithPast, HMTFusedOutput]:
+        """Run the backbone over the input segment by segment with HMT memory (see the class docstring).
+
+        ``fused_lm_head=True`` follows TRL's fused-LM-head protocol: per-token ``log_probs``, ``entropy``,
+        ``is_top1`` and ``label_mask``, never more than one segment's worth of logits at a time.
+        ``logits_to_keep`` keeps the logits of the last N positions (int > 0) or of the given positions
+        (1-D tensor), as transformers models do; the loss still covers every labelled token.
+        """
+        if not self._adapter_enabled():
+            passthrough = dict(kwargs, use_cache=use_cache, return_dict=return_dict)
+            if fused_lm_head:
+                passthrough["fused_lm_head"] = True
+            if shift_labels is not None:
+                passthrough["shift_labels"] = shift_labels
+            if num_items_in_batch is not None:
+                passthrough["num_items_in_batch"] = num_items_in_batch
+            if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
+                passthrough["logits_to_keep"] = logits_to_keep
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states, **passthrough,
+            )
+        self._reject_unsupported(kwargs, output_attentions, output_hidden_states, labels, shift_labels)
+        check_inputs(input_ids, inputs_embeds, attention_mask, labels if labels is not None else shift_labels)
+        runner = self.runner()
+        batch = pack_batch(runner.bb.embed, input_ids, inputs_embeds, attention_mask, labels, shift_labels)
+        keep = self._keep_slots(batch.total_length, logits_to_keep, batch.embeds.device, fused_lm_head)
+        results = self._run_segments(runner, batch, keep, fused_lm_head)
+        return self._assemble(batch, results, keep, fused_lm_head, shift_labels is not None, num_items_in_batch)
+
+    def _reject_unsupported(self, kwargs, output_attentions, output_hidden_states, labels, shift_labels) -> None:
+        for key in _UNSUPPORTED_WITH_HMT:
+            if kwargs.get(key) is not None:
+                raise ValueError(
+                    f"`{key}` is not supported by the HMT forward: HMT assigns positions and caches per segment itself. "
+                    f"Use model.generate(...) for cached decoding; for TRL, set padding_free=False."
+                )
+        unknown = sorted(k for k in kwargs if k not in _UNSUPPORTED_WITH_HMT)
+        if unknown:
+            raise TypeError(f"HMT forward got unexpected arguments {unknown}.")
+        if output_attentions or output_hidden_states:
+            raise ValueError("HMT forward does not return attentions or hidden states; set them to False.")
+        if labels is not None and shift_labels is not None:
+            raise ValueError("Pass either `labels` or `shift_labels`, not both.")
+
+    @staticmethod
+    def _keep_slots(
+        length: int, logits_to_keep: Union[int, torch.Tensor], device: torch.device, fused: bool
+    ) -> Optional[torch.Tensor]:
+        """slot[t] = output index of original position t's logits, -1 if not kept; None when no logits."""
+        if fused:
+            return None
+        if isinstance(logits_to_keep, torch.Tensor):
+            if logits_to_keep.dim() != 1:
+                raise ValueError("`logits_to_keep` as a tensor must be a 1-D tensor of positions.")
+            positions = logits_to_keep.to(device).long()
+        elif isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep >= 0:
+            start = 0 if logits_to_keep == 0 else max(0, length - logits_to_keep)
+            positions = torch.arange(start, length, device=device)
+        else:
+            raise ValueError(f"`logits_to_keep` must be an int >= 0 or a 1-D tensor, got {logits_to_keep!r}.")
+        if positions.numel() and (positions.min() < 0 or positions.max() >= length):
+            raise ValueError(f"`logits_to_keep` positions must lie in [0, {length}), got {positions.tolist()}.")
+        slots = torch.full((length,), -1, dtype=torch.long, device=device)
+        slots[positions] = torch.arange(positions.numel(), device=device)
+        return slots
+
+    # ---- the segment loop ---------------------------------------------------------------------------------
+    def _run_segments(
+        self, runner: HMTRunner, batch: PackedBatch, keep: Optional[torch.Tensor], fused: bool
+    ) -> list[tuple[_SegmentResult, torch.Tensor, torch.Tensor]]:
+        config = runner.config
+        seg_len = config.segment_length
+        num_segments = math.ceil(int(batch.lengths.max()) / seg_len)
+        checkpointing = self._checkpointing(runner.bb)
+        queries = self._summary_queries(runner, batch, num_segments, checkpointing)
+        targets_all = self._scored_targets(batch, seg_len, config.loss_scope)
+        cache = runner.new_cache()
+        sensory = batch.embeds[:, :0]
+        last_memory = None
+        outputs = []
+        for n in range(num_segments):
+            x = batch.embeds[:, n * seg_len : (n + 1) * seg_len]
+            x_len = (batch.lengths - n * seg_len).clamp(0, x.shape[1])
+            memory, _ = runner.read_memory(n, queries[n], cache, last_memory, batch.batch_size)
+            targets = None if targets_all is None else targets_all[:, n * seg_len : (n + 1) * seg_len]
+            keep_idx = self._segment_keep(batch, keep, n * seg_len, x.shape[1], x_len)
+            step = (runner, memory, sensory, x, x_len, targets, keep_idx, fused)
+            if checkpointing:
+                result = checkpoint(self._segment_step, *step, use_reentrant=False)
+            else:
+                result = self._segment_step(*step)
+            last_memory = runner.write_memory(result.e_raw, cache, n)
+            if n + 1 < num_segments:
+                sensory = runner.next_sensory(sensory, x, n)
+            outputs.append((result, n * seg_len, keep_idx))
+        return outputs
+
+    def _segment_step(
+        self,
+        runner: HMTRunner,
+        memory: torch.Tensor,
+        sensory: torch.Tensor,
+        x: torch.Tensor,
+        x_len: torch.Tensor,
+        targets: Optional[torch.Tensor],
+        keep_idx: Optional[tuple[torch.Tensor, torch.Tensor]],
+        fused: bool,
+    ) -> _SegmentResult:
+        """One segment: backbone pass, memory hidden state, loss and the requested per-token outputs."""
+        bb = runner.bb
+        with bb.layer_checkpointing_off() if self._checkpointing(bb) else contextlib.nullcontext():
+            hidden_x, e_raw = runner.segment_pass(memory, sensory, x, x_len)
+        logits = None
+        if keep_idx is not None and keep_idx[0].numel():
+            logits = bb.logits(hidden_x[keep_idx[0], keep_idx[1]])  # (N_keep, V)
+        loss_sum = hidden_x.new_zeros((), dtype=torch.float32)
+        log_probs = entropy = is_top1 = None
+        if targets is not None:
+            valid = targets != IGNORE_INDEX
+            labels = targets[valid]
+            if fused or bb.final_logit_softcapping is not None or logits is None or not bool(valid.any()):
+                lp, ent, top = token_log_probs(hidden_x[valid], bb.head, labels, bb.logit_scale)
+            else:  # logits of every position of the segment were kept: score from them
+                full = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)
+                full[keep_idx[0], keep_idx[1]] = True
+                if bool((valid & ~full).any()):
+                    lp, ent, top = token_log_probs(hidden_x[valid], bb.head, labels, bb.logit_scale)
+                else:
+                    index = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)
+                    index[keep_idx[0], keep_idx[1]] = torch.arange(keep_idx[0].numel(), device=valid.device)
+                    lp = logits[index[valid]].float().log_softmax(-1).gather(1, labels.unsqueeze(1)).squeeze(1)
+                    ent = top = None
+            loss_sum = -lp.sum()
+            if fused:
+                log_probs = lp.new_zeros(valid.shape).masked_scatter(valid, lp)
+                entropy = ent.new_zeros(valid.shape).masked_scatter(valid, ent)
+                is_top1 = top.new_zeros(valid.shape).masked_scatter(valid, top)
+        return _SegmentResult(e_raw, loss_sum, log_probs, entropy, is_top1, logits)
+
+    def _summary_queries(
+        self, runner: HMTRunner, batch: PackedBatch, num_segments: int, checkpointing: bool
+    ) -> list[Optional[torch.Tensor]]:
+        """Recall queries of every segment >= 1 of every row, from ONE batched backbone pass."""
+        config = runner.config
+        queries: list[Optional[torch.Tensor]] = [None] * num_segments
+        if not config.use_recall or num_segments < 2:
+            return queries
+        seg_len, width = config.segment_length, config.summary_length
+        embeds, lengths = batch.embeds, batch.lengths
+        starts = torch.arange(1, num_segments, device=embeds.device) * seg_len  # (S-1,)
+        if config.recall_query == "previous":
+            starts = starts - width
+        pad = max(0, int(starts.max()) + width - embeds.shape[1])
+        padded = torch.cat([embeds, embeds.new_zeros(embeds.shape[0], pad, embeds.shape[2])], dim=1)
+        windows = padded.unfold(1, width, seg_len)  # (B, n_windows, d, width)
+        first = int(starts[0]) // seg_len if config.recall_query == "segment" else None
+        if first is None:  # "previous": windows start at n*L - width, which need not be multiples of L
+            index = starts.view(1, -1, 1) + torch.arange(width, device=embeds.device).view(1, 1, -1)
+            tokens = padded[:, index.squeeze(0)]  # (B, S-1, width, d)
+        else:
+            tokens = windows[:, first : first + num_segments - 1].permute(0, 1, 3, 2)  # (B, S-1, width, d)
+        seg_starts = torch.arange(1, num_segments, device=embeds.device) * seg_len
+        active = lengths.unsqueeze(1) > seg_starts.unsqueeze(0)  # (B, S-1): row has segment n
+        if config.recall_query == "segment":
+            tok_len = (lengths.unsqueeze(1) - seg_starts.unsqueeze(0)).clamp(0, width)
+        else:
+            tok_len = torch.full_like(active, width, dtype=torch.long)
+        rows, segs = active.nonzero(as_tuple=True)
+        if checkpointing:
+            q = checkpoint(runner.summary_queries, tokens[rows, segs], tok_len[rows, segs], use_reentrant=False)
+        else:
+            q = runner.summary_queries(tokens[rows, segs], tok_len[rows, segs])
+        full = q.new_zeros(embeds.shape[0], num_segments - 1, q.shape[-1]).index_put((rows, segs), q)
+        for n in range(1, num_segments):
+            queries[n] = full[:, n - 1]
+        return queries
+
+    @staticmethod
+    def _scored_targets(batch: PackedBatch, seg_len: int, scope: str) -> Optional[torch.Tensor]:
+        """Compact next-token targets; under loss_scope='last_segment', only those predicted at positions of
+        each row's last segment."""
+        if batch.next_labels is None or scope == "all":
+            return batch.next_labels
+        last_start = (batch.lengths - 1) // seg_len * seg_len  # (B,)
+        positions = torch.arange(batch.total_length, device=batch.lengths.device).unsqueeze(0)
+        return batch.next_labels.masked_fill(positions < last_start.unsqueeze(1), IGNORE_INDEX)
+
+    @staticmethod
+    def _segment_keep(
+        batch: PackedBatch, keep: Optional[torch.Tensor], start: int, width: int, x_len: torch.Tensor
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows, cols) within the segment whose logits are kept, in output order."""
+        if keep is None:
+            return None
+        cols = torch.arange(width, device=x_len.device).unsqueeze(0)
+        real = cols < x_len.unsqueeze(1)  # (B, l)
+        original = batch.order[:, start : start + width] if batch.order is not None else (cols + start).expand_as(real)
+        return (real & (keep[original] >= 0)).nonzero(as_tuple=True)
+
+    # ---- outputs ------------------------------------------------------------------------------------------
+    def _assemble(
+        self,
+        batch: PackedBatch,
+        results: list,
+        keep: Optional[torch.Tensor],
+        fused: bool,
+        pre_shifted: bool,
+        num_items_in_batch,
+    ) -> Union[CausalLMOutputWithPast, HMTFusedOutput]:
+        loss = None
+        label_mask = None
+        if batch.next_labels is not None:
+            label_mask_compact = batch.next_labels != IGNORE_INDEX
+            count = label_mask_compact.sum()
+            total = torch.stack([r.loss_sum for r, _, _ in results]).sum()
+            denom = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+            loss = total / torch.as_tensor(denom, device=total.device)
+            label_mask = batch.to_original(label_mask_compact)
+        if fused:
+            if batch.next_labels is None:
+                raise ValueError("`fused_lm_head=True` needs `labels` (or `shift_labels`) to score.")
+            per_token = []
+            for field in ("log_probs", "entropy", "is_top1"):
+                compact = torch.cat([getattr(r, field) for r, _, _ in results], dim=1)
+                per_token.append(batch.to_original(compact))
+            log_probs, entropy, is_top1 = per_token
+            if not pre_shifted:
+                log_probs, entropy, is_top1, label_mask = (t[:, :-1] for t in (log_probs, entropy, is_top1, label_mask))
+            return HMTFusedOutput(
+                loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=label_mask
+            )
+        logits = self._gather_logits(batch, results, keep)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @staticmethod
+    def _gather_logits(batch: PackedBatch, results: list, keep: torch.Tensor) -> torch.Tensor:
+        """Place each segment's kept logits at their output slots: (B, num_kept, V)."""
+        rows_all, slots_all, values = [], [], []
+        for result, start, (rows, cols) in results:
+            if result.logits is None:
+                continue
+            compact_pos = cols + start
+            original = batch.order[rows, compact_pos] if batch.order is not None else compact_pos
+            rows_all.append(rows)
+            slots_all.append(keep[original])
+            values.append(result.logits)
+        if not values:
+            raise ValueError("No logits were kept: `logits_to_keep` selected only padding positions.")
+        num_kept = int((keep >= 0).sum())
+        out = values[0].new_zeros(batch.batch_size, num_kept, values[0].shape[-1])
+        return out.index_put((torch.cat(rows_all), torch.cat(slots_all)), torch.cat(values))
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    def generate(self, *args: Any, **kwargs: Any):
+        """Memory-aware generation; see `hmt_adapter.generation.generate`."""
+        if not self._adapter_enabled():
+            return self.model.generate(*args, **kwargs)
+        from .generation import generate
+
+        return generate(self, *args, **kwargs)
+
+
