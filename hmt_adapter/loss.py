@@ -25,6 +25,8 @@ class _TokenLogProb(torch.autograd.Function):
         logp = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         entropy = torch.empty_like(logp)
         top1 = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        mean_logits = torch.empty_like(logp)
+        log_sum_sq = torch.empty_like(logp)
         for i in range(0, hidden.shape[0], CHUNK_TOKENS):
             logits = _chunk_logits(hidden[i : i + CHUNK_TOKENS], weight, bias, scale)
             lse = logits.logsumexp(dim=-1)
@@ -33,13 +35,15 @@ class _TokenLogProb(torch.autograd.Function):
             probs = (logits - lse.unsqueeze(1)).exp()
             entropy[i : i + CHUNK_TOKENS] = lse - (probs * logits).sum(-1)
             top1[i : i + CHUNK_TOKENS] = logits.argmax(-1) == lab
+            mean_logits[i : i + CHUNK_TOKENS] = logits.mean(-1)
+            log_sum_sq[i : i + CHUNK_TOKENS] = (2 * (logits - lse.unsqueeze(1))).logsumexp(-1)
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.scale = scale
-        ctx.mark_non_differentiable(entropy, top1)
-        return logp, entropy, top1
+        ctx.mark_non_differentiable(entropy, top1, mean_logits, log_sum_sq)
+        return logp, entropy, top1, mean_logits, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy, _grad_top1):
+    def backward(ctx, grad_logp, _grad_entropy, _grad_top1, _grad_mean, _grad_sq):
         hidden, weight, bias, labels = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -68,8 +72,8 @@ class _TokenLogProb(torch.autograd.Function):
 
 
 def token_log_probs(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, scale: float = 1.0, extras: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Log-probability of each label under the LM head, its entropy and whether it is the argmax.
 
     Args:
@@ -79,7 +83,9 @@ def token_log_probs(
         scale: logit multiplier of the model (1.0 for most).
 
     Returns:
-        log_probs (N,) float32 with gradient; entropy (N,) and is_top1 (N,) without.
+        log_probs (N,) float32 with gradient; entropy (N,) and is_top1 (N,) without. With ``extras=True`` also
+        mean_logits (N,) (mean logit over the vocabulary) and log_sum_sq_probs (N,) (``log sum_v p_v^2``), without
+        gradient: the extra fields TRL's DPOTrainer reads from the fused LM head.
     """
     weight = getattr(head, "weight", None)
     plain = type(head) is torch.nn.Linear and weight is not None
@@ -90,5 +96,9 @@ def token_log_probs(
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1)
             top1 = logits.argmax(-1) == labels
-        return logp, entropy, top1
-    return _TokenLogProb.apply(hidden, weight, head.bias, labels, scale)
+            mean_logits = logits.mean(-1)
+            log_sum_sq = (2 * logp_all).logsumexp(-1)
+        out = (logp, entropy, top1, mean_logits, log_sum_sq)
+    else:
+        out = _TokenLogProb.apply(hidden, weight, head.bias, labels, scale)
+    return out if extras else out[:3]

@@ -53,6 +53,8 @@ class _SegmentResult:
     entropy: Optional[torch.Tensor]
     is_top1: Optional[torch.Tensor]
     logits: Optional[torch.Tensor]  # (N_keep, V) logits of the kept positions
+    mean_logits: Optional[torch.Tensor] = None  # (B, l) fused path: mean logit over the vocabulary (TRL's DPO)
+    log_sum_sq_probs: Optional[torch.Tensor] = None  # (B, l) fused path: log sum_v p_v^2 (TRL's DPO weighting)
 
 
 class HMTModel(BaseTuner):
@@ -332,7 +334,10 @@ class HMTModel(BaseTuner):
         if targets is not None:
             valid = targets != IGNORE_INDEX
             labels = targets[valid]
-            if fused or bb.final_logit_softcapping is not None or logits is None or not bool(valid.any()):
+            extra = None
+            if fused:
+                lp, ent, top, *extra = token_log_probs(hidden_x[valid], bb.head, labels, bb.logit_scale, extras=True)
+            elif bb.final_logit_softcapping is not None or logits is None or not bool(valid.any()):
                 lp, ent, top = token_log_probs(hidden_x[valid], bb.head, labels, bb.logit_scale)
             else:  # logits of every position of the segment were kept: score from them
                 full = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)
@@ -349,6 +354,9 @@ class HMTModel(BaseTuner):
                 log_probs = lp.new_zeros(valid.shape).masked_scatter(valid, lp)
                 entropy = ent.new_zeros(valid.shape).masked_scatter(valid, ent)
                 is_top1 = top.new_zeros(valid.shape).masked_scatter(valid, top)
+                extra = [t.new_zeros(valid.shape).masked_scatter(valid, t) for t in extra]
+        if extra:
+            return _SegmentResult(e_raw, loss_sum, log_probs, entropy, is_top1, logits, *extra)
         return _SegmentResult(e_raw, loss_sum, log_probs, entropy, is_top1, logits)
 
     def _summary_queries(
@@ -424,7 +432,9 @@ class HMTModel(BaseTuner):
         loss = None
         label_mask = None
         if batch.next_labels is not None:
-            label_mask_compact = batch.next_labels != IGNORE_INDEX
+            config = self.hmt_config  # the denominator counts only the tokens the loss scope scores
+            scored = self._scored_targets(batch, config.segment_length, config.loss_scope)
+            label_mask_compact = scored != IGNORE_INDEX
             count = label_mask_compact.sum()
             total = torch.stack([r.loss_sum for r, _, _ in results]).sum()
             denom = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
@@ -434,14 +444,16 @@ class HMTModel(BaseTuner):
             if batch.next_labels is None:
                 raise ValueError("`fused_lm_head=True` needs `labels` (or `shift_labels`) to score.")
             per_token = []
-            for field in ("log_probs", "entropy", "is_top1"):
+            for field in ("log_probs", "entropy", "is_top1", "mean_logits", "log_sum_sq_probs"):
                 compact = torch.cat([getattr(r, field) for r, _, _ in results], dim=1)
                 per_token.append(batch.to_original(compact))
-            log_probs, entropy, is_top1 = per_token
             if not pre_shifted:
-                log_probs, entropy, is_top1, label_mask = (t[:, :-1] for t in (log_probs, entropy, is_top1, label_mask))
+                per_token = [t[:, :-1] for t in per_token]
+                label_mask = label_mask[:, :-1]
+            log_probs, entropy, is_top1, mean_logits, log_sum_sq_probs = per_token
             return HMTFusedOutput(
-                loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=label_mask
+                loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=label_mask,
+                mean_logits=mean_logits, log_sum_sq_probs=log_sum_sq_probs,
             )
         logits = self._gather_logits(batch, results, keep)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
