@@ -331,10 +331,10 @@ class HMTModel(BaseTuner):
             logits = bb.logits(hidden_x[keep_idx[0], keep_idx[1]])  # (N_keep, V)
         loss_sum = hidden_x.new_zeros((), dtype=torch.float32)
         log_probs = entropy = is_top1 = None
+        extra = None  # also when there are no labels (plain inference)
         if targets is not None:
             valid = targets != IGNORE_INDEX
             labels = targets[valid]
-            extra = None
             if fused:
                 lp, ent, top, *extra = token_log_probs(hidden_x[valid], bb.head, labels, bb.logit_scale, extras=True)
             elif bb.final_logit_softcapping is not None or logits is None or not bool(valid.any()):
