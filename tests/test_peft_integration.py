@@ -1,0 +1,124 @@
+"""The HMT adapter through PEFT's public API: attach, save, load, disable, status, unload."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import hmt_adapter  # noqa: F401
+from hmt_adapter import HMTConfig, HMTLayer, HMTModel
+from hmt_adapter import testing as T
+
+CFG = dict(task_type="CAUSAL_LM", segment_length=8, num_sensory=2, recall_dim=16)
+
+
+def _ids(batch: int = 2, length: int = 30) -> torch.Tensor:
+    return torch.randint(4, T.TINY_VOCAB_SIZE, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _trained(model: PeftModelForCausalLM) -> PeftModelForCausalLM:
+    """Move every HMT parameter off its init so a round trip that drops or re-inits one is caught."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hmt_" in name:
+                p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def test_get_peft_model_and_trainable_parameters(capsys) -> None:
+    base = T.tiny_causal_lm("llama")
+    model = peft.get_peft_model(base, HMTConfig(**CFG))
+    assert isinstance(model, PeftModelForCausalLM) and isinstance(model.base_model, HMTModel)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("hmt_" in n for n in trainable)
+    d, h = 64, 16
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == d + d + 2 * h * d + d * d
+    model.print_trainable_parameters()
+    assert f"trainable params: {2 * d + 2 * h * d + d * d:,}" in capsys.readouterr().out
+
+
+def test_save_writes_adapter_weights_only(tmp_path) -> None:
+    model = peft.get_peft_model(T.tiny_causal_lm("llama"), HMTConfig(**CFG))
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    # PEFT always adds its model card README.md; there is no other weight or config file
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files <= {
+        "adapter_config.json", "adapter_model.safetensors", "README.md"}
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    expected = {f"base_model.model.model.embed_tokens.{n}" for n in (
+        "hmt_memory_init", "hmt_summary_token", "hmt_recall_q.weight", "hmt_recall_k.weight", "hmt_memory_proj.weight")}
+    assert keys == expected
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "HMT"
+
+
+def test_round_trip_peft_model_from_pretrained_bit_identical(tmp_path) -> None:
+    model = _trained(peft.get_peft_model(T.tiny_causal_lm("llama"), HMTConfig(**CFG))).eval()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(T.tiny_causal_lm("llama"), str(tmp_path)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
+    trainable = PeftModel.from_pretrained(T.tiny_causal_lm("llama"), str(tmp_path), is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if "hmt_" in n}
+
+
+def test_round_trip_auto_peft_model_with_local_base(tmp_path) -> None:
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    T.tiny_causal_lm("llama").save_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)  # records base_dir as name_or_path
+    model = _trained(peft.get_peft_model(base, HMTConfig(**CFG))).eval()
+    model.save_pretrained(adapter_dir)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).eval()
+    assert isinstance(loaded.base_model, HMTModel)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_disable_adapter_gives_the_base_model() -> None:
+    reference = T.tiny_causal_lm("llama").eval()
+    model = peft.get_peft_model(T.tiny_causal_lm("llama"), HMTConfig(**CFG)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        base_out = reference(input_ids=ids, labels=ids)
+        with_hmt = model(input_ids=ids).logits
+        with model.disable_adapter():
+            out = model(input_ids=ids, labels=ids)
+        after = model(input_ids=ids).logits
+    assert torch.equal(out.logits, base_out.logits) and torch.equal(out.loss, base_out.loss)
+    assert not torch.allclose(with_hmt, base_out.logits)  # the adapter does change the model
+    assert torch.equal(after, with_hmt)  # and is back on after the context
+
+
+def test_get_model_status_and_layer_status() -> None:
+    model = peft.get_peft_model(T.tiny_causal_lm("llama"), HMTConfig(**CFG))
+    status = model.get_model_status()
+    assert status.peft_types == {"default": "HMT"} and status.num_adapter_layers == 1 and status.enabled
+    assert status.trainable_params == sum(p.numel() for n, p in model.named_parameters() if "hmt_" in n)
+    layers = model.get_layer_status()
+    assert len(layers) == 1 and layers[0].module_type == "HMTLayer"
+
+
+def test_merge_and_unload_raises_and_unload_restores_embedding() -> None:
+    base = T.tiny_causal_lm("llama")
+    embedding = base.get_input_embeddings()
+    model = peft.get_peft_model(base, HMTConfig(**CFG))
+    assert isinstance(model.get_base_model().get_input_embeddings(), HMTLayer)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    plain = model.unload()
+    assert plain.get_input_embeddings() is embedding and type(embedding) is nn.Embedding
+    assert not any("hmt_" in n for n, _ in plain.named_parameters())
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, T.tiny_causal_lm("llama")(input_ids=ids).logits)
