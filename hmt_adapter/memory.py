@@ -6,9 +6,11 @@ activation dtype: callers cast backbone outputs in and cast the results back to 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,4 +128,23 @@ def recall(
     v = torch.stack(values, dim=1)  # (B, N, d)
     scores = torch.einsum("bh,bnh->bn", q, k) / math.sqrt(q.shape[-1])
     weights = scores.softmax(dim=-1)
+    for observer in _RECALL_OBSERVERS.get():
+        observer(weights.detach())
     return torch.einsum("bn,bnd->bd", weights, v), weights
+
+
+_RECALL_OBSERVERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("hmt_recall_observers", default=())
+
+
+@contextlib.contextmanager
+def observe_recall(observer: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Call ``observer(weights)`` with the detached (B, N) recall weights of every recall made inside the block.
+
+    N entries are oldest first and, since every segment writes one memory, entry i of N was written ``N - i``
+    segments before the one reading (used by `hmt_adapter.evaluation` for the recall-distance histogram).
+    """
+    token = _RECALL_OBSERVERS.set(_RECALL_OBSERVERS.get() + (observer,))
+    try:
+        yield
+    finally:
+        _RECALL_OBSERVERS.reset(token)
