@@ -15,6 +15,18 @@ from torch import nn
 from .config import HMTConfig
 
 
+def _is_causal_lm_class(cls: type) -> bool:
+    """True for ``*ForCausalLM`` classes and the causal LMs transformers names otherwise (GPT2LMHeadModel, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if cls.__name__.endswith("ForCausalLM"):
+        return True
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        if cls.__name__ in ((names,) if isinstance(names, str) else tuple(names)):
+            return True
+    return False
+
+
 def check_causal_lm(model: nn.Module) -> None:
     """Raise `TypeError` unless ``model`` is a Hugging Face causal LM HMT can drive."""
     from transformers import PreTrainedModel
@@ -26,7 +38,7 @@ def check_causal_lm(model: nn.Module) -> None:
         )
     decoder = model.base_model
     head = model.get_output_embeddings()
-    if decoder is model or head is None or not type(model).__name__.endswith("ForCausalLM"):
+    if decoder is model or head is None or not _is_causal_lm_class(type(model)):
         raise TypeError(
             f"HMT needs a causal LM with a language-modelling head (AutoModelForCausalLM), got "
             f"{type(model).__name__}. Load the model with AutoModelForCausalLM.from_pretrained(...)."
