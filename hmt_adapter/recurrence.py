@@ -127,6 +127,39 @@ class HMTRunner:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return hidden[:, 1 + k : 1 + k + x.shape[1]], hidden[rows, x_len + k + 1]
 
+    # ---- the segment pass, incrementally (generation and streaming) -----------------------------------------
+    def segment_prefix(self, memory: torch.Tensor, sensory: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The first positions of `segment_pass`'s layout, ``[m ; sensory ; x]``, for KV-cached decoding.
+
+        Args:
+            memory: (B, d) memory embedding m_n.
+            sensory: (B, k, d) sensory embeddings.
+            x: (B, t, d) the segment's first t tokens (no padding; t may be 0).
+
+        Returns:
+            (B, 1 + k + t, d) embeddings for positions 0 .. k + t. Feed the rest of the segment with `extend` at
+            position ``1 + k + t``, and the write position ``[m]`` (`write_slot`) at ``1 + k + segment_length``.
+        """
+        return torch.cat([memory.to(x.dtype).unsqueeze(1), sensory, x], dim=1)
+
+    @staticmethod
+    def write_slot(memory: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The write-position embedding ``[m]`` of `segment_pass`'s layout: (B, 1, d) in ``like``'s dtype."""
+        return memory.to(like.dtype).unsqueeze(1)
+
+    def extend(self, embeds: torch.Tensor, past_key_values, start: int) -> tuple[torch.Tensor, object]:
+        """Run (B, c, d) ``embeds`` at segment positions ``start .. start + c - 1`` on top of a KV cache.
+
+        ``past_key_values`` is None for a new segment (then ``start`` must be 0) or the cache returned by the
+        previous call for the same segment. Returns the last-layer hidden states (B, c, d) and the updated cache.
+        Running ``segment_prefix`` and then the remaining tokens and ``write_slot`` this way gives the same hidden
+        states as one `segment_pass` (positions restart at 0 in every segment).
+        """
+        b, c = embeds.shape[:2]
+        positions = torch.arange(start, start + c, device=embeds.device).unsqueeze(0).expand(b, -1)
+        out = self.bb.run(embeds, past_key_values=past_key_values, use_cache=True, position_ids=positions)
+        return out.last_hidden_state, out.past_key_values
+
     # ---- memory write -------------------------------------------------------------------------------------
     def write_memory(self, e_raw: torch.Tensor, cache: MemoryCache, segment: int) -> torch.Tensor:
         """Project e_n into memory space, append it (with its recall key) to ``cache``, return it (B, d)."""

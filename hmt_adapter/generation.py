@@ -1,0 +1,216 @@
+"""Memory-aware generation for HMT (``peft_model.generate(...)`` lands here through `HMTModel.generate`).
+
+How a prompt is read and continued (per row, counted on the row's real tokens):
+
+* The prompt's full segments pass through the memory exactly as in the forward (one `HMTRunner.segment_pass`
+  each: memory written, recall cache and sensory memory updated).
+* The prompt's tail (the tokens of the open segment) and the new tokens are decoded with the backbone's KV cache
+  inside the segment (`HMTRunner.segment_prefix` / `extend`). When the segment holds ``segment_length`` tokens it
+  is closed: the write position ``[m]`` is run as one more cached step, its hidden state becomes the segment's
+  memory, the sensory tokens are carried, and decoding goes on in a new segment with a new KV cache.
+* Recall query of the segment decoding is in: with ``recall_query="previous"`` it is the end of the previous
+  segment (strictly causal: greedy output equals, step by step, the argmax of the teacher-forced forward over
+  prompt + output). With ``recall_query="segment"`` (the paper's) it is computed from the tokens of the segment
+  that are known when decoding enters it: the prompt's part of the segment (up to ``summary_length`` tokens; the
+  question of a long-document QA prompt usually sits there); a segment opened by a roll-over during decoding has
+  none, and its query is the summary pass over ``[s ; s]``.
+
+Batches: rows may have different prompt lengths (left padding, as tokenizers pad for generation; right padding
+is read the same way: each row's real tokens are its prompt). Rows with the same real length advance in lock-step
+and run as one batch; rows of different lengths are at different places in their segments and run as separate
+groups, so a batch of B distinct lengths costs B backbone calls per new token (the price of one prompt alone giving
+the same output as inside a padded batch).
+
+Supported options: greedy and sampling (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ...) and
+the other logits processors transformers builds from a `GenerationConfig` (repetition penalty, min_new_tokens,
+bad_words_ids, ...), ``logits_processor``, ``stopping_criteria``, ``eos_token_id`` (per row; finished rows are
+padded with ``pad_token_id``), ``num_return_sequences``, ``max_new_tokens`` / ``max_length``. Not supported (a
+`ValueError` says so): beam search (``num_beams > 1``), assisted / prompt-lookup / contrastive decoding,
+``streamer``, ``return_dict_in_generate`` and per-step score outputs, ``inputs_embeds``, classifier-free guidance,
+``stop_strings``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+from .segments import check_inputs
+from .streaming import feed_tokens, flush, new_state
+
+_UNSUPPORTED_KWARGS = {
+    "streamer": "streamer objects",
+    "assistant_model": "assisted decoding",
+    "assistant_tokenizer": "assisted decoding",
+    "tokenizer": "stop strings (`tokenizer`)",
+    "inputs_embeds": "`inputs_embeds` (pass input_ids)",
+    "past_key_values": "`past_key_values` (HMT keeps its own per-segment cache)",
+    "prefix_allowed_tokens_fn": "`prefix_allowed_tokens_fn`",
+    "negative_prompt_ids": "classifier-free guidance",
+    "negative_prompt_attention_mask": "classifier-free guidance",
+    "synced_gpus": "`synced_gpus`",
+}
+
+
+def _check_config(cfg: GenerationConfig) -> None:
+    """Refuse generation modes HMT generation does not implement, saying which."""
+    refused = []
+    if (cfg.num_beams or 1) > 1:
+        refused.append(f"beam search (num_beams={cfg.num_beams}); use num_beams=1")
+    if getattr(cfg, "num_beam_groups", 1) not in (None, 1):
+        refused.append("group beam search (num_beam_groups > 1)")
+    if getattr(cfg, "penalty_alpha", None):
+        refused.append("contrastive search (penalty_alpha)")
+    if getattr(cfg, "prompt_lookup_num_tokens", None):
+        refused.append("prompt-lookup decoding (prompt_lookup_num_tokens)")
+    if getattr(cfg, "assistant_early_exit", None):
+        refused.append("self-speculative decoding (assistant_early_exit)")
+    if getattr(cfg, "guidance_scale", None) not in (None, 1, 1.0):
+        refused.append("classifier-free guidance (guidance_scale)")
+    if getattr(cfg, "stop_strings", None):
+        refused.append("stop_strings (use eos_token_id or stopping_criteria)")
+    for flag in ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states"):
+        if getattr(cfg, flag, False):
+            refused.append(f"{flag}=True (generate returns the sequences tensor)")
+    if refused:
+        raise ValueError("HMT generation does not support: " + "; ".join(refused) + ".")
+
+
+def _prepare(hmt_model, input_ids, attention_mask, generation_config, kwargs):
+    """Merge the generation config with kwargs; check inputs. Returns (config, ids, mask, processors, criteria)."""
+    base = hmt_model.model
+    if isinstance(attention_mask, GenerationConfig) and generation_config is None:  # HF's positional order
+        generation_config, attention_mask = attention_mask, None
+    if input_ids is None:
+        input_ids = kwargs.pop("inputs", None)
+    for key, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(key) is not None:
+            raise ValueError(f"HMT generation does not support {what}.")
+    logits_processor = kwargs.pop("logits_processor", None) or LogitsProcessorList()
+    stopping_criteria = kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(generation_config).__name__}.")
+    cfg = copy.deepcopy(generation_config if generation_config is not None else base.generation_config)
+    unused = cfg.update(**{k: v for k, v in kwargs.items() if k not in _UNSUPPORTED_KWARGS})
+    unused = {k: v for k, v in unused.items() if v is not None and k not in ("use_cache", "use_model_defaults")}
+    if unused:
+        raise ValueError(f"HMT generation got arguments it does not use: {sorted(unused)}.")
+    _check_config(cfg)
+    if input_ids is None:
+        raise ValueError("HMT generation needs `input_ids` (batch_size, prompt_length): it cannot start from nothing.")
+    check_inputs(input_ids, None, attention_mask)
+    if attention_mask is None:
+        pad = cfg.pad_token_id
+        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        if pad is not None and pad not in eos and bool((input_ids == pad).any()):
+            attention_mask = (input_ids != pad).long()  # as transformers infers it
+            check_inputs(input_ids, None, attention_mask)
+        else:
+            attention_mask = torch.ones_like(input_ids)
+    return cfg, input_ids, attention_mask, logits_processor, stopping_criteria
+
+
+def _new_token_budget(cfg: GenerationConfig, prompt_len: int) -> int:
+    if cfg.max_new_tokens is not None:
+        budget = int(cfg.max_new_tokens)
+    elif cfg.max_length is not None:
+        budget = int(cfg.max_length) - prompt_len
+    else:
+        budget = 20
+    if budget < 1:
+        raise ValueError(
+            f"Nothing to generate: the prompt has {prompt_len} tokens and max_length={cfg.max_length}. "
+            f"Set max_new_tokens (HMT reads prompts of any length)."
+        )
+    return budget
+
+
+@torch.no_grad()
+def generate(
+    hmt_model,
+    input_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    generation_config: Optional[GenerationConfig] = None,
+    **kwargs: Any,
+) -> torch.LongTensor:
+    """Generate continuations with HMT memory (see the module docstring for semantics and supported options).
+
+    Args:
+        hmt_model: the `HMTModel` (``peft_model.base_model``) with the HMT adapter active.
+        input_ids: (B, T) prompt token ids, left-padded.
+        attention_mask: (B, T) 1 for real tokens, 0 for padding (inferred from ``pad_token_id`` when absent).
+        generation_config: a transformers `GenerationConfig`; defaults to the backbone's, updated with ``kwargs``.
+
+    Returns:
+        (B * num_return_sequences, T + N) int64: the prompts as given followed by the N new tokens (rows that
+        stopped early are padded with ``pad_token_id``), like transformers' ``generate``.
+    """
+    cfg, input_ids, attention_mask, extra_processors, criteria = _prepare(
+        hmt_model, input_ids, attention_mask, generation_config, kwargs
+    )
+    base = hmt_model.model
+    device = input_ids.device
+    repeats = int(cfg.num_return_sequences or 1)
+    if repeats > 1:  # (greedy copies are identical, as in transformers)
+        input_ids = input_ids.repeat_interleave(repeats, dim=0)
+        attention_mask = attention_mask.repeat_interleave(repeats, dim=0)
+    batch, prompt_len = input_ids.shape
+    budget = _new_token_budget(cfg, prompt_len)
+    base._prepare_special_tokens(cfg, True, device=device, batch_size=batch)
+    processors = base._get_logits_processor(
+        generation_config=cfg,
+        input_ids_seq_length=prompt_len,
+        encoder_input_ids=input_ids,
+        logits_processor=extra_processors,
+        device=device,
+        model_kwargs={"attention_mask": attention_mask},
+    )
+    eos = cfg._eos_token_tensor
+    pad = cfg._pad_token_tensor
+    if eos is not None and pad is None:
+        raise ValueError("Set pad_token_id (rows that reach eos_token_id are padded with it).")
+
+    runner = hmt_model.runner()
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    groups = []  # (rows, state): rows with the same real prompt length advance together
+    last_logits = None
+    for length in torch.unique(lengths).tolist():
+        rows = (lengths == length).nonzero().flatten()
+        prompt = torch.stack([input_ids[r][mask[r]] for r in rows.tolist()])  # (G, length), real tokens in order
+        state = new_state(runner, rows.numel(), device)
+        hidden = feed_tokens(runner, state, prompt, keep="last")
+        hidden = flush(runner, state, keep="last") or hidden  # fix the open segment's query with the prompt's part
+        logits = runner.bb.logits(hidden[-1][:, -1]).float()  # (G, V)
+        if last_logits is None:
+            last_logits = logits.new_zeros(batch, logits.shape[-1])
+        last_logits[rows] = logits
+        groups.append((rows, state))
+
+    sequences = input_ids
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(budget):
+        scores = processors(sequences, last_logits)
+        if cfg.do_sample:
+            next_tokens = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = scores.argmax(dim=-1)
+        if pad is not None:
+            next_tokens = torch.where(finished, pad.to(next_tokens.dtype), next_tokens)
+        sequences = torch.cat([sequences, next_tokens.unsqueeze(1)], dim=1)
+        if eos is not None:
+            finished = finished | torch.isin(next_tokens, eos)
+        if len(criteria):
+            finished = finished | criteria(sequences, scores)
+        if bool(finished.all()) or step == budget - 1:
+            break
+        for rows, state in groups:
+            if bool(finished[rows].all()):
+                continue  # the whole group is done: its logits are no longer read
+            hidden = feed_tokens(runner, state, next_tokens[rows].unsqueeze(1), keep="last")
+            hidden = flush(runner, state, keep="last") or hidden  # a roll-over: fix the new segment's query now
+            last_logits[rows] = runner.bb.logits(hidden[-1][:, -1]).float()
+    return sequences
