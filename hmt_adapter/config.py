@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -10,6 +11,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from . import _peft_shim  # noqa: F401  (adds PeftType.HMT before any config is built)
+from .io import check_adapter_weights
 
 RECALL_QUERIES = ("segment", "previous")
 LOSS_SCOPES = ("all", "last_segment")
@@ -154,6 +156,21 @@ class HMTConfig(PeftConfig):
             raise ValueError(f"HMTConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.task_type not in (None, "CAUSAL_LM"):
             raise ValueError(f"HMTConfig.task_type must be 'CAUSAL_LM' (HMT adapts causal LMs), got {self.task_type!r}.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config; for a local adapter directory, also check its weights file before anything is attached.
+
+        A corrupt or truncated ``adapter_model.safetensors`` (or one that does not match ``base_embedding_dim``)
+        raises `ValueError` here, before PEFT changes the model.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        directory = str(pretrained_model_name_or_path)
+        if subfolder:
+            directory = os.path.join(directory, subfolder)
+        if os.path.isdir(directory):
+            check_adapter_weights(directory, getattr(config, "base_embedding_dim", None))
+        return config
 
     @property
     def summary_length(self) -> int:

@@ -1,0 +1,46 @@
+"""Checks on a saved adapter's files, run before anything is attached to a model.
+
+PEFT loads the adapter config first (``HMTConfig.from_pretrained``) and the weights only after the tuner has
+been injected, so a corrupt weights file would otherwise fail half-way through, with the model already changed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+ADAPTER_KEY_MARKERS = ("hmt_", "lora_")
+
+
+def check_adapter_weights(directory: str, embedding_dim: Optional[int]) -> None:
+    """Fully read ``directory/adapter_model.safetensors`` (if present) and check its keys and widths.
+
+    Raises `ValueError` naming the file when it cannot be read (corrupt or truncated), when a key is not an
+    HMT/LoRA adapter weight, or when an HMT tensor's last dimension is not ``embedding_dim``.
+    """
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        return
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises its own error types (and OSError) for damaged files
+        raise ValueError(
+            f"Could not read the adapter weights {path!r} ({type(exc).__name__}: {exc}). The file is corrupt or "
+            f"truncated: save the adapter again or re-download it."
+        ) from None
+    for key, tensor in tensors.items():
+        if not key.startswith(KEY_PREFIX) or not any(marker in key for marker in ADAPTER_KEY_MARKERS):
+            raise ValueError(
+                f"{path!r} holds {key!r}, which is not an HMT adapter weight (expected keys starting with "
+                f"{KEY_PREFIX!r} and containing one of {ADAPTER_KEY_MARKERS}). Point to a directory written by "
+                f"save_pretrained of an HMT adapter."
+            )
+        if embedding_dim is not None and "hmt_" in key and tensor.shape[-1] != embedding_dim:
+            raise ValueError(
+                f"{path!r}: {key!r} has shape {tuple(tensor.shape)}, but adapter_config.json says "
+                f"base_embedding_dim={embedding_dim}. The files do not belong together: save the adapter again."
+            )
