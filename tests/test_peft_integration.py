@@ -122,3 +122,21 @@ def test_merge_and_unload_raises_and_unload_restores_embedding() -> None:
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, T.tiny_causal_lm("llama")(input_ids=ids).logits)
+
+
+def test_hmt_with_lora_round_trip(tmp_path) -> None:
+    """HMT + LoRA in one artifact passes the load-time weights check and round-trips bit-identically."""
+    model = _trained(peft.get_peft_model(T.tiny_causal_lm("llama"), HMTConfig(**CFG, lora_r=2))).eval()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) and any("hmt_" in n for n in trainable)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01 * torch.randn_like(p))  # lora_B starts at zero
+    model.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys and all(("hmt_" in k or "lora_" in k) for k in keys) and any("lora_" in k for k in keys)
+    loaded = PeftModel.from_pretrained(T.tiny_causal_lm("llama"), str(tmp_path)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
