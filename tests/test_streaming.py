@@ -189,3 +189,12 @@ def test_input_errors():
         streamer.init_state(0)
     with pytest.raises(TypeError, match="HMT adapter"):
         HMTStreamer(testing.tiny_causal_lm("llama"))
+
+
+@pytest.mark.parametrize("model_type", ["opt-proj", "gpt2"])
+def test_chunked_feeding_other_backbones(model_type):
+    """The cached path (explicit position ids, DynamicCache) also matches the forward on non-Llama backbones."""
+    config = HMTConfig(task_type="CAUSAL_LM", segment_length=SEG, num_sensory=3, recall_dim=16)
+    model = peft.get_peft_model(testing.tiny_causal_lm(model_type), config).eval()
+    ids = torch.randint(4, 128, (1, 3 * SEG + 3))
+    torch.testing.assert_close(stream_logits(model, ids, [5]), forward_logits(model, ids), atol=1e-4, rtol=1e-4)
