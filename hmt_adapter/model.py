@@ -473,8 +473,24 @@ class HMTModel(BaseTuner):
         if not values:
             raise ValueError("No logits were kept: `logits_to_keep` selected only padding positions.")
         num_kept = int((keep >= 0).sum())
-        out = values[0].new_zeros(batch.batch_size, num_kept, values[0].shape[-1])
-        return out.index_put((torch.cat(rows_all), torch.cat(slots_all)), torch.cat(values))
+        b, vocab = batch.batch_size, values[0].shape[-1]
+        if len(values) == len(results) and HMTModel._keeps_every_position_in_order(batch, keep, results):
+            # common case (no padding, every logit kept): one concatenation instead of zero-fill + scatter
+            return torch.cat([v.view(b, -1, vocab) for v in values], dim=1)
+        out = values[0].new_zeros(b, num_kept, vocab)
+        for rows, slots, value in zip(rows_all, slots_all, values):  # in place: no (B, T, V) temporaries
+            out.index_put_((rows, slots), value)
+        return out
+
+    @staticmethod
+    def _keeps_every_position_in_order(batch: PackedBatch, keep: torch.Tensor, results: list) -> bool:
+        """True when there is no padding and output slot t holds position t for every t of every row."""
+        if batch.order is not None:
+            return False
+        total = sum(int(result.logits.shape[0]) for result, _, _ in results)
+        if total != batch.batch_size * batch.total_length:
+            return False
+        return bool((keep == torch.arange(keep.numel(), device=keep.device)).all())
 
     # ---- generation ---------------------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any):
