@@ -1,0 +1,225 @@
+"""Shared helpers of the benchmark scripts: model builders, timing, peak memory, JSON and PNG output.
+
+Nothing here downloads anything: the backbones are randomly initialised Llama models built from a config
+(throughput and memory do not depend on the weights' values).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Size:
+    """A tiny-Llama size: hidden width and depth (vocab 32000 so the LM head costs what a real one does)."""
+
+    name: str
+    hidden: int
+    layers: int
+    vocab: int = 32000
+
+    @property
+    def heads(self) -> int:
+        return max(1, self.hidden // 64)
+
+    @property
+    def intermediate(self) -> int:
+        return (self.hidden * 8 // 3 + 63) // 64 * 64
+
+
+SIZES = {"h256-l4": Size("h256-l4", 256, 4), "h512-l8": Size("h512-l8", 512, 8)}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_backbone(
+    size: Size, device: str = "cpu", dtype: torch.dtype = torch.float32, four_bit: bool = False, max_positions: int = 8192
+):
+    """A frozen random Llama causal LM of ``size`` on ``device`` (optionally loaded as a 4-bit nf4 model)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=size.vocab,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=max_positions,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if four_bit:
+        from transformers import BitsAndBytesConfig
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=dtype, device_map=device)
+    else:
+        model = model.to(device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def attach_hmt(base, segment_length: int, num_sensory: int = 32, summary_fraction: float = 0.5, **extra: Any):
+    """``peft.get_peft_model`` with an HMTConfig; returns the PeftModel (its ``.base_model`` is the HMTModel)."""
+    import peft
+
+    from hmt_adapter import HMTConfig
+
+    config = HMTConfig(
+        task_type="CAUSAL_LM",
+        segment_length=segment_length,
+        num_sensory=num_sensory,
+        summary_fraction=summary_fraction,
+        **extra,
+    )
+    return peft.get_peft_model(base, config)
+
+
+def limit_ratio(segment_length: int, num_sensory: int, summary_fraction: float) -> float:
+    """Issue 5's token-count limit: HMT positions per window token."""
+    return 1 + summary_fraction + (num_sensory + 4) / segment_length
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], device: str = "cpu", warmup: int = 1, repeats: int = 3
+) -> dict[str, dict[str, Any]]:
+    """Time several functions round-robin (A B C A B C ...), so load from other processes hits all alike.
+
+    Each function runs ``warmup`` times untimed, then ``repeats`` timed rounds. Returns per name the median
+    wall time and the median CPU time of this process (s), and every wall time.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {
+        name: {"median_s": statistics.median(wall[name]), "cpu_median_s": statistics.median(cpu[name]), "times_s": wall[name]}
+        for name in fns
+    }
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """Machine, versions and thread count, stored beside every figure."""
+    import peft
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# ---- memory ---------------------------------------------------------------------------------------------
+def _proc_status_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux ``clear_refs``); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss_mib() -> float:
+    value = _proc_status_kib("VmRSS")
+    return float("nan") if value is None else value / 1024
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (since the last `reset_peak_rss`), MiB."""
+    value = _proc_status_kib("VmHWM")
+    if value is None:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    return value / 1024
+
+
+def run_worker(module: str, args: list[str], timeout: float = 900) -> dict[str, Any]:
+    """Run ``python -m module *args`` in a fresh process (so its peak RSS is its own) and parse the JSON it
+    prints on its last stdout line."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {module} {args} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def command_line(module: str) -> str:
+    """The command that produced a result, as a user would type it from the repository root."""
+    return " ".join(["PYTHONPATH=. python -m", module, *sys.argv[1:]])

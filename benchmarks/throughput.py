@@ -1,0 +1,197 @@
+"""Throughput of HMT against the same backbone over independent windows and with full attention (issue 5).
+
+For each tiny-Llama size, batch size and mode, three (or four) ways of reading the same ``segments x L`` tokens
+are timed round-robin (so load from other processes hits all of them alike):
+
+* ``windows``: the backbone over independent windows of ``L`` tokens, one window of every row per pass;
+* ``hmt``: the HMT adapter (``peft.get_peft_model(base, HMTConfig(...))``) over the whole input;
+* ``full``: the backbone with full attention over the whole input;
+* ``hmt_fused`` (training only): HMT on TRL's fused-LM-head path (``fused_lm_head=True``, no logits).
+
+Inference: no grad, logits for every token on every side. Training: HMT forward+backward with the backbone
+frozen (gradient to the HMT parameters), against the frozen backbone with the gradient taken to its input
+embeddings (what prompt tuning pays). Each figure is the median of ``--repeats`` timed runs after
+``--warmup`` untimed ones. Printed next to each HMT ratio: issue 5's limit
+``1 + summary_fraction + (num_sensory + 4) / L`` and the targets (inference >= 1.05, training >= 0.95 of
+windows-throughput / limit).
+
+Commands (from the repository root):
+
+    PYTHONPATH=. python -m benchmarks.throughput                       # CPU, fp32, 2 threads (~10 min)
+    PYTHONPATH=. python -m benchmarks.throughput --sizes h256-l4 --batch-sizes 1 --repeats 1   # smoke run
+    PYTHONPATH=. python -m benchmarks.throughput --device cuda --dtype bf16 --threads 0 --tag cuda-bf16
+    PYTHONPATH=. python -m benchmarks.throughput --device cuda --dtype bf16 --four-bit --threads 0 --tag cuda-nf4
+
+Writes ``benchmarks/results/throughput[-TAG].json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+import torch
+
+from benchmarks import _common as C
+
+MODULE = "benchmarks.throughput"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["h256-l4", "h512-l8"], choices=sorted(C.SIZES))
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
+    p.add_argument("--segments", type=int, default=8, help="input length in segments")
+    p.add_argument("--segment-length", type=int, default=478)
+    p.add_argument("--num-sensory", type=int, default=32)
+    p.add_argument("--summary-fraction", type=float, default=0.5)
+    p.add_argument("--no-full", action="store_true", help="skip the full-attention column")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--four-bit", action="store_true", help="load the backbone as a bitsandbytes nf4 model")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave torch's default)")
+    p.add_argument("--tag", default="", help="suffix of the result files")
+    return p
+
+
+def inference_cases(base, hmt, ids: torch.Tensor, seg_len: int, full: bool) -> dict[str, Callable[[], Any]]:
+    """No-grad callables that produce logits for every token of ``ids`` (B, T)."""
+
+    @torch.no_grad()
+    def windows():
+        return [base(input_ids=ids[:, s : s + seg_len]).logits for s in range(0, ids.shape[1], seg_len)]
+
+    @torch.no_grad()
+    def run_hmt():
+        return hmt(input_ids=ids).logits
+
+    @torch.no_grad()
+    def run_full():
+        return base(input_ids=ids).logits
+
+    cases = {"windows": windows, "hmt": run_hmt}
+    if full:
+        cases["full"] = run_full
+    return cases
+
+
+def training_cases(base, hmt, ids: torch.Tensor, seg_len: int, full: bool) -> dict[str, Callable[[], Any]]:
+    """Forward + backward callables over ``ids`` (B, T) with the causal-LM loss on every token."""
+    embed = base.get_input_embeddings()
+    hmt_params = [p for p in hmt.parameters() if p.requires_grad]
+
+    def backbone_step(x: torch.Tensor) -> None:
+        inputs = embed(x).detach().requires_grad_(True)
+        base(inputs_embeds=inputs, labels=x).loss.backward()
+
+    def windows():
+        for s in range(0, ids.shape[1], seg_len):
+            backbone_step(ids[:, s : s + seg_len])
+
+    def run_hmt(fused: bool = False):
+        for p in hmt_params:
+            p.grad = None
+        kwargs = {"fused_lm_head": True} if fused else {}
+        hmt(input_ids=ids, labels=ids, **kwargs).loss.backward()
+
+    cases = {"windows": windows, "hmt": run_hmt, "hmt_fused": lambda: run_hmt(True)}
+    if full:
+        cases["full"] = lambda: backbone_step(ids)
+    return cases
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    dtype = C.parse_dtype(args.dtype)
+    limit = C.limit_ratio(args.segment_length, args.num_sensory, args.summary_fraction)
+    rows = []
+    for size_name in args.sizes:
+        size = C.SIZES[size_name]
+        base = C.build_backbone(size, args.device, dtype, args.four_bit, max_positions=max(8192, args.segments * args.segment_length))
+        hmt = C.attach_hmt(base, args.segment_length, args.num_sensory, args.summary_fraction)
+        for batch in args.batch_sizes:
+            gen = torch.Generator().manual_seed(0)
+            ids = torch.randint(4, size.vocab, (batch, args.segments * args.segment_length), generator=gen).to(args.device)
+            tokens = ids.numel()
+            for mode in args.modes:
+                if mode == "inference":
+                    hmt.eval()
+                    base.eval()
+                    cases = inference_cases(base, hmt, ids, args.segment_length, not args.no_full)
+                else:
+                    hmt.train()
+                    base.train()
+                    cases = training_cases(base, hmt, ids, args.segment_length, not args.no_full)
+                timings = C.time_interleaved(cases, args.device, args.warmup, args.repeats)
+                row = {"size": size_name, "batch": batch, "mode": mode, "tokens": tokens, "limit": limit}
+                for name, t in timings.items():
+                    row[name] = dict(t, tokens_per_s=tokens / t["median_s"], cpu_tokens_per_s=tokens / t["cpu_median_s"])
+                for name in [n for n in timings if n.startswith("hmt")]:
+                    # measured HMT throughput relative to (windows throughput / limit); target >= 1.05 / 0.95
+                    row[name]["vs_limit"] = row[name]["tokens_per_s"] * limit / row["windows"]["tokens_per_s"]
+                    row[name]["cpu_vs_limit"] = row[name]["cpu_tokens_per_s"] * limit / row["windows"]["cpu_tokens_per_s"]
+                row["target"] = 1.05 if mode == "inference" else 0.95
+                rows.append(row)
+                print(format_row(row), flush=True)
+        del hmt, base
+    return rows
+
+
+def format_row(row: dict[str, Any]) -> str:
+    cols = [f"{row['size']:8s} B={row['batch']} {row['mode']:9s}"]
+    for name in ("windows", "hmt", "hmt_fused", "full"):
+        if name in row:
+            cols.append(f"{name} {row[name]['tokens_per_s']:8.0f} tok/s")
+    for name in ("hmt", "hmt_fused"):
+        if name in row:
+            r = row[name]
+            cols.append(f"{name}/(windows/limit) = {r['vs_limit']:.2f} (cpu-time {r['cpu_vs_limit']:.2f})")
+    cols.append(f"limit {row['limit']:.3f}, target >= {row['target']:.2f}")
+    return " | ".join(cols)
+
+
+def plot(rows: list[dict[str, Any]], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.2), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sel = [r for r in rows if r["mode"] == mode]
+        names = [n for n in ("windows", "hmt", "hmt_fused", "full") if n in sel[0]]
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            ax.bar([j + i * width for j in range(len(sel))], [r[name]["tokens_per_s"] for r in sel], width, label=name)
+        ax.bar(
+            [j + names.index("hmt") * width for j in range(len(sel))],
+            [r["windows"]["tokens_per_s"] / r["limit"] * r["target"] for r in sel],
+            width, fill=False, edgecolor="black", linestyle="--", label="HMT target",
+        )
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sel))])
+        ax.set_xticklabels([f"{r['size']}\nB={r['batch']}" for r in sel])
+        ax.set_ylabel("tokens / s")
+        ax.set_title(f"{mode}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = make_parser().parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    rows = measure(args)
+    name = "throughput" + (f"-{args.tag}" if args.tag else "")
+    payload = {"command": C.command_line(MODULE), "machine": C.machine_info(args.device), "args": vars(args), "rows": rows}
+    path = C.write_json(name + ".json", payload)
+    plot(rows, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
