@@ -69,6 +69,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         return 0
     report = run(list(argv))
     if _is_main_process():
+        print(f"training processes: {report['world_size']}")
         for stage in ("stage1", "stage2"):
             if stage in report:
                 losses = report[stage]["losses"]

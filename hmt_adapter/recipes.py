@@ -5,7 +5,11 @@ A recipe is a flat YAML file whose keys are the fields of the dataclasses below 
 
     hmt-adapter train recipes/tiny-offline.yaml
     hmt-adapter train recipes/opt-350m-wikitext103.yaml --stage2_max_steps 100
-    accelerate launch --num_processes 2 -m hmt_adapter.cli train recipes/smollm-135m.yaml
+    accelerate launch --num_processes 8 -m hmt_adapter.cli train recipes/smollm-135m.yaml   # 8 GPUs, DDP
+    torchrun --nproc_per_node 2 -m hmt_adapter.cli train recipes/tiny-offline.yaml       # 2 CPU processes (gloo)
+
+(On a machine without GPUs, ``accelerate launch --cpu --num_processes 2`` runs ONE process unless an MPI
+hostfile is given; use torchrun there.)
 
 Stage 1 trains HMT without recall (``use_recall=False``) on chunks of ``stage1_segments`` segments; stage 2
 attaches HMT with recall, loads the stage-1 weights (`hmt_adapter.training.load_stage1_weights`) and trains on
@@ -300,7 +304,7 @@ def run_recipe(model_args: ModelArguments, data_args: DataArguments, hmt_args: H
     model, tokenizer = load_model_and_tokenizer(model_args)
     with sft_args.main_process_first(desc="tokenizing the documents"):
         docs = tokenize_documents(load_documents(data_args), tokenizer, data_args.concatenate_documents)
-    report: dict[str, Any] = {"output_dir": sft_args.output_dir}
+    report: dict[str, Any] = {"output_dir": sft_args.output_dir, "world_size": sft_args.world_size}
     stage1_weights: Any = stage.stage1_adapter
     if stage1_weights is None and stage.stage1_max_steps > 0:
         stage1_dir = os.path.join(sft_args.output_dir, "stage1")
