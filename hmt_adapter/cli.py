@@ -191,13 +191,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``hmt-adapter`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
-    if argv and argv[0] in ("train", "demo"):
-        return cmd_train(argv[1:]) if argv[0] == "train" else cmd_demo(argv[1:])
-    args = parser.parse_args(argv)
+    command = argv[0] if argv else None
     try:
-        return cmd_eval(args)
-    except ValueError as exc:
-        parser.exit(2, f"hmt-adapter eval: error: {exc}\n")
+        if command == "train":
+            return cmd_train(argv[1:])
+        if command == "demo":
+            return cmd_demo(argv[1:])
+        return cmd_eval(parser.parse_args(argv))
+    except (ValueError, TypeError) as exc:  # user errors: a message, not a stack trace
+        parser.exit(2, f"hmt-adapter {command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

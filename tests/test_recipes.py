@@ -53,6 +53,18 @@ def test_unknown_recipe_key_is_named(tmp_path):
         parse_recipe(str(bad))
 
 
+def test_cli_train_reports_recipe_errors_without_a_traceback(tmp_path, capsys):
+    from hmt_adapter.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: hmt-testing:llama\nsegment_lenght: 8\noutput_dir: x\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(bad)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "segment_lenght" in err and "Traceback" not in err
+
+
 def test_tiny_recipe_runs_both_stages(tmp_path):
     args = parse_recipe(TINY, ["--output_dir", str(tmp_path)])
     report = run_recipe(*args)
