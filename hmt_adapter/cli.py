@@ -157,7 +157,7 @@ def plot_eval(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hist = result.get("recall_distance_fraction")
+    hist = result.get("recall_distance_mean_weight")
     fig, axes = plt.subplots(1, 2 if hist else 1, figsize=(11 if hist else 6, 4), squeeze=False)
     ax = axes[0][0]
     labels = {"hmt": "HMT", "backbone_window": f"backbone, windows of {result['window']}",
@@ -172,7 +172,7 @@ def plot_eval(result: dict, path: str) -> None:
         ax2 = axes[0][1]
         ax2.bar(range(1, len(hist) + 1), hist)
         ax2.set_xlabel("recall distance (segments back)")
-        ax2.set_ylabel("fraction of recall weight")
+        ax2.set_ylabel("mean recall weight when available")
         ax2.set_title("How far back recall looks")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -163,6 +163,7 @@ class EvalResult:
     num_documents: int = 0
     methods: dict[str, MethodResult] = field(default_factory=dict)
     recall_distance: Optional[list[float]] = None  # recall weight by distance 1..N (segments back), summed
+    recall_distance_available: Optional[list[int]] = None  # recalls in which distance d could be chosen
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -170,6 +171,10 @@ class EvalResult:
         if self.recall_distance is not None:
             total = sum(self.recall_distance)
             out["recall_distance_fraction"] = [w / total for w in self.recall_distance] if total else None
+            # mean weight on distance d when it was available: uniform attention over N memories gives 1/N
+            out["recall_distance_mean_weight"] = [
+                w / n if n else 0.0 for w, n in zip(self.recall_distance, self.recall_distance_available or [])
+            ]
         return out
 
 
@@ -178,14 +183,18 @@ class _RecallHistogram:
 
     def __init__(self) -> None:
         self.weight: list[float] = []
+        self.available: list[int] = []  # recalls (rows) in which a memory that far back existed
 
     def __call__(self, weights: torch.Tensor) -> None:
         per_entry = weights.double().sum(0)  # (N,) summed over the batch, oldest first
         by_distance = per_entry.flip(0).tolist()  # distance 1 .. N
         if len(by_distance) > len(self.weight):
-            self.weight.extend([0.0] * (len(by_distance) - len(self.weight)))
+            grow = len(by_distance) - len(self.weight)
+            self.weight.extend([0.0] * grow)
+            self.available.extend([0] * grow)
         for d, w in enumerate(by_distance):
             self.weight[d] += w
+            self.available[d] += weights.shape[0]
 
 
 def evaluate_long_documents(
@@ -240,6 +249,7 @@ def evaluate_long_documents(
         peft_model.train(was_training)
     if histogram is not None:
         result.recall_distance = histogram.weight
+        result.recall_distance_available = histogram.available
     return result
 
 

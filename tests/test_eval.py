@@ -77,6 +77,8 @@ def test_evaluate_long_documents_totals_and_recall_histogram():
     # every recall's weights sum to 1: doc 0 recalls at segments 1..3 (3 times), doc 1 at segments 1..2 (2 times)
     assert math.isclose(sum(result.recall_distance), 5.0, rel_tol=1e-5)
     assert len(result.recall_distance) == 3  # at most 3 memories back
+    assert result.recall_distance_available == [5, 3, 1]  # distance 1 at every recall, 3 only at doc 0's segment 3
+    assert all(0 < w <= 1 for w in out["recall_distance_mean_weight"])
     assert model.training  # the train/eval mode is restored
 
 
