@@ -371,6 +371,21 @@ def _opt(**kw: Any) -> OPTConfig:
     return OPTConfig(**base)
 
 
+def _llama(**kw: Any) -> LlamaConfig:
+    base: dict[str, Any] = dict(
+        hidden_act="silu",
+        initializer_range=0.02,
+        rms_norm_eps=1e-5,
+        pretraining_tp=1,
+        pad_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attention_bias=False,
+        architectures=["LlamaForCausalLM"],
+    )
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
 def real_config(name: str) -> PretrainedConfig:
     """Return the published config of a real checkpoint, built locally (no download).
 
@@ -414,48 +429,32 @@ def real_config(name: str) -> PretrainedConfig:
             do_layer_norm_before=True,
         )
     if key == "meta-llama/Llama-2-7b-hf":
-        return LlamaConfig(
+        return _llama(
             vocab_size=32000,
             hidden_size=4096,
             intermediate_size=11008,
             num_hidden_layers=32,
             num_attention_heads=32,
             num_key_value_heads=32,
-            hidden_act="silu",
             max_position_embeddings=4096,
-            initializer_range=0.02,
-            rms_norm_eps=1e-5,
-            pretraining_tp=1,
             bos_token_id=1,
             eos_token_id=2,
-            pad_token_id=None,
             tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            attention_bias=False,
             dtype="float16",
-            architectures=["LlamaForCausalLM"],
         )
     if key == "HuggingFaceTB/SmolLM-135M":
-        return LlamaConfig(
+        return _llama(
             vocab_size=49152,
             hidden_size=576,
             intermediate_size=1536,
             num_hidden_layers=30,
             num_attention_heads=9,
             num_key_value_heads=3,
-            hidden_act="silu",
             max_position_embeddings=2048,
-            initializer_range=0.02,
-            rms_norm_eps=1e-5,
-            pretraining_tp=1,
             bos_token_id=0,
             eos_token_id=0,
-            pad_token_id=None,
             tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            attention_bias=False,
             dtype="float32",
-            architectures=["LlamaForCausalLM"],
         )
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -467,3 +466,26 @@ def _resolve_real_name(name: str) -> str:
             return full
     raise ValueError(f"Unknown real config {name!r}; expected one of {REAL_CONFIG_NAMES}")
 
+
+
+def perturbed_hmt_model(segment_length: int = 8, recall_query: str = "segment", seed: int = 1, **overrides: Any):
+    """Tiny Llama + HMT (eval mode) whose recall and memory-projection weights are scaled up.
+
+    At init HMT's recall is nearly uniform and the projection is the identity, so memory barely moves the
+    logits; tests that must see memory and the recall query matter (streaming, generation) use this.
+    """
+    import peft
+
+    from .config import HMTConfig
+
+    kwargs: dict[str, Any] = dict(segment_length=segment_length, num_sensory=3, recall_dim=16, recall_query=recall_query)
+    kwargs.update(overrides)
+    model = peft.get_peft_model(tiny_causal_lm("llama"), HMTConfig(task_type="CAUSAL_LM", **kwargs)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "hmt_recall" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+            elif "hmt_memory_proj" in name:
+                param.add_(0.5 * torch.randn(param.shape, generator=gen))
+    return model

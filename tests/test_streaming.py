@@ -13,18 +13,8 @@ SEG = 8
 
 
 def make_model(recall_query: str = "segment", **overrides) -> peft.PeftModel:
-    """Tiny Llama + HMT with adapter parameters scaled up, so memory and recall visibly change the logits."""
-    kwargs = dict(segment_length=SEG, num_sensory=3, recall_dim=16, recall_query=recall_query)
-    kwargs.update(overrides)
-    model = peft.get_peft_model(testing.tiny_causal_lm("llama"), HMTConfig(task_type="CAUSAL_LM", **kwargs)).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "hmt_recall" in name:
-                param.copy_(torch.randn(param.shape, generator=gen))
-            elif "hmt_memory_proj" in name:
-                param.add_(0.5 * torch.randn(param.shape, generator=gen))
-    return model
+    overrides.setdefault("segment_length", SEG)
+    return testing.perturbed_hmt_model(recall_query=recall_query, **overrides)
 
 
 def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
