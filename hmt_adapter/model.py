@@ -288,6 +288,7 @@ class HMTModel(BaseTuner):
         seg_len = config.segment_length
         num_segments = math.ceil(int(batch.lengths.max()) / seg_len)
         checkpointing = self._checkpointing(runner.bb)
+        runner.checkpoint_recall = checkpointing
         queries = self._summary_queries(runner, batch, num_segments, checkpointing)
         targets_all = self._scored_targets(batch, seg_len, config.loss_scope)
         cache = runner.new_cache()

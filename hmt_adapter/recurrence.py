@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .backbone import Backbone
 from .config import HMTConfig
@@ -42,12 +43,18 @@ def frame(first: torch.Tensor, body: torch.Tensor, body_len: torch.Tensor, last:
 
 
 class HMTRunner:
-    """Stateless driver of one HMT adapter on one backbone (see the module docstring)."""
+    """Stateless driver of one HMT adapter on one backbone (see the module docstring).
 
-    def __init__(self, backbone: Backbone, params: HMTParams, config: HMTConfig) -> None:
+    ``checkpoint_recall``: recompute memory recall in backward instead of letting autograd save each
+    segment's stacked copy of the cache (O(segments x recall_window) memory). Set by callers that
+    checkpoint segments.
+    """
+
+    def __init__(self, backbone: Backbone, params: HMTParams, config: HMTConfig, checkpoint_recall: bool = False) -> None:
         self.bb = backbone
         self.params = params
         self.config = config
+        self.checkpoint_recall = checkpoint_recall
 
     # ---- summary pass -------------------------------------------------------------------------------------
     def summary_queries(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -101,7 +108,9 @@ class HMTRunner:
         first_attached = self.block_start(segment)
         if not self.config.use_recall:
             return (last_memory.detach() if segment - 1 < first_attached else last_memory), None
-        values, keys = cache.detached_before(first_attached)
+        values, keys = cache.detached_before(first_attached)  # fresh lists: later appends don't reach a recompute
+        if self.checkpoint_recall and torch.is_grad_enabled():
+            return checkpoint(recall, query, values, keys, self.params, use_reentrant=False)
         return recall(query, values, keys, self.params)
 
     # ---- segment pass -------------------------------------------------------------------------------------

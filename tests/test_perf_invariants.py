@@ -127,3 +127,29 @@ def test_gradient_checkpointing_stores_little_per_extra_segment(recall: bool) ->
 
     assert per_segment_plain > 0
     assert per_segment_ckpt < 0.1 * per_segment_plain, (per_segment_ckpt, per_segment_plain)
+
+
+def test_checkpointing_saves_no_stacked_copy_of_the_memory_cache() -> None:
+    """Regression: each segment's recall stacked the cache, (B, N, h) keys and (B, N, d) values, and autograd
+    saved that copy for backward: O(segments x recall_window) memory even with gradient checkpointing. With
+    checkpointing the recall is recomputed in backward, so no saved tensor spans several cache entries."""
+    recall_dim = 24  # differs from every other width of the tiny model
+    base = hmt_testing.tiny_causal_lm("llama")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = HMTConfig(task_type="CAUSAL_LM", segment_length=8, num_sensory=2, recall_dim=recall_dim, recall_window=8)
+    model = peft.get_peft_model(base, config).train()
+    ids = torch.randint(4, 128, (BATCH, 6 * 8))
+    stacked = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        # stacked keys (B, N, h), saved by the scores matmul in either layout: (B, N, h) or (B, h, N)
+        if t.dim() == 3 and t.shape[0] == BATCH and recall_dim in t.shape[1:] and min(t.shape[1:]) >= 2:
+            stacked.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+    assert stacked == []
+    loss.backward()  # and the recomputed recall still gives gradients to the recall projections
+    grads = [p.grad for n, p in model.named_parameters() if "hmt_recall" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
