@@ -200,10 +200,17 @@ def peak_rss_mib() -> float:
     return value / 1024
 
 
-def run_worker(module: str, args: list[str], timeout: float = 900) -> dict[str, Any]:
+#: glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), after which
+#: freed per-segment buffers (a segment's logits chunk is ~16 MiB at vocab 32000) stay resident in the heap
+#: and RSS grows with the number of segments although nothing is alive. A fixed threshold turns that off,
+#: so peak RSS reflects live memory; ``--stock-malloc`` measures glibc's default behaviour instead.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_worker(module: str, args: list[str], timeout: float = 900, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python -m module *args`` in a fresh process (so its peak RSS is its own) and parse the JSON it
     prints on its last stdout line."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
     proc = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -101,8 +101,14 @@ def decode_bench(prompt_len: int = 128, new: int = 256, repeats: int = 2) -> dic
     return out
 
 
+#: glibc's dynamic mmap threshold keeps freed large buffers resident, so RSS would also count retained free heap
+#: (see benchmarks/_common.py); a fixed threshold makes peak RSS track live memory. --stock-malloc turns it off.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+CHILD_ENV: dict = dict(FIXED_MMAP_THRESHOLD)
+
+
 def subprocess_json(*args: str) -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **CHILD_ENV)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.ingestion", *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child {args} failed:\n{proc.stderr[-3000:]}")
@@ -157,7 +163,10 @@ def main() -> None:
     parser.add_argument("--full-lengths", default="1024,2048,4096,8192,16384")
     parser.add_argument("--quick", action="store_true", help="4k and 16k only, full attention up to 4k")
     parser.add_argument("--tag", default="ingestion")
+    parser.add_argument("--stock-malloc", action="store_true", help="measure with glibc's default mmap threshold")
     args = parser.parse_args()
+    if args.stock_malloc:
+        CHILD_ENV.clear()
     warnings.filterwarnings("ignore")
     if args.child:
         print(json.dumps(run_one(args.child[0], int(args.child[1]))))
@@ -168,6 +177,7 @@ def main() -> None:
     lengths = [4096, 16384] if args.quick else [int(x) for x in args.lengths.split(",")]
     full_lengths = [1024, 2048, 4096] if args.quick else [int(x) for x in args.full_lengths.split(",")]
     result = {"model": MODEL, "hmt": HMT, "chunk": CHUNK, "threads": int(os.environ.get("BENCH_THREADS", "2")),
+              "malloc_env": dict(CHILD_ENV), "command": "python -m benchmarks.ingestion " + " ".join(sys.argv[1:]),
               "ingestion": {"hmt": [], "full": []}}
     os.makedirs(RESULTS, exist_ok=True)
     partial = os.path.join(RESULTS, f"{args.tag}.partial.json")

@@ -49,6 +49,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--four-bit", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="")
+    p.add_argument("--stock-malloc", action="store_true",
+                   help="keep glibc's dynamic mmap threshold (RSS then also counts freed, retained heap)")
     # worker mode (one configuration in this process)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", default="train-fused", choices=PATHS, help=argparse.SUPPRESS)
@@ -113,17 +115,21 @@ def _worker_args(args: argparse.Namespace, n: int, checkpointing: bool, path: st
     return out + (["--four-bit"] if args.four_bit else [])
 
 
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    return {} if args.stock_malloc or args.device.startswith("cuda") else dict(C.FIXED_MMAP_THRESHOLD)
+
+
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for checkpointing in (False, True):
         for n in args.segments:
-            row = C.run_worker(MODULE, _worker_args(args, n, checkpointing, "train-fused"))
+            row = C.run_worker(MODULE, _worker_args(args, n, checkpointing, "train-fused"), extra_env=_env(args))
             rows.append(row)
             print(f"train-fused  segments={n:3d} checkpointing={checkpointing!s:5s} "
                   f"step peak {row['step_peak_mib']:8.1f} MiB (process peak {row['peak_mib']:.0f})", flush=True)
     compare = []
     for path in PATHS:
-        row = C.run_worker(MODULE, _worker_args(args, args.compare_segments, False, path))
+        row = C.run_worker(MODULE, _worker_args(args, args.compare_segments, False, path), extra_env=_env(args))
         compare.append(row)
         print(f"{path:12s} segments={args.compare_segments:3d} step peak {row['step_peak_mib']:8.1f} MiB", flush=True)
     growth = {}
