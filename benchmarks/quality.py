@@ -360,6 +360,27 @@ def print_table(results: dict) -> None:
     print(flush=True)
 
 
+def markdown_table(results: dict) -> str:
+    """The results table and the headline comparisons as Markdown (for BENCHMARKS.md)."""
+    methods = results["methods"]
+    window = methods["backbone_window"]["perplexity"]
+    sliding = methods["backbone_sliding"]["perplexity"]
+    lines = [
+        f"Held-out: {results['eval']['documents']} documents, {results['eval']['tokens_scored']:,} scored tokens per "
+        f"method (the same tokens for all); recall_query={results['eval']['recall_query']!r}.",
+        "",
+        "| method | loss (nats/token) | perplexity | vs independent windows | vs sliding window | backbone positions per token |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, res in methods.items():
+        lines.append(
+            f"| {LABELS.get(name, name)} | {res['loss']:.4f} | {res['perplexity']:.3f} | "
+            f"{100 * (res['perplexity'] / window - 1):+.1f}% | {100 * (res['perplexity'] / sliding - 1):+.1f}% | "
+            f"{results['relative_compute'][name]:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def versions() -> dict[str, Any]:
     import datasets
     import peft
@@ -519,6 +540,7 @@ def run(settings: QualitySettings, command: str) -> dict:
     (RESULTS / f"{settings.output_name}.json").write_text(json.dumps(results, indent=2))
     write_plot(results, RESULTS / f"{settings.output_name}.png")
     print_table(results)
+    print(markdown_table(results))
     _step(f"wrote {RESULTS / (settings.output_name + '.json')} and .png", start)
     return results
 
@@ -533,12 +555,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, default=None)
     p.add_argument("--hmt-steps", type=int, default=None)
     p.add_argument("--recall-query", choices=("segment", "previous"), default=None)
+    p.add_argument("--table-from", metavar="JSON", default=None,
+                   help="print the Markdown table of an existing results file and exit")
     p.add_argument("--lora", action="store_true", help="also train and score HMT + LoRA (adds ~8 min on 2 cores)")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.table_from:
+        print(markdown_table(json.loads(Path(args.table_from).read_text())))
+        return 0
     overrides: dict[str, Any] = {"corpus_dir": args.corpus_dir, "seed": args.seed}
     for key in ("threads", "pretrain_steps", "hmt_steps", "recall_query"):
         if getattr(args, key) is not None:
