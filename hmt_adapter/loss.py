@@ -27,24 +27,30 @@ class _TokenLogProb(torch.autograd.Function):
         top1 = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         mean_logits = torch.empty_like(logp)
         log_sum_sq = torch.empty_like(logp)
+        lse_all = torch.empty_like(logp)
         for i in range(0, hidden.shape[0], CHUNK_TOKENS):
-            logits = _chunk_logits(hidden[i : i + CHUNK_TOKENS], weight, bias, scale)
-            lse = logits.logsumexp(dim=-1)
+            logits = _chunk_logits(hidden[i : i + CHUNK_TOKENS], weight, bias, scale)  # (n, V) float32
             lab = labels[i : i + CHUNK_TOKENS]
+            # One exp pass over the chunk serves lse, entropy and sum p^2 (the LM head dominates small models).
+            top_val, top_idx = logits.max(dim=-1)
+            probs = (logits - top_val.unsqueeze(1)).exp_()
+            total = probs.sum(dim=-1)
+            lse = top_val + total.log()
+            lse_all[i : i + CHUNK_TOKENS] = lse
+            probs.div_(total.unsqueeze(1))
             logp[i : i + CHUNK_TOKENS] = logits.gather(1, lab.unsqueeze(1)).squeeze(1) - lse
-            probs = (logits - lse.unsqueeze(1)).exp()
-            entropy[i : i + CHUNK_TOKENS] = lse - (probs * logits).sum(-1)
-            top1[i : i + CHUNK_TOKENS] = logits.argmax(-1) == lab
-            mean_logits[i : i + CHUNK_TOKENS] = logits.mean(-1)
-            log_sum_sq[i : i + CHUNK_TOKENS] = (2 * (logits - lse.unsqueeze(1))).logsumexp(-1)
-        ctx.save_for_backward(hidden, weight, bias, labels)
+            entropy[i : i + CHUNK_TOKENS] = lse - torch.linalg.vecdot(probs, logits)
+            top1[i : i + CHUNK_TOKENS] = top_idx == lab
+            mean_logits[i : i + CHUNK_TOKENS] = logits.mean(dim=-1)
+            log_sum_sq[i : i + CHUNK_TOKENS] = torch.linalg.vecdot(probs, probs).log()
+        ctx.save_for_backward(hidden, weight, bias, labels, lse_all)
         ctx.scale = scale
         ctx.mark_non_differentiable(entropy, top1, mean_logits, log_sum_sq)
         return logp, entropy, top1, mean_logits, log_sum_sq
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy, _grad_top1, _grad_mean, _grad_sq):
-        hidden, weight, bias, labels = ctx.saved_tensors
+        hidden, weight, bias, labels, lse_all = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
@@ -52,10 +58,10 @@ class _TokenLogProb(torch.autograd.Function):
         for i in range(0, hidden.shape[0], CHUNK_TOKENS):
             h = hidden[i : i + CHUNK_TOKENS]
             logits = _chunk_logits(h, weight, bias, ctx.scale)
-            # d logp / d logits = onehot(label) - softmax
-            g = -logits.softmax(dim=-1)
-            g.scatter_add_(1, labels[i : i + CHUNK_TOKENS].unsqueeze(1), torch.ones_like(g[:, :1]))
-            g = g * grad_logp[i : i + CHUNK_TOKENS].unsqueeze(1) * ctx.scale
+            # d logp / d logits = onehot(label) - softmax, scaled by the incoming gradient (in place)
+            g = (logits - lse_all[i : i + CHUNK_TOKENS].unsqueeze(1)).exp_()  # softmax, from the forward's lse
+            g.scatter_add_(1, labels[i : i + CHUNK_TOKENS].unsqueeze(1), -torch.ones_like(g[:, :1]))
+            g.mul_((-ctx.scale * grad_logp[i : i + CHUNK_TOKENS]).unsqueeze(1))
             if need_h:
                 grad_h[i : i + CHUNK_TOKENS] = (g @ weight.float()).to(hidden.dtype)
             if grad_w is not None:
