@@ -227,6 +227,15 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def save_results(module: str, name: str, args: Any, result: dict[str, Any], plot: Callable[[Path], None]) -> Path:
+    """Write ``results/NAME.json`` (with the command, machine and arguments) and ``results/NAME.png`` via ``plot``."""
+    payload = {"command": command_line(module), "machine": machine_info(args.device), "args": vars(args), **result}
+    path = write_json(name + ".json", payload)
+    plot(path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return path
+
+
 def command_line(module: str) -> str:
     """The command that produced a result, as a user would type it from the repository root."""
     return " ".join(["PYTHONPATH=. python -m", module, *sys.argv[1:]])

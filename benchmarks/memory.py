@@ -181,10 +181,7 @@ def main(argv=None) -> None:
         return
     result = sweep(args)
     name = "memory" + (f"-{args.tag}" if args.tag else "")
-    payload = {"command": C.command_line(MODULE), "machine": C.machine_info(args.device), "args": vars(args), **result}
-    path = C.write_json(name + ".json", payload)
-    plot(result, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    C.save_results(MODULE, name, args, result, lambda png: plot(result, png))
 
 
 if __name__ == "__main__":

@@ -187,10 +187,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     rows = measure(args)
     name = "throughput" + (f"-{args.tag}" if args.tag else "")
-    payload = {"command": C.command_line(MODULE), "machine": C.machine_info(args.device), "args": vars(args), "rows": rows}
-    path = C.write_json(name + ".json", payload)
-    plot(rows, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    C.save_results(MODULE, name, args, {"rows": rows}, lambda png: plot(rows, png))
 
 
 if __name__ == "__main__":
