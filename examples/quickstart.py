@@ -19,7 +19,7 @@ config = HMTConfig(task_type="CAUSAL_LM", segment_length=64, num_sensory=8, reca
 model = peft.get_peft_model(base, config)
 model.print_trainable_parameters()
 
-ids = torch.randint(4, 128, (2, 5000))  # 5000 tokens: ~80 segments, 10x the backbone's positions
+ids = torch.randint(4, 128, (2, 2048))  # 32 segments: 4x the positions the backbone can take
 out = model(input_ids=ids, labels=ids)
 out.loss.backward()  # gradients reach only the HMT parameters
 print(f"loss {out.loss.item():.3f}, logits {tuple(out.logits.shape)}")
