@@ -10,7 +10,7 @@ made at position j scores token j + 1, and belongs to "segment" ``j // segment_l
   tokens; each target is scored once, with at least ``window - stride`` tokens of context. It costs about
   ``window / stride`` times the compute of the windowed baseline.
 
-Nothing here prints or plots: `hmt_adapter.cli` (``hmt-adapter eval``) adds the progress bar, the JSON file and
+Nothing here prints or plots: `hmt_adapter_cli.cli` (``hmt-adapter eval``) adds the progress bar, the JSON file and
 the plot.
 """
 

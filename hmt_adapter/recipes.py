@@ -5,8 +5,8 @@ A recipe is a flat YAML file whose keys are the fields of the dataclasses below 
 
     hmt-adapter train recipes/tiny-offline.yaml
     hmt-adapter train recipes/opt-350m-wikitext103.yaml --stage2_max_steps 100
-    accelerate launch --num_processes 8 -m hmt_adapter.cli train recipes/smollm-135m.yaml   # 8 GPUs, DDP
-    torchrun --nproc_per_node 2 -m hmt_adapter.cli train recipes/tiny-offline.yaml       # 2 CPU processes (gloo)
+    accelerate launch --num_processes 8 -m hmt_adapter_cli.cli train recipes/smollm-135m.yaml   # 8 GPUs, DDP
+    torchrun --nproc_per_node 2 -m hmt_adapter_cli.cli train recipes/tiny-offline.yaml       # 2 CPU processes (gloo)
 
 (On a machine without GPUs, ``accelerate launch --cpu --num_processes 2`` runs ONE process unless an MPI
 hostfile is given; use torchrun there.)
@@ -21,7 +21,7 @@ chunks of ``stage2_segments`` segments. The learning rate decays by ``lr_decay_f
 model and tokenizer of `hmt_adapter.testing`. Data come from ``dataset_name`` (Hub) or ``data_files`` (local
 json / jsonl / txt / parquet / csv; relative paths are resolved against the recipe's directory first).
 
-Everything that prints lives in `hmt_adapter.cli`; the Trainer's own logging follows ``report_to`` /
+Everything that prints lives in `hmt_adapter_cli.cli`; the Trainer's own logging follows ``report_to`` /
 ``logging_steps`` / ``disable_tqdm`` as usual.
 """
 

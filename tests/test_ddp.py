@@ -20,7 +20,7 @@ def test_tiny_recipe_under_two_cpu_processes(tmp_path):
         pytest.skip("torchrun is not installed")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [
-        torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "hmt_adapter.cli", "train",
+        torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "hmt_adapter_cli.cli", "train",
         os.path.join(ROOT, "recipes", "tiny-offline.yaml"), "--output_dir", str(tmp_path),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

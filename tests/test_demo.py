@@ -1,4 +1,4 @@
-"""Smoke test of `hmt-adapter demo` (hmt_adapter/demo.py) with tiny settings, plus its task's invariants."""
+"""Smoke test of `hmt-adapter demo` (hmt_adapter_cli/demo.py) with tiny settings, plus its task's invariants."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 
 import torch  # noqa: E402
 
-from hmt_adapter.demo import DemoSettings, PasskeyTask, make_parser, run_demo, settings_from_args  # noqa: E402
+from hmt_adapter_cli.demo import DemoSettings, PasskeyTask, make_parser, run_demo, settings_from_args  # noqa: E402
 from hmt_adapter.testing import tiny_tokenizer  # noqa: E402
 
 

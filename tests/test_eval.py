@@ -83,7 +83,7 @@ def test_evaluate_long_documents_totals_and_recall_histogram():
 
 
 def test_cli_eval_writes_json_and_plot(tmp_path):
-    from hmt_adapter.cli import main
+    from hmt_adapter_cli.cli import main
 
     model = peft.get_peft_model(tiny_causal_lm("llama"), HMTConfig(task_type="CAUSAL_LM", segment_length=8, num_sensory=2, recall_dim=8))
     model.save_pretrained(tmp_path / "adapter")
@@ -103,7 +103,7 @@ def test_cli_eval_writes_json_and_plot(tmp_path):
 
 
 def test_cli_eval_reports_a_missing_base_model(tmp_path, capsys):
-    from hmt_adapter.cli import main
+    from hmt_adapter_cli.cli import main
 
     model = peft.get_peft_model(tiny_causal_lm("llama"), HMTConfig(task_type="CAUSAL_LM", segment_length=8, recall_dim=8))
     model.save_pretrained(tmp_path / "adapter")

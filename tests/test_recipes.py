@@ -54,7 +54,7 @@ def test_unknown_recipe_key_is_named(tmp_path):
 
 
 def test_cli_train_reports_recipe_errors_without_a_traceback(tmp_path, capsys):
-    from hmt_adapter.cli import main
+    from hmt_adapter_cli.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model_name_or_path: hmt-testing:llama\nsegment_lenght: 8\noutput_dir: x\n")

@@ -1,6 +1,6 @@
 """`hmt-adapter demo`: an offline demonstration that HMT gives a short-window model long memory.
 
-Run it with ``hmt-adapter demo`` (or ``python -m hmt_adapter.demo``). On 2 CPU cores it takes a few minutes:
+Run it with ``hmt-adapter demo`` (or ``python -m hmt_adapter_cli.demo``). On 2 CPU cores it takes a few minutes:
 
 1. builds a tiny Llama backbone and the tiny word-level tokenizer of `hmt_adapter.testing` (no download);
 2. pretrains the backbone on short windows (at most ``segment_length`` tokens) of a passkey task: a window of
@@ -133,7 +133,7 @@ def build_backbone(settings: DemoSettings, vocab_size: int):
     """A tiny Llama (tied embeddings, so its last hidden state lives in the embedding space)."""
     from transformers import AutoModelForCausalLM
 
-    from .testing import tiny_config
+    from hmt_adapter.testing import tiny_config
 
     config = tiny_config(
         "llama",
@@ -206,7 +206,7 @@ def evaluate(model, sets, settings: DemoSettings, window: Optional[int] = None) 
 # HMT training with TRL
 # ---------------------------------------------------------------------------------------------------------
 def hmt_config(settings: DemoSettings, lora_r: int = 0):
-    from .config import HMTConfig
+    from hmt_adapter.config import HMTConfig
 
     return HMTConfig(
         task_type="CAUSAL_LM",
@@ -364,7 +364,7 @@ def run_demo(settings: DemoSettings) -> dict:
     """The whole demo; returns the results dictionary (also written to ``output_dir/results.json``)."""
     import peft
 
-    from .testing import tiny_tokenizer
+    from hmt_adapter.testing import tiny_tokenizer
 
     start = time.perf_counter()
     out = Path(settings.output_dir)
