@@ -240,8 +240,10 @@ class HMTModel(BaseTuner):
         runner = self.runner()
         batch = pack_batch(runner.bb.embed, input_ids, inputs_embeds, attention_mask, labels, shift_labels)
         keep = self._keep_slots(batch.total_length, logits_to_keep, batch.embeds.device, fused_lm_head)
-        results = self._run_segments(runner, batch, keep, fused_lm_head)
-        return self._assemble(batch, results, keep, fused_lm_head, shift_labels is not None, num_items_in_batch)
+        config = runner.config
+        targets = self._scored_targets(batch, config.segment_length, config.loss_scope)
+        results = self._run_segments(runner, batch, targets, keep, fused_lm_head)
+        return self._assemble(batch, targets, results, keep, fused_lm_head, shift_labels is not None, num_items_in_batch)
 
     def _reject_unsupported(self, kwargs, output_attentions, output_hidden_states, labels, shift_labels) -> None:
         for key in _UNSUPPORTED_WITH_HMT:
@@ -282,7 +284,12 @@ class HMTModel(BaseTuner):
 
     # ---- the segment loop ---------------------------------------------------------------------------------
     def _run_segments(
-        self, runner: HMTRunner, batch: PackedBatch, keep: Optional[torch.Tensor], fused: bool
+        self,
+        runner: HMTRunner,
+        batch: PackedBatch,
+        targets_all: Optional[torch.Tensor],
+        keep: Optional[torch.Tensor],
+        fused: bool,
     ) -> list[tuple[_SegmentResult, torch.Tensor, torch.Tensor]]:
         config = runner.config
         seg_len = config.segment_length
@@ -290,7 +297,6 @@ class HMTModel(BaseTuner):
         checkpointing = self._checkpointing(runner.bb)
         runner.checkpoint_recall = checkpointing
         queries = self._summary_queries(runner, batch, num_segments, checkpointing)
-        targets_all = self._scored_targets(batch, seg_len, config.loss_scope)
         cache = runner.new_cache()
         sensory = batch.embeds[:, :0]
         last_memory = None
@@ -336,20 +342,14 @@ class HMTModel(BaseTuner):
         if targets is not None:
             valid = targets != IGNORE_INDEX
             labels = targets[valid]
-            if fused:
-                lp, ent, top, *extra = token_log_probs(hidden_x[valid], bb.head, labels, bb.logit_scale, extras=True)
-            elif bb.final_logit_softcapping is not None or logits is None or not bool(valid.any()):
-                lp, ent, top = token_log_probs(hidden_x[valid], bb.head, labels, bb.logit_scale)
-            else:  # logits of every position of the segment were kept: score from them
-                full = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)
-                full[keep_idx[0], keep_idx[1]] = True
-                if bool((valid & ~full).any()):
-                    lp, ent, top = token_log_probs(hidden_x[valid], bb.head, labels, bb.logit_scale)
-                else:
-                    index = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)
-                    index[keep_idx[0], keep_idx[1]] = torch.arange(keep_idx[0].numel(), device=valid.device)
-                    lp = logits[index[valid]].float().log_softmax(-1).gather(1, labels.unsqueeze(1)).squeeze(1)
-                    ent = top = None
+            # Kept logits are a row-major subset of the segment's real positions; when they are all of them (the
+            # default), score from them instead of running the LM head again.
+            all_kept = logits is not None and keep_idx[0].numel() == int(x_len.sum())
+            if fused or not all_kept:
+                lp, ent, top, *extra = token_log_probs(hidden_x[valid], bb.head, labels, bb.logit_scale, extras=fused)
+            else:
+                real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < x_len.unsqueeze(1)  # (B, l)
+                lp = logits[valid[real]].float().log_softmax(-1).gather(1, labels.unsqueeze(1)).squeeze(1)
             loss_sum = -lp.sum()
             if fused:
                 log_probs = lp.new_zeros(valid.shape).masked_scatter(valid, lp)
@@ -370,29 +370,24 @@ class HMTModel(BaseTuner):
             return queries
         seg_len, width = config.segment_length, config.summary_length
         embeds, lengths = batch.embeds, batch.lengths
-        starts = torch.arange(1, num_segments, device=embeds.device) * seg_len  # (S-1,)
-        if config.recall_query == "previous":
-            starts = starts - width
-        pad = max(0, int(starts.max()) + width - embeds.shape[1])
-        padded = torch.cat([embeds, embeds.new_zeros(embeds.shape[0], pad, embeds.shape[2])], dim=1)
-        windows = padded.unfold(1, width, seg_len)  # (B, n_windows, d, width)
-        first = int(starts[0]) // seg_len if config.recall_query == "segment" else None
-        if first is None:  # "previous": windows start at n*L - width, which need not be multiples of L
-            index = starts.view(1, -1, 1) + torch.arange(width, device=embeds.device).view(1, 1, -1)
-            tokens = padded[:, index.squeeze(0)]  # (B, S-1, width, d)
-        else:
-            tokens = windows[:, first : first + num_segments - 1].permute(0, 1, 3, 2)  # (B, S-1, width, d)
-        seg_starts = torch.arange(1, num_segments, device=embeds.device) * seg_len
+        seg_starts = torch.arange(1, num_segments, device=embeds.device) * seg_len  # (S-1,)
         active = lengths.unsqueeze(1) > seg_starts.unsqueeze(0)  # (B, S-1): row has segment n
+        rows, segs = active.nonzero(as_tuple=True)  # P (row, segment) pairs
+        # "segment": the first `width` tokens of segment n (fewer in a short last segment);
+        # "previous": the `width` tokens before segment n (segment n-1 is always full).
+        first = seg_starts[segs] - (width if config.recall_query == "previous" else 0)  # (P,)
+        cols = first.unsqueeze(1) + torch.arange(width, device=embeds.device).unsqueeze(0)  # (P, width)
+        pad = max(0, int(cols.max()) + 1 - embeds.shape[1])
+        padded = torch.cat([embeds, embeds.new_zeros(embeds.shape[0], pad, embeds.shape[2])], dim=1)
+        tokens = padded[rows.unsqueeze(1), cols]  # (P, width, d)
         if config.recall_query == "segment":
-            tok_len = (lengths.unsqueeze(1) - seg_starts.unsqueeze(0)).clamp(0, width)
+            tok_len = (lengths[rows] - seg_starts[segs]).clamp(max=width)
         else:
-            tok_len = torch.full_like(active, width, dtype=torch.long)
-        rows, segs = active.nonzero(as_tuple=True)
+            tok_len = torch.full_like(rows, width)
         if checkpointing:
-            q = checkpoint(runner.summary_queries, tokens[rows, segs], tok_len[rows, segs], use_reentrant=False)
+            q = checkpoint(runner.summary_queries, tokens, tok_len, use_reentrant=False)
         else:
-            q = runner.summary_queries(tokens[rows, segs], tok_len[rows, segs])
+            q = runner.summary_queries(tokens, tok_len)
         full = q.new_zeros(embeds.shape[0], num_segments - 1, q.shape[-1]).index_put((rows, segs), q)
         for n in range(1, num_segments):
             queries[n] = full[:, n - 1]
@@ -424,6 +419,7 @@ class HMTModel(BaseTuner):
     def _assemble(
         self,
         batch: PackedBatch,
+        targets: Optional[torch.Tensor],
         results: list,
         keep: Optional[torch.Tensor],
         fused: bool,
@@ -433,9 +429,7 @@ class HMTModel(BaseTuner):
         loss = None
         label_mask = None
         if batch.next_labels is not None:
-            config = self.hmt_config  # the denominator counts only the tokens the loss scope scores
-            scored = self._scored_targets(batch, config.segment_length, config.loss_scope)
-            label_mask_compact = scored != IGNORE_INDEX
+            label_mask_compact = targets != IGNORE_INDEX  # only the tokens the loss scope scores
             count = label_mask_compact.sum()
             total = torch.stack([r.loss_sum for r, _, _ in results]).sum()
             denom = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
