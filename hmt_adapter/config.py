@@ -109,7 +109,19 @@ class HMTConfig(PeftConfig):
         metadata={"help": "Modules that get LoRA when lora_r > 0; PEFT's syntax ('all-linear', names or a regex)."},
     )
 
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Filled in when the adapter is attached: the backbone modules it wraps (the input embeddings, "
+            "plus LoRA's targets when lora_r > 0). Leave it unset; choose LoRA's targets with lora_target_modules."
+        },
+    )
+
     def __post_init__(self) -> None:
+        # HMT adapts causal LMs only; without a task type PEFT would build a plain PeftModel whose forward
+        # bypasses the adapter, so the only valid value is also the default.
+        if self.task_type is None:
+            self.task_type = "CAUSAL_LM"
         super().__post_init__()
         self.peft_type = PeftType.HMT  # registered by hmt_adapter._peft_shim
         if isinstance(self.lora_target_modules, list):
@@ -154,7 +166,7 @@ class HMTConfig(PeftConfig):
             raise ValueError(f"HMTConfig.lora_r must be >= 0 (0 disables LoRA), got {self.lora_r}.")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"HMTConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if self.task_type not in (None, "CAUSAL_LM"):
+        if self.task_type != "CAUSAL_LM":
             raise ValueError(f"HMTConfig.task_type must be 'CAUSAL_LM' (HMT adapts causal LMs), got {self.task_type!r}.")
 
     @classmethod

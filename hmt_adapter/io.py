@@ -11,7 +11,8 @@ from typing import Optional
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-ADAPTER_KEY_MARKERS = ("hmt_", "lora_")
+ADAPTER_KEY_MARKER = ".hmt_"
+LORA_KEY_MARKER = ".hmt_lora_"
 
 
 def check_adapter_weights(directory: str, embedding_dim: Optional[int]) -> None:
@@ -33,13 +34,13 @@ def check_adapter_weights(directory: str, embedding_dim: Optional[int]) -> None:
             f"truncated: save the adapter again or re-download it."
         ) from None
     for key, tensor in tensors.items():
-        if not key.startswith(KEY_PREFIX) or not any(marker in key for marker in ADAPTER_KEY_MARKERS):
+        if not key.startswith(KEY_PREFIX) or ADAPTER_KEY_MARKER not in key:
             raise ValueError(
                 f"{path!r} holds {key!r}, which is not an HMT adapter weight (expected keys starting with "
-                f"{KEY_PREFIX!r} and containing one of {ADAPTER_KEY_MARKERS}). Point to a directory written by "
-                f"save_pretrained of an HMT adapter."
+                f"{KEY_PREFIX!r} and containing {ADAPTER_KEY_MARKER!r}; HMT's LoRA weights are '.hmt_lora_A/B'). "
+                f"Point to a directory written by save_pretrained of an HMT adapter."
             )
-        if embedding_dim is not None and "hmt_" in key and tensor.shape[-1] != embedding_dim:
+        if embedding_dim is not None and LORA_KEY_MARKER not in key and tensor.shape[-1] != embedding_dim:
             raise ValueError(
                 f"{path!r}: {key!r} has shape {tuple(tensor.shape)}, but adapter_config.json says "
                 f"base_embedding_dim={embedding_dim}. The files do not belong together: save the adapter again."

@@ -1,9 +1,15 @@
-"""The PEFT tuner layer that holds HMT's trainable parameters.
+"""The PEFT tuner layers that hold an HMT adapter's trainable parameters.
 
 HMT does not change any backbone layer: it feeds the backbone extra input embeddings. Its parameters
-still live in a `BaseTunerLayer` (wrapping the backbone's input-embedding module, whose forward it
+still live in a `BaseTunerLayer` (`HMTLayer`, wrapping the backbone's input-embedding module, whose forward it
 leaves unchanged) so PEFT's own machinery finds them: saving only the adapter, `disable_adapter()`,
 `get_model_status()`, `unload()`, `print_trainable_parameters()`.
+
+With ``lora_r > 0`` the same adapter also owns LoRA layers on the backbone (`HMTLoraLinear`). They are HMT's own
+layers rather than PEFT's `LoraModel` injected beside it, so that an HMT + LoRA adapter is ONE adapter for every
+PEFT operation: one config (``peft_type: HMT``), one state dict, one name; add / set / delete / load /
+``is_trainable=False`` / ``disable_adapter`` / ``unload`` reach both parts through PEFT's own loops over the tuner
+layers, and every trainable parameter carries the tuner's ``hmt_`` prefix.
 """
 
 from __future__ import annotations
@@ -15,7 +21,21 @@ from torch import nn
 from .config import HMTConfig
 
 
-class HMTLayer(nn.Module, BaseTunerLayer):
+class HMTTunerLayer(BaseTunerLayer):
+    """Marker base of every layer an HMT adapter injects (`HMTModel.tuner_layer_cls`)."""
+
+
+def _adapter_factory(base_weight: torch.Tensor) -> dict:
+    """Device and dtype of new adapter parameters: the base weight's, float32 for quantized/integer weights.
+
+    PEFT's ``autocast_adapter_dtype=True`` (its default) then upcasts bf16/fp16 adapter weights to float32;
+    with ``autocast_adapter_dtype=False`` they stay in the backbone's dtype.
+    """
+    dtype = base_weight.dtype if base_weight.is_floating_point() else torch.float32
+    return {"device": base_weight.device, "dtype": dtype}
+
+
+class HMTLayer(nn.Module, HMTTunerLayer):
     """Wraps the backbone's input embeddings and holds, per adapter name, HMT's parameters.
 
     Parameters (d = input-embedding width, h = ``recall_dim``):
@@ -76,15 +96,17 @@ class HMTLayer(nn.Module, BaseTunerLayer):
         return weight.float().norm(dim=-1).mean()
 
     def update_layer(self, adapter_name: str, config: HMTConfig) -> None:
-        """Create the parameters of adapter ``adapter_name`` (on the embedding's device, in float32)."""
+        """Create the parameters of adapter ``adapter_name`` on the embedding's device and dtype (see
+        `_adapter_factory`). Under PEFT's ``low_cpu_mem_usage=True`` they are created on the meta device and
+        materialised when the adapter's weights are loaded."""
         weight = self.base_layer.weight
-        d, device = weight.shape[1], weight.device
-        factory = {"device": device, "dtype": torch.float32}
+        d = weight.shape[1]
+        factory = _adapter_factory(weight)
         with torch.no_grad():
-            if device.type == "meta":
+            if weight.device.type == "meta":
                 mean = torch.zeros(d, **factory)
             else:
-                mean = weight.float().mean(dim=0)
+                mean = weight.float().mean(dim=0).to(factory["dtype"])
             # m_0 and s start at the mean embedding, a point the frozen backbone has seen, plus small noise.
             self.hmt_memory_init[adapter_name] = nn.Parameter(mean + config.init_std * torch.randn(d, **factory))
             if config.use_recall:
@@ -95,7 +117,8 @@ class HMTLayer(nn.Module, BaseTunerLayer):
                 nn.init.normal_(self.hmt_recall_k[adapter_name].weight, std=config.init_std)
             if config.memory_projection:
                 proj = nn.Linear(d, d, bias=False, **factory)
-                proj.weight.copy_(torch.eye(d, **factory))
+                if proj.weight.device.type != "meta":
+                    proj.weight.copy_(torch.eye(d, **factory))
                 self.hmt_memory_proj[adapter_name] = proj
         self.set_adapter(self.active_adapters)
 
@@ -107,3 +130,6 @@ class HMTLayer(nn.Module, BaseTunerLayer):
 
     def unmerge(self) -> None:
         return None
+
+    def __repr__(self) -> str:
+        return "hmt." + super().__repr__()  # PEFT's get_layer_status reads the module type from here

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -16,7 +16,8 @@ from transformers.utils import ModelOutput
 
 from .backbone import Backbone, check_backbone, input_embedding_width
 from .config import HMTConfig
-from .layer import HMTLayer
+from .layer import HMTLayer, HMTTunerLayer
+from .lora import HMTLoraLinear, lora_target_names
 from .loss import token_log_probs
 from .memory import HMTParams
 from .recurrence import HMTRunner
@@ -70,11 +71,24 @@ class HMTModel(BaseTuner):
     """
 
     prefix: str = "hmt_"
-    tuner_layer_cls = HMTLayer
+    tuner_layer_cls = HMTTunerLayer
     target_module_mapping: dict[str, list[str]] = {}
 
-    # ---- injection ----------------------------------------------------------------------------------------
+    # ---- injection (PEFT's own `inject_adapter`, through its hooks) ---------------------------------------
     def _prepare_adapter_config(self, peft_config: HMTConfig, model_config: dict) -> HMTConfig:
+        """Check the backbone and resolve the modules this adapter wraps, before PEFT changes anything.
+
+        ``target_modules`` becomes the input-embedding module (HMT's parameters) plus, with ``lora_r > 0``, the
+        modules ``lora_target_modules`` selects. ``base_embedding_dim`` records the backbone's embedding width.
+        """
+        if not isinstance(peft_config, HMTConfig):
+            raise TypeError(f"HMTModel needs an HMTConfig, got {type(peft_config).__name__}.")
+        check_backbone(self.model, peft_config)
+        peft_config.base_embedding_dim = input_embedding_width(self.model)
+        targets = [self._input_embeddings_name(self.model)]
+        if peft_config.lora_r > 0:
+            targets += lora_target_names(self.model, peft_config.lora_target_modules)
+        peft_config.target_modules = targets
         return peft_config
 
     def _create_and_replace(
@@ -87,96 +101,47 @@ class HMTModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        if isinstance(target, HMTLayer):
+        if isinstance(target, HMTTunerLayer):
             target.update_layer(adapter_name, peft_config)
+            return
+        if target is self.model.get_input_embeddings():
+            new_module = HMTLayer(target, adapter_name, peft_config)
         else:
-            setattr(parent, target_name, HMTLayer(target, adapter_name, peft_config))
+            new_module = HMTLoraLinear(target, adapter_name, peft_config)
+        self._replace_module(parent, target_name, new_module, target)
 
     @staticmethod
-    def _check_target_module_exists(peft_config: HMTConfig, key: str) -> bool:
-        return False  # HMT targets the input embeddings, found structurally in `inject_adapter`
-
-    def inject_adapter(
-        self,
-        model: nn.Module,
-        adapter_name: str,
-        autocast_adapter_dtype: bool = True,
-        low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
-    ) -> None:
-        """Wrap the input embeddings with an `HMTLayer` (and add LoRA when ``lora_r > 0``).
-
-        Every check runs before the model is changed, so a failed attach leaves it untouched.
-        """
-        config = self.peft_config[adapter_name]
-        if not isinstance(config, HMTConfig):
-            raise TypeError(f"HMTModel needs an HMTConfig, got {type(config).__name__}.")
-        check_backbone(model, config)
-        name, parent, child_name = self._find_input_embeddings(model)
-        config.base_embedding_dim = input_embedding_width(model)
-        if config.lora_r > 0:
-            self._inject_lora(model, config, adapter_name)
-        target = getattr(parent, child_name)
-        self._create_and_replace(config, adapter_name, target, child_name, parent, name)
-        if name not in self.targeted_module_names:
-            self.targeted_module_names.append(name)
-        self._hmt_layer_name = name
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-        self._mark_only_adapters_as_trainable(model)
-
-    @staticmethod
-    def _find_input_embeddings(model: nn.Module) -> tuple[str, nn.Module, str]:
+    def _input_embeddings_name(model: nn.Module) -> str:
         embeddings = model.get_input_embeddings()
         for name, module in model.named_modules():
             if module is embeddings:
-                parent_name, _, child_name = name.rpartition(".")
-                return name, model.get_submodule(parent_name), child_name
+                return name
         raise TypeError(f"Could not locate the input embeddings of {type(model).__name__} among its modules.")
-
-    def _inject_lora(self, model: nn.Module, config: HMTConfig, adapter_name: str) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules,
-            task_type="CAUSAL_LM",
-        )
-        previous = getattr(model, "peft_config", None)
-        inject_adapter_in_model(lora, model, adapter_name=adapter_name)
-        if previous is not None:
-            model.peft_config = previous
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        super()._mark_only_adapters_as_trainable(model)
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer) and not isinstance(module, HMTLayer):
-                module.set_adapter(module.active_adapters)  # re-enable LoRA parameters of the active adapter
-
-    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for module in self.model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.set_adapter([n for n in names if n in module._get_available_adapters()] or names)
-                if inference_mode:
-                    for layer_name in module.adapter_layer_names:
-                        for param in getattr(module, layer_name).parameters():
-                            param.requires_grad_(False)
-        self.active_adapter = adapter_name
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def hmt_layer(self) -> HMTLayer:
-        """The `HMTLayer` holding this model's HMT parameters."""
-        return self.model.get_submodule(self._hmt_layer_name)
+        """The `HMTLayer` holding this model's HMT parameters (it wraps the backbone's input embeddings)."""
+        layer = self.model.get_input_embeddings()
+        if not isinstance(layer, HMTLayer):
+            raise ValueError("This model has no HMT layer: the adapter was unloaded.")
+        return layer
+
+    def _active_hmt_adapter(self) -> Optional[str]:
+        """The active HMT adapter's name; None when no adapter is active (e.g. after deleting the last one)."""
+        adapters = self.active_adapters
+        if not adapters:
+            return None
+        if len(adapters) != 1:
+            raise ValueError(f"HMT runs one adapter at a time; active adapters are {adapters}. Call set_adapter(name).")
+        return adapters[0]
 
     @property
     def hmt_config(self) -> HMTConfig:
         """Config of the active HMT adapter."""
-        adapters = self.active_adapters
-        if len(adapters) != 1:
-            raise ValueError(f"HMT runs one adapter at a time; active adapters are {adapters}. Call set_adapter(name).")
-        return self.peft_config[adapters[0]]
+        name = self._active_hmt_adapter()
+        if name is None:
+            raise ValueError("No HMT adapter is active. Call set_adapter(name) or add an adapter.")
+        return self.peft_config[name]
 
     def runner(self) -> HMTRunner:
         """An `HMTRunner` for the active adapter (stateless; build one per call)."""
@@ -185,6 +150,9 @@ class HMTModel(BaseTuner):
         return HMTRunner(Backbone(self.model), params, config)
 
     def _adapter_enabled(self) -> bool:
+        """False when the model must behave as the bare backbone: adapters disabled, or none active."""
+        if self._active_hmt_adapter() is None:
+            return False
         return not self.hmt_layer().disable_adapters
 
     def _checkpointing(self, backbone: Backbone) -> bool:
@@ -195,6 +163,9 @@ class HMTModel(BaseTuner):
             "HMT cannot be merged into the backbone's weights: its memory is computed at run time. Use `unload()` to "
             "get the plain backbone back."
         )
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any):
+        raise ValueError("HMT adapters cannot be combined by weighting: each carries its own memory. Use set_adapter.")
 
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(

@@ -33,8 +33,8 @@ def test_sft_trains_lora_and_hmt_and_reloads_identically(tmp_path):
 
     trainer.save_model(str(tmp_path / "adapter"))
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert any(".lora_A." in k for k in keys) and any(".hmt_memory_init" in k for k in keys)
-    assert all(".lora_" in k or ".hmt_" in k for k in keys)
+    assert any(".hmt_lora_A." in k for k in keys) and any(".hmt_memory_init" in k for k in keys)
+    assert all(".hmt_" in k for k in keys)  # LoRA weights carry the prefix too (hmt_lora_A/B)
 
     # bf16=False: under bf16, accelerate wraps the trained model's forward in autocast for good, so its logits
     # would not be comparable with a freshly loaded float32 model's.

@@ -106,7 +106,7 @@ def test_get_model_status_and_layer_status() -> None:
     assert status.peft_types == {"default": "HMT"} and status.num_adapter_layers == 1 and status.enabled
     assert status.trainable_params == sum(p.numel() for n, p in model.named_parameters() if "hmt_" in n)
     layers = model.get_layer_status()
-    assert len(layers) == 1 and layers[0].module_type == "HMTLayer"
+    assert len(layers) == 1 and layers[0].module_type == "hmt.HMTLayer"
 
 
 def test_merge_and_unload_raises_and_unload_restores_embedding() -> None:
