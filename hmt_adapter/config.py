@@ -53,7 +53,11 @@ class HMTConfig(PeftConfig):
     )
     summary_fraction: float = field(
         default=0.5,
-        metadata={"help": "Fraction of a segment's tokens (rounded up) read by the summary pass that makes its recall query."},
+        metadata={
+            "help": "Fraction of a segment's tokens read by the summary pass that makes its recall query: "
+            "ceil(segment_length * summary_fraction) tokens. Rounds up (the reference rounds half to even, so "
+            "e.g. 0.5 of an odd segment length gives one token more here)."
+        },
     )
     memory_projection: bool = field(
         default=True,
@@ -83,8 +87,9 @@ class HMTConfig(PeftConfig):
     loss_scope: Literal["all", "last_segment"] = field(
         default="all",
         metadata={
-            "help": "'all': the usual causal-LM loss over every labelled token. 'last_segment': only tokens of each "
-            "row's last segment are scored (the reference implementation's protocol)."
+            "help": "'all': the usual causal-LM loss over every labelled token. 'last_segment': the reference "
+            "implementation's protocol: only the last segment_length labels of each row (all of them in a shorter "
+            "row), the first of them predicted from the position before them."
         },
     )
     init_std: float = field(

@@ -366,13 +366,17 @@ class HMTModel(BaseTuner):
 
     @staticmethod
     def _scored_targets(batch: PackedBatch, seg_len: int, scope: str) -> Optional[torch.Tensor]:
-        """Compact next-token targets; under loss_scope='last_segment', only those predicted at positions of
-        each row's last segment."""
+        """Compact next-token targets; under loss_scope='last_segment', only the last segment's tokens.
+
+        As the reference implementation scores them: the last ``segment_length`` labels of each row (all of them
+        when the row is shorter), the first one predicted from the position before them. Target column p holds the
+        label of token p + 1, so the scored columns are p >= length - segment_length - 1.
+        """
         if batch.next_labels is None or scope == "all":
             return batch.next_labels
-        last_start = (batch.lengths - 1) // seg_len * seg_len  # (B,)
+        first = batch.lengths - seg_len - 1  # (B,) first scored column (negative: the whole row)
         positions = torch.arange(batch.total_length, device=batch.lengths.device).unsqueeze(0)
-        return batch.next_labels.masked_fill(positions < last_start.unsqueeze(1), IGNORE_INDEX)
+        return batch.next_labels.masked_fill(positions < first.unsqueeze(1), IGNORE_INDEX)
 
     @staticmethod
     def _segment_keep(

@@ -108,15 +108,42 @@ def test_fused_lm_head_num_items_in_batch() -> None:
     torch.testing.assert_close(fused.loss, -fused.log_probs.sum() / 100)
 
 
-def test_loss_scope_last_segment() -> None:
+def test_loss_scope_last_segment_scores_the_last_segment_length_labels() -> None:
+    """The reference's protocol: the last segment_length (8) labels of the row, the first of them predicted from the
+    position before them (across the segment border), by hand from the logits of the plain forward."""
     model = _model()
-    ids = _ids()  # 30 tokens, segments of 8: the last segment starts at 24
+    ids = _ids()  # 30 tokens, segments of 8
     out_all = model(input_ids=ids, labels=ids)
     model.peft_config["default"].loss_scope = "last_segment"
     out_last = model(input_ids=ids, labels=ids)
     torch.testing.assert_close(out_last.logits, out_all.logits)
-    expected = F.cross_entropy(out_all.logits[:, 24:29].reshape(-1, V), ids[:, 25:30].reshape(-1))
+    # labels are tokens 22..29, predicted at positions 21..28
+    expected = F.cross_entropy(out_all.logits[:, 21:29].reshape(-1, V), ids[:, 22:30].reshape(-1))
     torch.testing.assert_close(out_last.loss, expected)
+    fused = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert fused.label_mask.sum(dim=1).tolist() == [8] * ids.shape[0]
+
+
+def test_loss_scope_last_segment_per_row_with_padding_and_short_rows() -> None:
+    model = _model().eval()
+    model.peft_config["default"].loss_scope = "last_segment"
+    rows = [_ids(1, n, seed=20 + n)[0] for n in (30, 13, 5)]
+    expected_num, expected_den = 0.0, 0
+    for row in rows:
+        with torch.no_grad():
+            logits = model(input_ids=row[None]).logits[0]
+        first = max(0, len(row) - 8 - 1)  # rows shorter than 8 + 1 score every label
+        expected_num += F.cross_entropy(logits[first:-1], row[first + 1 :], reduction="sum").item()
+        expected_den += len(row) - 1 - first
+    width = 30
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    assert expected_den == 8 + 8 + 4
+    torch.testing.assert_close(out.loss.item(), expected_num / expected_den, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
