@@ -5,7 +5,7 @@ How a prompt is read and continued (per row, counted on the row's real tokens):
 * The prompt's full segments pass through the memory exactly as in the forward (one `HMTRunner.segment_pass`
   each: memory written, recall cache and sensory memory updated).
 * The prompt's tail (the tokens of the open segment) and the new tokens are decoded with the backbone's KV cache
-  inside the segment (`HMTRunner.segment_prefix` / `extend`). When the segment holds ``segment_length`` tokens it
+  inside the segment (`hmt_adapter.engine.incremental`: the segment's `SegmentLayout` on the KV cache). When the segment holds ``segment_length`` tokens it
   is closed: the write position ``[m]`` is run as one more cached step, its hidden state becomes the segment's
   memory, the sensory tokens are carried, and decoding goes on in a new segment with a new KV cache.
 * Recall query of the segment decoding is in: with ``recall_query="previous"`` it is the end of the previous
@@ -39,7 +39,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from .segments import check_inputs
-from .streaming import feed_tokens, flush, new_state
+from .engine import feed_tokens, flush, new_state
 
 _UNSUPPORTED_KWARGS = {
     "streamer": "streamer objects",

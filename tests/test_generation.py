@@ -30,16 +30,15 @@ def known_prefix_reference(model, tokens: torch.Tensor, prompt_len: int) -> torc
     segment n's query reads the first min(summary_length, prompt tokens in segment n) tokens of it."""
     runner = model.base_model.runner()
     seg, width = runner.config.segment_length, runner.config.summary_length
-    cache, sensory, last, out = runner.new_cache(), runner.bb.embed(tokens[:, :0]), None, []
+    state, out = runner.start(1, like=runner.bb.embed(tokens[:, :0])), []
     for n in range(math.ceil(tokens.shape[1] / seg)):
         x = runner.bb.embed(tokens[:, n * seg : (n + 1) * seg])
         known = min(width, max(0, prompt_len - n * seg))
         query = runner.summary_queries(x[:, :known], torch.tensor([known])) if n else None
-        memory, _ = runner.read_memory(n, query, cache, last, 1)
-        hidden, e_raw = runner.segment_pass(memory, sensory, x, torch.tensor([x.shape[1]]))
+        memory, _ = runner.read(state, query)
+        hidden, e_raw = runner.segment_pass(memory, state.sensory, x, torch.tensor([x.shape[1]]))
         out.append(runner.bb.logits(hidden))
-        last = runner.write_memory(e_raw, cache, n)
-        sensory = runner.next_sensory(sensory, x, n)
+        state = runner.advance(state, x, e_raw)
     return torch.cat(out, dim=1)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hmt_adapter import HMTConfig, testing
+from hmt_adapter.engine import SegmentLayout
 from hmt_adapter.streaming import HMTStreamer, HMTStreamState, load_state, save_state
 
 SEG = 8
@@ -117,12 +118,14 @@ def test_kv_write_position_equals_segment_pass():
         sensory = runner.bb.embed(torch.randint(4, 128, (2, 3)))
         memory = torch.randn(2, x.shape[-1])
         hidden_ref, e_ref = runner.segment_pass(memory, sensory, x, torch.full((2,), SEG))
-        hidden, kv = runner.extend(runner.segment_prefix(memory, sensory, x[:, :2]), None, 0)
+        layout = SegmentLayout.of(sensory)
+        assert (layout.token_position(0), layout.write_position(SEG)) == (4, 4 + SEG)  # [m ; 3 sensory ; x ; m]
+        hidden, kv = runner.extend(layout.prefix(memory, sensory, x[:, :2]), None, 0)
         pieces = [hidden[:, 4:]]
         for t in range(2, SEG):
             h, kv = runner.extend(x[:, t : t + 1], kv, 4 + t)
             pieces.append(h)
-        e, _ = runner.extend(runner.write_slot(memory, x), kv, 4 + SEG)
+        e, _ = runner.extend(layout.write_slot(memory, x), kv, 4 + SEG)
     torch.testing.assert_close(torch.cat(pieces, 1), hidden_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(e[:, 0], e_ref, atol=1e-5, rtol=1e-5)
 

@@ -1,0 +1,159 @@
+"""The HMT segment step: memory read (recall), segment pass, memory write, sensory carry.
+
+`HMTRunner` is built per call from a backbone, the adapter's parameters and its config; it holds no state
+between calls. What HMT carries from one segment to the next is an explicit `MemoryState`, taken and returned:
+
+    state = runner.start(batch_size, like=embeds)                   # segment 0 reads m_0
+    queries = runner.summary_queries(windows, lengths)              # one batched pass for all segments
+    memory, weights = runner.read(state, query_n)                   # m_n
+    hidden_x, e_raw = runner.segment_pass(memory, state.sensory, x, x_len)
+    state = runner.advance(state, x, e_raw)                         # e_n cached, sensory carried, n + 1
+
+The full forward (`hmt_adapter.forward`), streaming and generation (`hmt_adapter.engine.incremental`) drive
+these methods; the token layout of a pass is `SegmentLayout`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..backbone import Backbone
+from ..config import HMTConfig
+from ..memory import HMTParams, MemoryCache, query_space, recall, recall_key, to_memory_space
+from .layout import SegmentLayout, frame, read_after
+
+
+@dataclass
+class MemoryState:
+    """What HMT carries into segment ``segment`` for B rows.
+
+    Attributes:
+        segment: index n of the next segment (0-based).
+        sensory: (B, k, d) embeddings of the last k <= num_sensory tokens before segment n.
+        last_memory: (B, d) memory embedding e_{n-1} of the previous segment (None for n == 0).
+        cache: the long-term memory, the last ``recall_window`` memory embeddings and their recall keys. It is an
+            append-only window that successive states share (like a KV cache): `advance` appends to it.
+    """
+
+    segment: int
+    sensory: torch.Tensor
+    last_memory: Optional[torch.Tensor]
+    cache: MemoryCache
+
+
+class HMTRunner:
+    """Stateless driver of one HMT adapter on one backbone (see the module docstring).
+
+    ``checkpoint_recall``: recompute memory recall in backward instead of letting autograd save each
+    segment's stacked copy of the cache (O(segments x recall_window) memory). Set by callers that
+    checkpoint segments.
+    """
+
+    def __init__(self, backbone: Backbone, params: HMTParams, config: HMTConfig, checkpoint_recall: bool = False) -> None:
+        self.bb = backbone
+        self.params = params
+        self.config = config
+        self.checkpoint_recall = checkpoint_recall
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def start(self, batch_size: int, like: torch.Tensor) -> MemoryState:
+        """The state before segment 0 (no sensory tokens, empty cache); ``like`` gives device and dtype."""
+        d = self.bb.embeddings.weight.shape[1]
+        sensory = torch.zeros(batch_size, 0, d, dtype=like.dtype, device=like.device)
+        return MemoryState(segment=0, sensory=sensory, last_memory=None, cache=MemoryCache(window=self.config.recall_window))
+
+    def advance(self, state: MemoryState, x: torch.Tensor, e_raw: torch.Tensor) -> MemoryState:
+        """The state after segment ``state.segment``: its memory e_n written, sensory carried.
+
+        Args:
+            x: (B, L, d) the segment's token embeddings (full segments; a short last segment is never continued).
+            e_raw: (B, d) last-layer hidden state at the segment's write slot.
+        """
+        n = state.segment
+        e = to_memory_space(e_raw, self.params)
+        state.cache.append(e, recall_key(e, self.params), n)
+        return MemoryState(segment=n + 1, sensory=self._next_sensory(state.sensory, x, n), last_memory=e, cache=state.cache)
+
+    def _next_sensory(self, sensory: torch.Tensor, x: torch.Tensor, segment: int) -> torch.Tensor:
+        """The last ``num_sensory`` embeddings of ``[sensory ; x]``, cut from the graph at a BPTT block start."""
+        k = self.config.num_sensory
+        if k == 0:
+            return x[:, :0]
+        out = torch.cat([sensory, x], dim=1)[:, -k:]
+        return out.detach() if self.block_start(segment + 1) == segment + 1 else out
+
+    # ---- summary pass -------------------------------------------------------------------------------------
+    def summary_queries(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Run ``[s ; tokens[:length] ; s]`` for P summary windows in ONE batched backbone pass.
+
+        Args:
+            tokens: (P, t, d) token embeddings, right-padded; t <= ``summary_length``.
+            lengths: (P,) real lengths (0 allowed: the window is just ``[s ; s]``).
+
+        Returns:
+            (P, d) recall queries (last-layer hidden state at the final ``s``, in query space).
+        """
+        s = self.params.summary_token.to(tokens.dtype).expand(tokens.shape[0], -1)
+        hidden = self.bb.run(frame(s, tokens, lengths, s)).last_hidden_state  # (P, t + 2, d)
+        return query_space(read_after(hidden, lengths), self.params)
+
+    # ---- memory read --------------------------------------------------------------------------------------
+    def block_start(self, segment: int) -> int:
+        """First segment whose memory still carries gradient into ``segment`` (truncated BPTT blocks)."""
+        k = self.config.bptt_depth
+        return 0 if k is None else (segment // k) * k
+
+    def read(self, state: MemoryState, query: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The memory embedding m_n read by segment ``state.segment``.
+
+        Args:
+            query: (B, d) recall query of the segment (ignored without recall or for n == 0).
+
+        Returns:
+            m_n (B, d) in the adapter's dtype and the recall weights over the cache (B, N) (None without recall).
+        """
+        n, batch_size = state.segment, state.sensory.shape[0]
+        if n == 0 or len(state.cache) == 0:
+            return self.params.memory_init.unsqueeze(0).expand(batch_size, -1), None
+        first_attached = self.block_start(n)
+        if not self.config.use_recall:
+            last = state.last_memory
+            return (last.detach() if n - 1 < first_attached else last), None
+        values, keys = state.cache.detached_before(first_attached)  # fresh lists: later appends don't reach a recompute
+        if self.checkpoint_recall and torch.is_grad_enabled():
+            return checkpoint(recall, query, values, keys, self.params, use_reentrant=False)
+        return recall(query, values, keys, self.params)
+
+    # ---- segment pass -------------------------------------------------------------------------------------
+    def segment_pass(
+        self, memory: torch.Tensor, sensory: torch.Tensor, x: torch.Tensor, x_len: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the backbone on ``[m ; sensory ; x[:x_len] ; m]``.
+
+        Args:
+            memory: (B, d) memory embedding m_n; sensory: (B, k, d); x: (B, l, d) right-padded; x_len: (B,).
+
+        Returns:
+            hidden_x: (B, l, d) last-layer hidden states at the positions of x.
+            e_raw: (B, d) last-layer hidden state at the write slot (before projection).
+        """
+        layout = SegmentLayout.of(sensory)
+        hidden = self.bb.run(layout.pack(memory, sensory, x, x_len)).last_hidden_state
+        return layout.unpack(hidden, x_len, x.shape[1])
+
+    def extend(self, embeds: torch.Tensor, past_key_values, start: int) -> tuple[torch.Tensor, object]:
+        """Run (B, c, d) ``embeds`` at segment positions ``start .. start + c - 1`` on top of a KV cache.
+
+        ``past_key_values`` is None for a new segment (then ``start`` must be 0) or the cache returned by the
+        previous call for the same segment. Returns the last-layer hidden states (B, c, d) and the updated cache.
+        Running `SegmentLayout.prefix`, the remaining tokens and `SegmentLayout.write_slot` this way gives the same
+        hidden states as one `segment_pass` (positions restart at 0 in every segment).
+        """
+        b, c = embeds.shape[:2]
+        positions = torch.arange(start, start + c, device=embeds.device).unsqueeze(0).expand(b, -1)
+        out = self.bb.run(embeds, past_key_values=past_key_values, use_cache=True, position_ids=positions)
+        return out.last_hidden_state, out.past_key_values
