@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import GenerationConfig, TextStreamer
 
-from hmt_adapter import HMTConfig, testing
+import fixtures
+from hmt_adapter import testing
 
 SEG = 8
 PAD, EOS = testing.PAD_TOKEN_ID, testing.EOS_TOKEN_ID
@@ -17,7 +18,7 @@ PAD, EOS = testing.PAD_TOKEN_ID, testing.EOS_TOKEN_ID
 
 def make_model(recall_query: str = "segment", **overrides) -> peft.PeftModel:
     overrides.setdefault("segment_length", SEG)
-    return testing.perturbed_hmt_model(recall_query=recall_query, **overrides)
+    return fixtures.perturbed_hmt_model(recall_query=recall_query, **overrides)
 
 
 def greedy(model, ids, n, **kwargs):

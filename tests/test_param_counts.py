@@ -9,13 +9,13 @@ from transformers import AutoModelForCausalLM
 
 import hmt_adapter  # noqa: F401
 from hmt_adapter import HMTConfig
-from hmt_adapter import testing as T
+import fixtures
 
 
 def extra_parameter_percent(name: str) -> tuple[int, int, float]:
     """(backbone params, HMT params, extra %) for ``name``'s real config with the default HMTConfig."""
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(T.real_config(name))
+        base = AutoModelForCausalLM.from_config(fixtures.real_config(name))
     backbone = sum(p.numel() for p in base.parameters())
     model = peft.get_peft_model(base, HMTConfig(task_type="CAUSAL_LM"))
     hmt = sum(p.numel() for n, p in model.named_parameters() if "hmt_" in n)
@@ -28,7 +28,7 @@ def extra_parameter_percent(name: str) -> tuple[int, int, float]:
 )
 def test_extra_parameters_within_paper_range(name: str, width: int) -> None:
     backbone, hmt, percent = extra_parameter_percent(name)
-    assert backbone == T.REAL_PARAM_COUNTS[name]
+    assert backbone == fixtures.REAL_PARAM_COUNTS[name]
     h = HMTConfig().recall_dim
     assert hmt == 2 * width + 2 * h * width + width * width  # m_0, s, W_q, W_k, memory projection
     assert 0.5 <= percent <= 2.0

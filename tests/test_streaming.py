@@ -6,6 +6,7 @@ import peft
 import pytest
 import torch
 
+import fixtures
 from hmt_adapter import HMTConfig, testing
 from hmt_adapter.engine import SegmentLayout
 from hmt_adapter.streaming import HMTStreamer, HMTStreamState, load_state, save_state
@@ -15,7 +16,7 @@ SEG = 8
 
 def make_model(recall_query: str = "segment", **overrides) -> peft.PeftModel:
     overrides.setdefault("segment_length", SEG)
-    return testing.perturbed_hmt_model(recall_query=recall_query, **overrides)
+    return fixtures.perturbed_hmt_model(recall_query=recall_query, **overrides)
 
 
 def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import fixtures
 from hmt_adapter import testing as T
 
 
@@ -133,7 +134,7 @@ def test_chat_template(tiny_tokenizer) -> None:
     assert enc["input_ids"][-1] == T.EOS_TOKEN_ID and mask[-1] == 1
 
 
-@pytest.mark.parametrize("name", T.REAL_CONFIG_NAMES)
+@pytest.mark.parametrize("name", fixtures.REAL_CONFIG_NAMES)
 def test_real_config_param_counts(name: str) -> None:
     expected = {
         "facebook/opt-350m": 331e6,
@@ -141,23 +142,23 @@ def test_real_config_param_counts(name: str) -> None:
         "meta-llama/Llama-2-7b-hf": 6.74e9,
         "HuggingFaceTB/SmolLM-135M": 134.5e6,
     }[name]
-    cfg = T.real_config(name)
+    cfg = fixtures.real_config(name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - expected) / expected < 0.02, n
-    assert n == T.REAL_PARAM_COUNTS[name]
+    assert n == fixtures.REAL_PARAM_COUNTS[name]
 
 
 def test_real_config_details() -> None:
-    opt350 = T.real_config("facebook/opt-350m")
+    opt350 = fixtures.real_config("facebook/opt-350m")
     assert opt350.word_embed_proj_dim == 512 and opt350.hidden_size == 1024
     assert opt350.do_layer_norm_before is False
-    assert T.real_config("opt-2.7b").word_embed_proj_dim == 2560
-    llama = T.real_config("Llama-2-7b-hf")
+    assert fixtures.real_config("opt-2.7b").word_embed_proj_dim == 2560
+    llama = fixtures.real_config("Llama-2-7b-hf")
     assert llama.rms_norm_eps == 1e-5 and llama.max_position_embeddings == 4096
     assert llama.rope_parameters["rope_theta"] == 10000.0
-    smol = T.real_config("smollm-135m")
+    smol = fixtures.real_config("smollm-135m")
     assert smol.tie_word_embeddings and smol.num_key_value_heads == 3
     with pytest.raises(ValueError):
-        T.real_config("gpt2")
+        fixtures.real_config("gpt2")
