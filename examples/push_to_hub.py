@@ -22,7 +22,7 @@ import peft
 import torch
 
 import hmt_adapter  # noqa: F401  (registers the HMT adapter type with PEFT)
-from hmt_adapter.recipes import ModelArguments, load_model_and_tokenizer
+from hmt_adapter_cli.recipes import ModelArguments, load_model_and_tokenizer
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -59,10 +59,10 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 # ---- train ---------------------------------------------------------------------------------------------------
 def cmd_train(argv: Sequence[str]) -> int:
-    from hmt_adapter.recipes import main as run
+    from hmt_adapter_cli.recipes import main as run
 
     if any(a in ("-h", "--help") for a in argv):
-        from hmt_adapter.recipes import make_parser as recipe_parser
+        from hmt_adapter_cli.recipes import make_parser as recipe_parser
 
         print("usage: hmt-adapter train RECIPE.yaml [--field value ...]\n")
         recipe_parser().print_help()
@@ -92,7 +92,7 @@ def _load_for_eval(args: argparse.Namespace):
     from transformers import AutoTokenizer
 
     from hmt_adapter.config import HMTConfig
-    from hmt_adapter.recipes import ModelArguments, load_model_and_tokenizer
+    from hmt_adapter_cli.recipes import ModelArguments, load_model_and_tokenizer
 
     config = HMTConfig.from_pretrained(args.adapter)
     model_name = args.model or config.base_model_name_or_path
@@ -111,7 +111,7 @@ def _load_for_eval(args: argparse.Namespace):
 
 
 def _documents(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
-    from hmt_adapter.recipes import DataArguments, load_documents, tokenize_documents
+    from hmt_adapter_cli.recipes import DataArguments, load_documents, tokenize_documents
 
     data = DataArguments(
         dataset_name=args.dataset_name, dataset_config=args.dataset_config, data_files=args.data_files,

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from hmt_adapter import HMTConfig
-from hmt_adapter.recipes import parse_recipe, run_recipe
+from hmt_adapter_cli.recipes import HMTArguments, hmt_config, parse_recipe, run_recipe
 from hmt_adapter.testing import tiny_causal_lm
 from hmt_adapter.training import load_stage1_weights
 
@@ -35,7 +35,7 @@ def test_paper_recipes_parse_with_the_paper_settings(name, segment_length, four_
     assert stage.stage2_segments > stage.stage1_segments
     assert (stage.lr_decay_steps, stage.lr_decay_factor) == (100, 0.9)
     assert data.dataset_name and sft.output_dir
-    hmt.hmt_config(use_recall=True)  # a valid HMTConfig
+    hmt_config(hmt, use_recall=True)  # a valid HMTConfig
 
 
 def test_local_paths_and_overrides(tmp_path):
@@ -44,6 +44,23 @@ def test_local_paths_and_overrides(tmp_path):
     assert hmt.segment_length == 4 and sft.output_dir == str(tmp_path)
     model, *_ = parse_recipe(recipe("smollm-135m.yaml"), ["--model_name_or_path", "/models/SmolLM-135M", "--use_cpu", "true"])
     assert model.model_name_or_path == "/models/SmolLM-135M"
+
+
+def test_hmt_arguments_are_hmtconfig_fields_with_its_defaults_and_help():
+    import dataclasses
+
+    config_fields = {f.name: f for f in dataclasses.fields(HMTConfig)}
+    for f in dataclasses.fields(HMTArguments):
+        assert f.default == config_fields[f.name].default
+        assert f.metadata["help"] == config_fields[f.name].metadata["help"]
+    names = {f.name for f in dataclasses.fields(HMTArguments)}
+    assert {"segment_length", "num_sensory", "recall_query", "loss_scope", "lora_r", "bptt_depth"} <= names
+    assert not names & {"peft_type", "task_type", "use_recall", "base_embedding_dim", "target_modules"}
+
+
+def test_bad_hmt_value_reads_as_the_api_error():
+    with pytest.raises(ValueError, match=r"^HMTConfig.segment_length must be >= 1, got -4.$"):
+        parse_recipe(TINY, ["--segment_length", "-4"])
 
 
 def test_unknown_recipe_key_is_named(tmp_path):
@@ -77,13 +94,13 @@ def test_tiny_recipe_runs_both_stages(tmp_path):
     assert len(report["stage1"]["losses"]) == 3 and len(report["stage2"]["losses"]) == 3
     # stage 2 started from the trained stage-1 weights, not from a fresh init
     key = next(k for k in stage1 if k.endswith("hmt_memory_init"))
-    fresh = peft.get_peft_model(tiny_causal_lm("llama"), args[2].hmt_config(True))
+    fresh = peft.get_peft_model(tiny_causal_lm("llama"), hmt_config(args[2], use_recall=True))
     fresh_init = fresh.base_model.hmt_layer().hmt_memory_init["default"].detach()
     assert not torch.equal(stage1[key], fresh_init)
 
 
 def test_step_decay_schedule(tmp_path):
-    from hmt_adapter.recipes import _step_decay_trainer_cls
+    from hmt_adapter_cli.recipes import _step_decay_trainer_cls
     from test_trl import hmt_config, pattern_dataset, sft_args
     from hmt_adapter.testing import tiny_tokenizer
 

@@ -5,6 +5,7 @@ A recipe is a flat YAML file whose keys are the fields of the dataclasses below 
 
     hmt-adapter train recipes/tiny-offline.yaml
     hmt-adapter train recipes/opt-350m-wikitext103.yaml --stage2_max_steps 100
+    python -m hmt_adapter_cli.recipes --config recipes/tiny-offline.yaml     # TRL's own `--config` form
     accelerate launch --num_processes 8 -m hmt_adapter_cli.cli train recipes/smollm-135m.yaml   # 8 GPUs, DDP
     torchrun --nproc_per_node 2 -m hmt_adapter_cli.cli train recipes/tiny-offline.yaml       # 2 CPU processes (gloo)
 
@@ -16,6 +17,10 @@ attaches HMT with recall, loads the stage-1 weights (`hmt_adapter.training.load_
 chunks of ``stage2_segments`` segments. The learning rate decays by ``lr_decay_factor`` every
 ``lr_decay_steps`` optimizer steps (the paper: x0.9 every 100 steps). The final adapter is saved to
 ``output_dir`` (stage 1's to ``output_dir/stage1``).
+
+The HMT fields of a recipe are `HMTConfig`'s own fields, with its defaults and help texts (`HMTArguments` is
+derived from it), and are validated by `HMTConfig`, so a bad value reads exactly as in the Python API.
+Parsing is TRL's `TrlParser`: YAML values become defaults, ``--field value`` flags override them.
 
 ``model_name_or_path`` is a Hub id or a local directory; ``hmt-testing:<model_type>`` builds the tiny offline
 model and tokenizer of `hmt_adapter.testing`. Data come from ``dataset_name`` (Hub) or ``data_files`` (local
@@ -31,10 +36,13 @@ import copy
 import dataclasses
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from .config import HMTConfig
+from peft import PeftConfig
+
+from hmt_adapter.config import HMTConfig
 
 TESTING_SCHEME = "hmt-testing:"
 _DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
@@ -77,26 +85,37 @@ class DataArguments:
     max_train_documents: Optional[int] = field(default=None, metadata={"help": "Use only the first N rows."})
 
 
-@dataclass
-class HMTArguments:
-    """The HMT adapter (see `HMTConfig`); ``use_recall`` is set per stage by the runner."""
+#: HMTConfig fields that are not recipe settings: the runner sets use_recall per stage; the others are
+#: filled in when the adapter is attached.
+_NOT_RECIPE_FIELDS = ("use_recall", "base_embedding_dim", "target_modules")
 
-    segment_length: int = 256
-    num_sensory: int = 32
-    recall_window: int = 300
-    recall_dim: int = 4096
-    summary_fraction: float = 0.5
-    memory_projection: bool = True
-    recall_query: str = "segment"
-    bptt_depth: Optional[int] = None
-    lora_r: int = 0
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: str = "all-linear"
 
-    def hmt_config(self, use_recall: bool) -> HMTConfig:
-        kwargs = dataclasses.asdict(self)
-        return HMTConfig(task_type="CAUSAL_LM", use_recall=use_recall, **kwargs)
+def _hmt_argument_fields() -> list[tuple[str, Any, Any]]:
+    """(name, type, field) for every recipe-settable field HMTConfig declares itself (not PeftConfig's)."""
+    peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
+    hints = typing.get_type_hints(HMTConfig)
+    out = []
+    for f in dataclasses.fields(HMTConfig):
+        if f.name in peft_fields or f.name in _NOT_RECIPE_FIELDS:
+            continue
+        kind = hints[f.name]
+        if f.name == "lora_target_modules":  # str or list in the API; on the command line: 'all-linear' or 'a,b'
+            kind = str
+        out.append((f.name, kind, field(default=f.default, metadata=dict(f.metadata))))
+    return out
+
+
+HMTArguments = dataclasses.make_dataclass("HMTArguments", _hmt_argument_fields())
+HMTArguments.__doc__ = "The HMT adapter: HMTConfig's own fields, defaults and help (use_recall is set per stage)."
+
+
+def hmt_config(args: Any, use_recall: bool) -> HMTConfig:
+    """The `HMTConfig` of a recipe's HMT arguments for one stage (raises HMTConfig's own errors)."""
+    kwargs = dataclasses.asdict(args)
+    targets = kwargs.get("lora_target_modules")
+    if isinstance(targets, str) and "," in targets:
+        kwargs["lora_target_modules"] = [t.strip() for t in targets.split(",") if t.strip()]
+    return HMTConfig(task_type="CAUSAL_LM", use_recall=use_recall, **kwargs)
 
 
 @dataclass
@@ -119,56 +138,68 @@ RECIPE_DATACLASSES = (ModelArguments, DataArguments, HMTArguments, StageArgument
 
 # ---- parsing -------------------------------------------------------------------------------------------------
 def make_parser():
-    """An `HfArgumentParser` over the recipe dataclasses and TRL's `SFTConfig`."""
-    from transformers import HfArgumentParser
-    from trl import SFTConfig
+    """TRL's `TrlParser` over the recipe dataclasses and TRL's `SFTConfig`."""
+    from trl import SFTConfig, TrlParser
 
-    return HfArgumentParser((*RECIPE_DATACLASSES, SFTConfig))
+    return TrlParser((*RECIPE_DATACLASSES, SFTConfig))
 
 
-def _resolve_paths(values: dict, base_dir: str) -> dict:
-    """Make ``data_files`` entries relative to the recipe file when they exist there."""
-    files = values.get("data_files")
-    if files:
-        parts = files if isinstance(files, list) else str(files).split(",")
-        resolved = []
-        for part in parts:
-            part = str(part).strip()
-            candidate = os.path.join(base_dir, part)
-            resolved.append(candidate if not os.path.isabs(part) and os.path.exists(candidate) else part)
-        values["data_files"] = ",".join(resolved)
-    return values
+def _resolve_data_files(data_args: DataArguments, recipe_dir: str) -> None:
+    """``data_files`` entries that do not exist as given but exist next to the recipe are taken from there."""
+    if not data_args.data_files:
+        return
+    resolved = []
+    for part in (p.strip() for p in str(data_args.data_files).split(",")):
+        candidate = os.path.join(recipe_dir, part)
+        use_recipe_dir = not os.path.isabs(part) and not os.path.exists(part) and os.path.exists(candidate)
+        resolved.append(candidate if use_recipe_dir else part)
+    data_args.data_files = ",".join(resolved)
+
+
+def _recipe_keys(parser: Any, path: str) -> list[str]:
+    """The keys of the recipe YAML at ``path``; `ValueError` for a missing file, a non-mapping or unknown keys."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ValueError(f"Recipe file {path!r} not found.")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"Recipe {path!r} must be a mapping of argument names to values.")
+    known = {f.name for dc in parser.dataclass_types for f in dataclasses.fields(dc)} | {"env"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Recipe {path!r} has unknown keys {unknown}; see `hmt-adapter train --help` for the valid ones.")
+    return list(values)
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def parse_recipe(path: Optional[str], overrides: Sequence[str] = ()) -> tuple:
     """Read a recipe YAML (or None) and command-line ``overrides`` into the dataclasses + `SFTConfig`.
 
-    Unknown YAML keys raise `ValueError` naming them.
+    Raises `ValueError` for a missing file, unknown keys, or HMT values `HMTConfig` refuses (its own message).
+    On a machine without a GPU, ``use_cpu`` defaults to true (SFTConfig would refuse its bf16 default there).
     """
-    import yaml
-
     parser = make_parser()
-    values: dict[str, Any] = {}
+    args = list(overrides)
+    given = {a[2:].split("=", 1)[0] for a in args if a.startswith("--")}
     if path is not None:
-        if not os.path.isfile(path):
-            raise ValueError(f"Recipe file {path!r} not found.")
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"Recipe {path!r} must be a mapping of argument names to values.")
-        values = _resolve_paths(values, os.path.dirname(os.path.abspath(path)))
-    known = {f.name for dc in parser.dataclass_types for f in dataclasses.fields(dc)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"Recipe {path!r} has unknown keys {unknown}; see `hmt-adapter train --help` for the valid ones.")
-    for action in parser._actions:
-        if action.dest in values:
-            action.required = False
-    parser.set_defaults(**{k: v for k, v in values.items()})
-    parsed = parser.parse_args_into_dataclasses(args=list(overrides), look_for_args_file=False)
-    model_args = parsed[0]
+        given |= set(_recipe_keys(parser, path))
+        args = ["--config", path, *args]
+    if "use_cpu" not in given and not _has_accelerator():
+        args += ["--use_cpu", "true"]  # SFTConfig refuses its default bf16 on a machine without a GPU otherwise
+    parsed = parser.parse_args_and_config(args=args)
+    model_args, data_args, hmt_args = parsed[0], parsed[1], parsed[2]
     if not model_args.model_name_or_path:
         raise ValueError("The recipe must set model_name_or_path (a Hub id, a local directory or hmt-testing:llama).")
+    if path is not None:
+        _resolve_data_files(data_args, os.path.dirname(os.path.abspath(path)))
+    hmt_config(hmt_args, use_recall=True)  # HMTConfig validates every HMT value now, before anything is loaded
     return parsed
 
 
@@ -180,7 +211,7 @@ def load_model_and_tokenizer(args: ModelArguments):
 
     name = args.model_name_or_path
     if name.startswith(TESTING_SCHEME):
-        from . import testing
+        from hmt_adapter import testing
 
         return testing.tiny_causal_lm(name[len(TESTING_SCHEME) :]), testing.tiny_tokenizer()
     kwargs: dict[str, Any] = {}
@@ -265,7 +296,7 @@ def _step_decay_trainer_cls():
 def _stage_dataset(docs: list[list[int]], segments: int, segment_length: int):
     from datasets import Dataset
 
-    from .training import chunk_token_ids
+    from hmt_adapter.training import chunk_token_ids
 
     chunks = chunk_token_ids(docs, segments * segment_length, min_tokens=2)
     if not chunks:
@@ -278,7 +309,7 @@ def train_stage(
     max_steps: int, output_dir: str,
 ):
     """Train one stage; ``model`` is a base model (with ``config``) or a PeftModel (``config=None``)."""
-    from .training import check_max_length, check_sft_args
+    from hmt_adapter.training import check_max_length, check_sft_args
 
     args = copy.deepcopy(sft_args)
     args.max_steps, args.output_dir = max_steps, output_dir
@@ -293,12 +324,12 @@ def train_stage(
     return trainer
 
 
-def run_recipe(model_args: ModelArguments, data_args: DataArguments, hmt_args: HMTArguments, stage: StageArguments, sft_args: Any) -> dict:
+def run_recipe(model_args: ModelArguments, data_args: DataArguments, hmt_args: Any, stage: StageArguments, sft_args: Any) -> dict:
     """Run both stages; returns the output paths and each stage's logged losses."""
     import peft
     from peft import get_peft_model_state_dict
 
-    from .training import load_stage1_weights
+    from hmt_adapter.training import load_stage1_weights
 
     sft_args.max_length = None  # rows are chunked to the stage's length here, never truncated by TRL
     model, tokenizer = load_model_and_tokenizer(model_args)
@@ -309,12 +340,12 @@ def run_recipe(model_args: ModelArguments, data_args: DataArguments, hmt_args: H
     if stage1_weights is None and stage.stage1_max_steps > 0:
         stage1_dir = os.path.join(sft_args.output_dir, "stage1")
         data = _stage_dataset(docs, stage.stage1_segments, hmt_args.segment_length)
-        trainer = train_stage(model, hmt_args.hmt_config(False), data, tokenizer, sft_args, stage, stage.stage1_max_steps, stage1_dir)
+        trainer = train_stage(model, hmt_config(hmt_args, use_recall=False), data, tokenizer, sft_args, stage, stage.stage1_max_steps, stage1_dir)
         report["stage1"] = {"dir": stage1_dir, "losses": _losses(trainer)}
         stage1_weights = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
         model = trainer.model.unload()  # the plain backbone again, for the stage-2 adapter
         del trainer
-    peft_model = peft.get_peft_model(model, hmt_args.hmt_config(True))
+    peft_model = peft.get_peft_model(model, hmt_config(hmt_args, use_recall=True))
     if stage1_weights is not None:
         loaded = load_stage1_weights(peft_model, stage1_weights)
         report["stage2_init"] = {"loaded": len(loaded.loaded), "fresh_recall_params": loaded.missing_recall}
@@ -329,7 +360,8 @@ def _losses(trainer: Any) -> list[float]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """``hmt-adapter train RECIPE.yaml [--flag value ...]`` (also ``python -m hmt_adapter.recipes``)."""
+    """``hmt-adapter train RECIPE.yaml [--flag value ...]`` (also ``python -m hmt_adapter_cli.recipes --config
+    RECIPE.yaml``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = argv.pop(0) if argv and not argv[0].startswith("-") else None
     return run_recipe(*parse_recipe(path, argv))
