@@ -36,7 +36,6 @@ CHUNK = 4096
 
 def build(max_positions: int = 512, with_hmt: bool = True):
     import peft
-    import torch
 
     from hmt_adapter import HMTConfig, testing
 

@@ -9,7 +9,7 @@ files. Install it with::
 Every ``.rst.txt`` file is one document; a deterministic hash (SHA-256) of its path relative to the corpus root
 puts it in the training or the held-out split, so the split never changes between runs or machines.
 
-Protocol (DESIGN.md section 4 at small scale, CPU):
+Protocol (small scale, CPU):
 
 1. a byte-level BPE tokenizer (``tokenizers``) trained on the training split, wrapped as a transformers
    ``PreTrainedTokenizerFast``;

@@ -52,7 +52,7 @@ class HMTParams:
 
 
 def to_memory_space(hidden: torch.Tensor, params: HMTParams) -> torch.Tensor:
-    """Map last-layer hidden states (..., d) to memory embeddings in the input-embedding space (DESIGN 3b).
+    """Map last-layer hidden states (..., d) to memory embeddings in the input-embedding space (docs/design.md, section 1.4).
 
     With a memory projection: rescale each vector to the embeddings' typical norm, then apply the learned
     d x d map (identity at init). Without one: the hidden state as it is.

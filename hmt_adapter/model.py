@@ -22,7 +22,7 @@ _UNSUPPORTED_WITH_HMT = ("past_key_values", "position_ids", "cache_position")
 
 
 class HMTModel(BaseTuner):
-    """Hierarchical Memory Transformer adapter (see `HMTConfig` and DESIGN.md).
+    """Hierarchical Memory Transformer adapter (see `HMTConfig` and docs/design.md).
 
     Attach it with ``peft.get_peft_model(model, HMTConfig(...))``. The forward reads inputs of any length:
 

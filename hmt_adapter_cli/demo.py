@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
