@@ -20,7 +20,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+#: The committed results (README and BENCHMARKS.md cite them); written only with --update-results.
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Where a run writes by default (git-ignored).
+OUTPUT = Path(__file__).resolve().parent / "output"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -49,25 +52,29 @@ def parse_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def llama(
+    vocab: int, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int, tie: bool,
+    dtype: torch.dtype = torch.float32, seed: int = 0, **config: Any,
+):
+    """The one backbone builder of the benchmarks: a random Llama causal LM from a config (sdpa attention)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=tie, attn_implementation="sdpa", **config,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
 def build_backbone(
     size: Size, device: str = "cpu", dtype: torch.dtype = torch.float32, four_bit: bool = False, max_positions: int = 8192
 ):
     """A frozen random Llama causal LM of ``size`` on ``device`` (optionally loaded as a 4-bit nf4 model)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=size.vocab,
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.heads,
-        max_position_embeddings=max_positions,
-        attn_implementation="sdpa",
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = llama(size.vocab, size.hidden, size.layers, size.heads, size.intermediate, max_positions, False, dtype)
     if four_bit:
         from transformers import BitsAndBytesConfig
 
@@ -220,17 +227,31 @@ def run_worker(module: str, args: list[str], timeout: float = 900, extra_env: di
 
 
 # ---- output ---------------------------------------------------------------------------------------------
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+def add_output_arguments(parser: Any) -> None:
+    """``--output-dir`` (default benchmarks/output, git-ignored) and ``--update-results`` (write the committed
+    benchmarks/results files instead)."""
+    parser.add_argument("--output-dir", default=str(OUTPUT), help="where to write JSON + PNG (default: %(default)s)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="write into benchmarks/results, replacing the committed results README cites")
+
+
+def output_dir(args: Any) -> Path:
+    """The directory a run writes to (created)."""
+    path = RESULTS if getattr(args, "update_results", False) else Path(getattr(args, "output_dir", OUTPUT))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
 
 def save_results(module: str, name: str, args: Any, result: dict[str, Any], plot: Callable[[Path], None]) -> Path:
-    """Write ``results/NAME.json`` (with the command, machine and arguments) and ``results/NAME.png`` via ``plot``."""
+    """Write ``NAME.json`` (with the command, machine and arguments) and ``NAME.png`` via ``plot`` into
+    `output_dir`."""
     payload = {"command": command_line(module), "machine": machine_info(args.device), "args": vars(args), **result}
-    path = write_json(name + ".json", payload)
+    path = write_json(output_dir(args) / (name + ".json"), payload)
     plot(path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return path

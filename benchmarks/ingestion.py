@@ -13,7 +13,8 @@ sdpa attention; HMT: segment_length 256, num_sensory 32, recall_window 300, reca
 * Decoding: greedy, batch 1, prompt 128 tokens, 256 new tokens (HMT rolls over once, at 256 tokens); the bare
   backbone's ``generate`` over the same prompt and new tokens (a 384-token window), best of 2 runs.
 
-Writes benchmarks/results/ingestion.json and ingestion.png.
+Writes ingestion.json and ingestion.png to --output-dir (default benchmarks/output; --update-results:
+benchmarks/results).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 import warnings
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from benchmarks import _common as C
+
 MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
              intermediate_size=688, vocab_size=1024, max_position_embeddings=512)
 HMT = dict(segment_length=256, num_sensory=32, recall_window=300, recall_dim=256, recall_query="segment")
@@ -35,14 +36,11 @@ CHUNK = 4096
 
 
 def build(max_positions: int = 512, with_hmt: bool = True):
-    import peft
-
-    from hmt_adapter import HMTConfig, testing
-
-    base = testing.tiny_causal_lm("llama", seed=0, **dict(MODEL, max_position_embeddings=max_positions)).eval()
-    if not with_hmt:
-        return base
-    return peft.get_peft_model(base, HMTConfig(task_type="CAUSAL_LM", **HMT)).eval()
+    base = C.llama(
+        MODEL["vocab_size"], MODEL["hidden_size"], MODEL["num_hidden_layers"], MODEL["num_attention_heads"],
+        MODEL["intermediate_size"], max_positions, True,
+    ).eval()
+    return C.attach_hmt(base, **HMT).eval() if with_hmt else base
 
 
 def run_one(kind: str, length: int) -> dict:
@@ -107,11 +105,7 @@ CHILD_ENV: dict = dict(FIXED_MMAP_THRESHOLD)
 
 
 def subprocess_json(*args: str) -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", **CHILD_ENV)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.ingestion", *args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return C.run_worker("benchmarks.ingestion", list(args), extra_env=dict(CHILD_ENV, PYTHONWARNINGS="ignore"))
 
 
 def crossover(hmt: list[dict], full: list[dict]) -> dict:
@@ -163,6 +157,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4k and 16k only, full attention up to 4k")
     parser.add_argument("--tag", default="ingestion")
     parser.add_argument("--stock-malloc", action="store_true", help="measure with glibc's default mmap threshold")
+    C.add_output_arguments(parser)
     args = parser.parse_args()
     if args.stock_malloc:
         CHILD_ENV.clear()
@@ -178,8 +173,8 @@ def main() -> None:
     result = {"model": MODEL, "hmt": HMT, "chunk": CHUNK, "threads": int(os.environ.get("BENCH_THREADS", "2")),
               "malloc_env": dict(CHILD_ENV), "command": "python -m benchmarks.ingestion " + " ".join(sys.argv[1:]),
               "ingestion": {"hmt": [], "full": []}}
-    os.makedirs(RESULTS, exist_ok=True)
-    partial = os.path.join(RESULTS, f"{args.tag}.partial.json")
+    out_dir = C.output_dir(args)
+    partial = out_dir / f"{args.tag}.partial.json"
     for kind, todo in (("hmt", lengths), ("full", full_lengths)):
         for n in todo:
             result["ingestion"][kind].append(subprocess_json("--child", kind, str(n)))
@@ -192,9 +187,8 @@ def main() -> None:
     result["decoding"] = subprocess_json("--child-decode")
     print("decoding", result["decoding"], flush=True)
     os.remove(partial)
-    with open(os.path.join(RESULTS, f"{args.tag}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    plot(result, os.path.join(RESULTS, f"{args.tag}.png"))
+    C.write_json(out_dir / f"{args.tag}.json", result)
+    plot(result, out_dir / f"{args.tag}.png")
     print(json.dumps({k: result[k] for k in ("rss_ratio_longest_over_shortest", "crossover")}))
 
 

@@ -19,7 +19,7 @@ Commands (from the repository root):
     PYTHONPATH=. python -m benchmarks.memory --segments 4 8 --compare-segments 4   # smoke run
     PYTHONPATH=. python -m benchmarks.memory --device cuda --dtype bf16 --threads 0 --tag cuda-bf16
 
-Writes ``benchmarks/results/memory[-TAG].json`` and ``.png``.
+Writes (to ``--output-dir``, default benchmarks/output; ``--update-results``: benchmarks/results) ``memory[-TAG].json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ PATHS = ("train-fused", "train-logits", "infer-logits", "infer-keep1")
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_output_arguments(p)
     p.add_argument("--size", default="h256-l4", choices=sorted(C.SIZES))
     p.add_argument("--segments", nargs="+", type=int, default=[4, 8, 16, 32, 64])
     p.add_argument("--compare-segments", type=int, default=16, help="input length of the loss-path comparison")

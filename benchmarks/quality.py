@@ -29,7 +29,7 @@ Run (from the repository root)::
     python -m benchmarks.quality --lora     # also HMT + LoRA
     python -m benchmarks.quality --quick    # smoke run (a minute or two)
 
-Outputs: ``benchmarks/results/quality.json`` and ``benchmarks/results/quality.png`` (``--quick`` writes
+Outputs: ``quality.json`` and ``quality.png`` in ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results) (``--quick`` writes
 ``quality_quick.*``).
 """
 
@@ -53,7 +53,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import _common as C
+
 CORPUS_DIR = "/usr/share/doc/python3.11/html/_sources"
 INSTALL_COMMAND = "apt-get install -y python3-doc"
 SUFFIX = ".rst.txt"
@@ -183,24 +184,11 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
 
 def build_backbone(settings: QualitySettings, vocab_size: int):
     """A small Llama from a config (tied embeddings), float32, in train mode."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=settings.hidden_size,
-        intermediate_size=(settings.hidden_size * 8 // 3 + 31) // 32 * 32,
-        num_hidden_layers=settings.num_layers,
-        num_attention_heads=settings.num_heads,
-        num_key_value_heads=settings.num_heads,
-        max_position_embeddings=4 * settings.segment_length,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation="sdpa",
+    return C.llama(
+        vocab_size, settings.hidden_size, settings.num_layers, settings.num_heads,
+        (settings.hidden_size * 8 // 3 + 31) // 32 * 32, 4 * settings.segment_length, True,
+        seed=settings.seed, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    torch.manual_seed(settings.seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def pretrain_backbone(model, stream: torch.Tensor, settings: QualitySettings) -> list[float]:
@@ -412,7 +400,7 @@ def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def run(settings: QualitySettings, command: str) -> dict:
+def run(settings: QualitySettings, command: str, out_dir: Optional[Path] = None) -> dict:
     """The whole benchmark; returns the results dictionary (also written as JSON + PNG)."""
     import peft
 
@@ -536,12 +524,13 @@ def run(settings: QualitySettings, command: str) -> dict:
         "wall_seconds": time.perf_counter() - start,
     }
     results["relative_compute"] = {m: results["relative_compute"][m] for m in methods}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{settings.output_name}.json").write_text(json.dumps(results, indent=2))
-    write_plot(results, RESULTS / f"{settings.output_name}.png")
+    out_dir = out_dir or C.OUTPUT
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{settings.output_name}.json").write_text(json.dumps(results, indent=2))
+    write_plot(results, out_dir / f"{settings.output_name}.png")
     print_table(results)
     print(markdown_table(results))
-    _step(f"wrote {RESULTS / (settings.output_name + '.json')} and .png", start)
+    _step(f"wrote {out_dir / (settings.output_name + '.json')} and .png", start)
     return results
 
 
@@ -558,6 +547,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--table-from", metavar="JSON", default=None,
                    help="print the Markdown table of an existing results file and exit")
     p.add_argument("--lora", action="store_true", help="also train and score HMT + LoRA (adds ~8 min on 2 cores)")
+    C.add_output_arguments(p)
     return p
 
 
@@ -583,7 +573,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     command = "python -m benchmarks.quality" + ("".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
-    run(settings, command)
+    run(settings, command, C.output_dir(args))
     return 0
 
 

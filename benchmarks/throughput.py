@@ -22,7 +22,7 @@ Commands (from the repository root):
     PYTHONPATH=. python -m benchmarks.throughput --device cuda --dtype bf16 --threads 0 --tag cuda-bf16
     PYTHONPATH=. python -m benchmarks.throughput --device cuda --dtype bf16 --four-bit --threads 0 --tag cuda-nf4
 
-Writes ``benchmarks/results/throughput[-TAG].json`` and ``.png``.
+Writes (to ``--output-dir``, default benchmarks/output; ``--update-results``: benchmarks/results) ``throughput[-TAG].json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ MODULE = "benchmarks.throughput"
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_output_arguments(p)
     p.add_argument("--sizes", nargs="+", default=["h256-l4", "h512-l8"], choices=sorted(C.SIZES))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     p.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
