@@ -1,9 +1,9 @@
 """The ``hmt-adapter`` command line: ``train`` (recipes), ``eval`` (long-document perplexity) and ``demo``.
 
     hmt-adapter train recipes/tiny-offline.yaml [--flag value ...]
-    hmt-adapter eval --adapter outputs/tiny-offline --data-files recipes/data/tiny_docs.jsonl \\
-        --output eval.json --plot eval.png [--recall-histogram]
+    hmt-adapter eval --adapter outputs/tiny-offline --data-files recipes/data/tiny_docs.jsonl [--recall-histogram]
     hmt-adapter demo [...]
+    hmt-adapter --version
 
 This module is the place where the package prints, draws progress bars and writes plots (house rule 1).
 """
@@ -22,6 +22,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hmt-adapter", description="Hierarchical Memory Transformer (HMT) adapters for Hugging Face causal LMs."
     )
+    parser.add_argument("--version", action="version", version=f"hmt-adapter {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train", help="Run a two-stage training recipe (YAML).", add_help=False,
@@ -53,20 +54,61 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="Backbone dtype: float32, bfloat16, float16.")
     p.add_argument("--load-in-4bit", action="store_true")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available).")
-    p.add_argument("--output", default="hmt_eval.json", help="JSON results file.")
-    p.add_argument("--plot", default="hmt_eval.png", help="PNG plot of loss by segment index ('' to skip).")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    p.add_argument("--output-dir", default="hmt-eval-output", help="Where results.json and loss.png go (default: %(default)s).")
+    p.add_argument("--no-plot", action="store_true", help="Skip the PNG plot.")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hmt-adapter")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 # ---- train ---------------------------------------------------------------------------------------------------
+TRAIN_USAGE = "usage: hmt-adapter train RECIPE.yaml [--field value ...]   (recipes/ has examples; --help lists the fields)"
+
+
+def _train_help(show_all: bool) -> str:
+    """The recipe and HMT fields with their help and defaults first; SFTConfig's fields only with --help-all."""
+    import dataclasses
+
+    from .recipes import RECIPE_DATACLASSES
+
+    lines = [TRAIN_USAGE, ""]
+    for dc in RECIPE_DATACLASSES:
+        lines.append(f"{dc.__name__}: {(dc.__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(dc):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines.append(f"  --{f.name} (default: {default!r})")
+            if f.metadata.get("help"):
+                lines.append(f"      {f.metadata['help']}")
+        lines.append("")
+    if not show_all:
+        lines.append("Every field of TRL's SFTConfig is accepted too (--learning_rate, --per_device_train_batch_size, "
+                     "--output_dir, ...): `hmt-adapter train --help-all` lists them.")
+    return "\n".join(lines)
+
+
 def cmd_train(argv: Sequence[str]) -> int:
-    from hmt_adapter_cli.recipes import main as run
+    if "--help-all" in argv:
+        from .recipes import make_parser as recipe_parser
 
-    if any(a in ("-h", "--help") for a in argv):
-        from hmt_adapter_cli.recipes import make_parser as recipe_parser
-
-        print("usage: hmt-adapter train RECIPE.yaml [--field value ...]\n")
+        print(_train_help(show_all=True))
         recipe_parser().print_help()
         return 0
+    if any(a in ("-h", "--help") for a in argv):
+        print(_train_help(show_all=False))
+        return 0
+    if not argv or argv[0].startswith("-"):
+        raise ValueError(f"no recipe given. {TRAIN_USAGE}")
+    if not os.path.isfile(argv[0]):
+        raise ValueError(f"recipe file {argv[0]!r} not found. {TRAIN_USAGE}")
+    from .recipes import main as run
+
     report = run(list(argv))
     if _is_main_process():
         print(f"training processes: {report['world_size']}")
@@ -113,6 +155,11 @@ def _load_for_eval(args: argparse.Namespace):
 def _documents(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
     from hmt_adapter_cli.recipes import DataArguments, load_documents, tokenize_documents
 
+    if not args.data_files and not args.dataset_name:
+        raise ValueError("no data: pass --data-files FILE (local .json/.jsonl/.txt/.parquet/.csv) or --dataset-name ID (Hub).")
+    for path in (p.strip() for p in (args.data_files or "").split(",") if p.strip()):
+        if not os.path.isfile(path):
+            raise ValueError(f"--data-files: {path!r} not found.")
     data = DataArguments(
         dataset_name=args.dataset_name, dataset_config=args.dataset_config, data_files=args.data_files,
         text_field=args.text_field, max_train_documents=args.max_documents,
@@ -128,6 +175,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from hmt_adapter.evaluation import METHODS, evaluate_long_documents
 
+    if not os.path.isdir(args.adapter):
+        raise ValueError(f"--adapter: {args.adapter!r} is not a directory (expected one written by save_pretrained).")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tokenizer = _load_for_eval(args)
     docs = _documents(args, tokenizer)
     if not docs:
@@ -139,14 +192,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     out = result.to_dict()
     out.update(adapter=args.adapter, num_tokens=sum(len(d) for d in docs))
-    with open(args.output, "w") as f:
+    os.makedirs(args.output_dir, exist_ok=True)
+    results = os.path.join(args.output_dir, "results.json")
+    with open(results, "w") as f:
         json.dump(out, f, indent=2)
     for name, m in out["methods"].items():
         print(f"{name:>17}: loss {m['loss']:.4f}  ppl {m['perplexity']:.3f}  ({m['num_targets']} tokens)")
-    print(f"results: {args.output}")
-    if args.plot:
-        plot_eval(out, args.plot)
-        print(f"plot: {args.plot}")
+    print(f"results: {results}")
+    if not args.no_plot:
+        plot_eval(out, os.path.join(args.output_dir, "loss.png"))
+        print(f"plot: {os.path.join(args.output_dir, 'loss.png')}")
     return 0
 
 
@@ -198,8 +253,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if command == "demo":
             return cmd_demo(argv[1:])
         return cmd_eval(parser.parse_args(argv))
-    except (ValueError, TypeError) as exc:  # user errors: a message, not a stack trace
-        parser.exit(2, f"hmt-adapter {command}: error: {exc}\n")
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # user errors: one line, not a stack trace
+        parser.exit(2, f"hmt-adapter {command}: error: {_one_line(exc)}\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 600 else text[:600] + " ..."
 
 
 if __name__ == "__main__":

@@ -138,10 +138,15 @@ RECIPE_DATACLASSES = (ModelArguments, DataArguments, HMTArguments, StageArgument
 
 # ---- parsing -------------------------------------------------------------------------------------------------
 def make_parser():
-    """TRL's `TrlParser` over the recipe dataclasses and TRL's `SFTConfig`."""
+    """TRL's `TrlParser` over the recipe dataclasses and TRL's `SFTConfig`; a bad flag or value raises
+    `ValueError` (one line) instead of printing the whole usage."""
     from trl import SFTConfig, TrlParser
 
-    return TrlParser((*RECIPE_DATACLASSES, SFTConfig))
+    class RecipeParser(TrlParser):
+        def error(self, message: str):
+            raise ValueError(f"{message} (see `hmt-adapter train --help`)")
+
+    return RecipeParser((*RECIPE_DATACLASSES, SFTConfig), prog="hmt-adapter train")
 
 
 def _resolve_data_files(data_args: DataArguments, recipe_dir: str) -> None:

@@ -90,10 +90,10 @@ def test_cli_eval_writes_json_and_plot(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "adapter")
     data = tmp_path / "docs.jsonl"
     data.write_text("\n".join(json.dumps({"text": "the cat sees the dog . " * k}) for k in (3, 4)))
-    out, png = tmp_path / "eval.json", tmp_path / "eval.png"
+    out, png = tmp_path / "eval" / "results.json", tmp_path / "eval" / "loss.png"
     code = main([
         "eval", "--adapter", str(tmp_path / "adapter"), "--model", "hmt-testing:llama", "--data-files", str(data),
-        "--device", "cpu", "--recall-histogram", "--output", str(out), "--plot", str(png),
+        "--device", "cpu", "--recall-histogram", "--output-dir", str(tmp_path / "eval"), "--threads", "1",
     ])
     assert code == 0
     result = json.loads(out.read_text())

@@ -1,0 +1,91 @@
+"""The command line's first minutes, as a user meets them: one-line errors that say what to change, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import peft
+import pytest
+
+from hmt_adapter import HMTConfig
+from hmt_adapter.testing import tiny_causal_lm
+
+REPO = os.path.join(os.path.dirname(__file__), os.pardir)
+TINY = os.path.join(REPO, "recipes", "tiny-offline.yaml")
+
+
+def cli(*args: str, cwd: str = REPO) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "hmt_adapter_cli.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert not proc.stderr.startswith("usage:")  # no page of usage before the error
+
+
+def test_version() -> None:
+    proc = cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("hmt-adapter ")
+
+
+def test_train_without_a_recipe_says_so() -> None:
+    assert_one_line_error(cli("train"), "no recipe given", "hmt-adapter train RECIPE.yaml")
+    assert_one_line_error(cli("train", "nope.yaml"), "'nope.yaml' not found")
+
+
+def test_train_bad_hmt_value_reads_as_the_api() -> None:
+    assert_one_line_error(cli("train", TINY, "--segment_length", "-4"), "HMTConfig.segment_length must be >= 1, got -4.")
+
+
+def test_train_bad_value_type_is_one_line() -> None:
+    assert_one_line_error(cli("train", TINY, "--segment_length", "many"), "segment_length", "--help")
+
+
+def test_train_help_leads_with_hmt_fields() -> None:
+    proc = cli("train", "--help")
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("usage: hmt-adapter train RECIPE.yaml")
+    text = proc.stdout
+    assert "--segment_length (default: 256)" in text and "New tokens per segment" in text
+    assert "--stage2_max_steps" in text and "--help-all" in text
+    assert len(lines) < 150  # SFTConfig's ~800 lines only with --help-all
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    model = peft.get_peft_model(tiny_causal_lm("llama"), HMTConfig(segment_length=8, num_sensory=2, recall_dim=8))
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_eval_missing_data_file_and_missing_data(adapter_dir, tmp_path) -> None:
+    common = ("eval", "--adapter", str(adapter_dir), "--model", "hmt-testing:llama")
+    assert_one_line_error(cli(*common, "--data-files", "nope.jsonl"), "--data-files", "'nope.jsonl' not found")
+    assert_one_line_error(cli(*common), "--data-files", "--dataset-name")
+    assert_one_line_error(cli("eval", "--adapter", str(tmp_path / "missing")), "--adapter", "not a directory")
+
+
+def test_eval_writes_into_its_output_dir_not_the_current_one(adapter_dir, tmp_path) -> None:
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "the cat sees the dog . " * 4}) for _ in range(2)))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = cli("eval", "--adapter", str(adapter_dir), "--model", "hmt-testing:llama", "--data-files", str(data),
+               "--no-sliding", "--threads", "1", cwd=str(work))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(work)) == ["hmt-eval-output"]
+    assert sorted(os.listdir(work / "hmt-eval-output")) == ["loss.png", "results.json"]
