@@ -189,6 +189,15 @@ class HMTConfig(PeftConfig):
             check_adapter_weights(directory, getattr(config, "base_embedding_dim", None))
         return config
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save ``adapter_config.json``; next to saved adapter weights, also the HMT model card (README.md)."""
+        super().save_pretrained(save_directory, **kwargs)
+        weights = ("adapter_model.safetensors", "adapter_model.bin")
+        if any(os.path.isfile(os.path.join(save_directory, name)) for name in weights):
+            from .model_card import write_model_card
+
+            write_model_card(save_directory, self)
+
     @property
     def summary_length(self) -> int:
         """Tokens read by the summary pass: ``ceil(segment_length * summary_fraction)``."""

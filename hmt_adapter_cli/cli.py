@@ -16,6 +16,8 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+from .quiet import silence_third_party_notices
+
 
 def make_parser() -> argparse.ArgumentParser:
     """The top-level parser; ``train`` and ``demo`` forward their remaining arguments to their own parsers."""
@@ -244,6 +246,7 @@ def cmd_demo(argv: Sequence[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``hmt-adapter`` console script."""
+    silence_third_party_notices()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
     command = argv[0] if argv else None

@@ -357,7 +357,31 @@ def run_recipe(model_args: ModelArguments, data_args: DataArguments, hmt_args: A
     data = _stage_dataset(docs, stage.stage2_segments, hmt_args.segment_length)
     trainer = train_stage(peft_model, None, data, tokenizer, sft_args, stage, stage.stage2_max_steps, sft_args.output_dir)
     report["stage2"] = {"dir": sft_args.output_dir, "losses": _losses(trainer)}
+    if sft_args.process_index == 0:
+        _record_training(trainer.model, sft_args.output_dir, model_args, data_args, stage, report)
     return report
+
+
+def _record_training(model: Any, output_dir: str, model_args: ModelArguments, data_args: DataArguments,
+                     stage: StageArguments, report: dict) -> None:
+    """Add how the adapter was trained (and its last logged losses) to the saved adapter's model card."""
+    from hmt_adapter.model_card import write_model_card
+
+    config = model.peft_config["default"]
+    data = data_args.dataset_name or os.path.basename(str(data_args.data_files))
+    lines = [f"Trained with `hmt-adapter train` (TRL SFTTrainer) on {data}; backbone {model_args.model_name_or_path}"
+             f"{' in 4 bits (nf4)' if model_args.load_in_4bit else ''}, frozen."]
+    if "stage1" in report:
+        lines.append(f"- stage 1 (no recall): {stage.stage1_max_steps} steps on {stage.stage1_segments}-segment rows")
+    lines.append(f"- stage 2 (recall): {stage.stage2_max_steps} steps on {stage.stage2_segments}-segment rows"
+                 f"{', initialised from stage 1' if 'stage2_init' in report else ''}")
+    lines.append(f"- learning rate decays x{stage.lr_decay_factor} every {stage.lr_decay_steps} steps")
+    results = {}
+    for name in ("stage1", "stage2"):
+        losses = report.get(name, {}).get("losses")
+        if losses:
+            results[f"{name} training loss (first -> last logged)"] = f"{losses[0]:.4f} -> {losses[-1]:.4f}"
+    write_model_card(output_dir, config, training="\n".join(lines), results=results)
 
 
 def _losses(trainer: Any) -> list[float]:

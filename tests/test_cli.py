@@ -89,3 +89,32 @@ def test_eval_writes_into_its_output_dir_not_the_current_one(adapter_dir, tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(work)) == ["hmt-eval-output"]
     assert sorted(os.listdir(work / "hmt-eval-output")) == ["loss.png", "results.json"]
+
+
+def test_third_party_notices_are_silenced_narrowly(caplog) -> None:
+    import logging
+    import warnings
+
+    from hmt_adapter_cli.quiet import BNB_LOGGER, silence_third_party_notices
+
+    silence_third_party_notices()
+    logger = logging.getLogger(BNB_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=BNB_LOGGER):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "x")
+        logger.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        silence_third_party_notices()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]
+
+
+def test_recipe_run_records_training_in_the_card(tmp_path) -> None:
+    proc = cli("train", TINY, "--output_dir", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert "FutureWarning" not in proc.stderr
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Trained with `hmt-adapter train`" in card and "stage 2 (recall): 3 steps on 4-segment rows" in card
+    assert "stage2 training loss (first -> last logged)" in card
