@@ -73,6 +73,11 @@ class HMTModel(BaseTuner):
             new_module = HMTLoraLinear(target, adapter_name, peft_config)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _get_tied_target_modules(self, model: nn.Module) -> list[str]:
+        # HMT wraps the (possibly tied) input embeddings only to hold its own parameters; it never changes the
+        # embedding weights, so there is nothing to tie and PEFT's weight-tying warning does not apply.
+        return []
+
     @staticmethod
     def _input_embeddings_name(model: nn.Module) -> str:
         embeddings = model.get_input_embeddings()

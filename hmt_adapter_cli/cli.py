@@ -3,6 +3,7 @@
     hmt-adapter train recipes/tiny-offline.yaml [--flag value ...]
     hmt-adapter eval --adapter outputs/tiny-offline --data-files recipes/data/tiny_docs.jsonl [--recall-histogram]
     hmt-adapter demo [...]
+    hmt-adapter lm-eval --model hmt --model_args pretrained=BASE,peft=ADAPTER --tasks ...   (lm-eval's arguments)
     hmt-adapter --version
 
 This module is the place where the package prints, draws progress bars and writes plots (house rule 1).
@@ -34,6 +35,8 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="Long-document perplexity: adapter vs the backbone alone.")
     _add_eval_arguments(evaluate)
     sub.add_parser("demo", help="Offline demo: HMT gives a short-window model long memory.", add_help=False)
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with the 'hmt' model (takes lm-eval's arguments).",
+                   add_help=False)
     return parser
 
 
@@ -255,6 +258,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_train(argv[1:])
         if command == "demo":
             return cmd_demo(argv[1:])
+        if command == "lm-eval":
+            from .lm_eval_cli import main as lm_eval_main
+
+            return lm_eval_main(argv[1:])
         return cmd_eval(parser.parse_args(argv))
     except (ValueError, TypeError, FileNotFoundError) as exc:  # user errors: one line, not a stack trace
         parser.exit(2, f"hmt-adapter {command}: error: {_one_line(exc)}\n")

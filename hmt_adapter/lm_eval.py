@@ -1,0 +1,88 @@
+"""HMT in lm-evaluation-harness: the model ``hmt``. ``import hmt_adapter.lm_eval`` registers it.
+
+``hmt`` is lm-eval's `HFLM` with the same ``model_args`` (``pretrained=BASE,peft=ADAPTER_DIR,dtype=...``; batch size
+and device as lm-eval's own flags) that loads an HMT adapter and never truncates a context: `HFLM` cuts every context
+to the backbone's
+``max_position_embeddings``, which for an HMT model silently throws away exactly the text the memory is for. Every
+context of any length goes through HMT whole, for ``loglikelihood``, ``loglikelihood_rolling`` (one window: the
+whole document) and ``generate_until`` (HMT's memory-aware ``generate``).
+
+    hmt-adapter lm-eval --model hmt --model_args pretrained=BASE,peft=ADAPTER --batch_size 4 --tasks ... [--include_path DIR]
+
+In Python, a built model can be passed directly: ``HMTLM(pretrained=peft_model, tokenizer=tokenizer)``.
+
+Exact log-likelihoods: with ``recall_query="previous"`` HMT is strictly causal, so the score of a continuation is
+the adapter's forward over context + continuation, whatever the split between them and whatever else shares the
+batch (lm-eval right-pads batches without an attention mask; padding after a row's tokens cannot reach them). With
+``recall_query="segment"`` (the paper's) a segment's memory is chosen with its own first tokens, so padding inside
+a row's last segment would change the scores: `HMTLM` then scores each request alone (``batch_size`` applies to
+generation only), and the numbers still depend on where the task splits context and continuation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        'hmt_adapter.lm_eval needs lm-evaluation-harness: pip install "hmt-adapter[eval]" (lm-eval>=0.4.13).'
+    ) from exc
+
+from peft import PeftModel
+
+from .config import HMTConfig
+
+#: The context length HMT accepts: no limit (a Python int far beyond any document).
+UNBOUNDED_LENGTH = 1 << 40
+
+
+def hmt_config_of(model: Any) -> HMTConfig:
+    """The active `HMTConfig` of a PEFT model; `ValueError` when the model carries no HMT adapter."""
+    if not isinstance(model, PeftModel):
+        raise ValueError(
+            f"The 'hmt' lm-eval model needs an HMT adapter: pass model_args 'pretrained=BASE,peft=ADAPTER_DIR' (or a "
+            f"PeftModel with an HMT adapter as pretrained=), got a {type(model).__name__} without one."
+        )
+    config = model.peft_config[model.active_adapter]
+    if not isinstance(config, HMTConfig):
+        raise ValueError(
+            f"The adapter loaded for the 'hmt' lm-eval model is {config.peft_type}, not HMT; use lm-eval's 'hf' model "
+            f"for other PEFT adapters."
+        )
+    return config
+
+
+@register_model("hmt")
+class HMTLM(HFLM):
+    """lm-eval's `HFLM` for a backbone + HMT adapter: contexts of any length, never truncated.
+
+    Args: as `HFLM` (``pretrained``, ``peft``, ``tokenizer``, ``batch_size``, ``dtype``, ``device``, ...), except
+    that ``max_length`` is refused (HMT has no context limit) and ``batch_size="auto"`` is refused (its probe
+    allocates a batch of ``max_length`` tokens).
+    """
+
+    def __init__(self, pretrained: Any, peft: str | None = None, max_length: int | None = None,
+                 batch_size: int | str = 1, **kwargs: Any) -> None:
+        if max_length is not None:
+            raise ValueError("The 'hmt' lm-eval model reads contexts of any length: remove max_length from model_args.")
+        if str(batch_size).startswith("auto"):
+            raise ValueError("The 'hmt' lm-eval model needs an integer batch_size (batch_size='auto' probes max_length).")
+        if isinstance(pretrained, str) and not peft:
+            raise ValueError("The 'hmt' lm-eval model needs an HMT adapter: model_args 'pretrained=BASE,peft=ADAPTER_DIR'.")
+        super().__init__(pretrained=pretrained, peft=peft, batch_size=batch_size, **kwargs)
+        self.hmt_config = hmt_config_of(self.model)
+
+    @property
+    def max_length(self) -> int:
+        return UNBOUNDED_LENGTH
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self.hmt_config.recall_query == "segment" and self.hmt_config.use_recall:
+            override_bs = 1  # padding inside a row's last segment would enter that segment's recall query
+        return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+
+__all__ = ["HMTLM", "UNBOUNDED_LENGTH", "hmt_config_of"]
