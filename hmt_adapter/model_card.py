@@ -10,10 +10,7 @@ is kept. `write_model_card` can also be called again with ``training`` and ``res
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Mapping, Optional
-
-if TYPE_CHECKING:
-    from .config import HMTConfig
+from typing import Any, Mapping, Optional
 
 CARD_NAME = "README.md"
 SETTINGS = (
@@ -38,7 +35,7 @@ out = model.generate(input_ids=ids, max_new_tokens=64)
 ```"""
 
 
-def card_text(config: "HMTConfig", where: str, training: Optional[str] = None,
+def card_text(config: Any, where: str, training: Optional[str] = None,
               results: Optional[Mapping[str, object]] = None) -> str:
     """The Markdown body of the card for ``config`` (``where``: the directory or Hub id to load from)."""
     from . import __version__
@@ -82,7 +79,7 @@ def card_text(config: "HMTConfig", where: str, training: Optional[str] = None,
     return "\n".join(parts) + "\n"
 
 
-def write_model_card(directory: str, config: "HMTConfig", where: Optional[str] = None, training: Optional[str] = None,
+def write_model_card(directory: str, config: Any, where: Optional[str] = None, training: Optional[str] = None,
                      results: Optional[Mapping[str, object]] = None) -> str:
     """Write ``directory/README.md`` for an HMT adapter, keeping the YAML metadata of a card already there.
 

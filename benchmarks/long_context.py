@@ -1,0 +1,378 @@
+"""Needle and fact retrieval in real text at real distances, evaluated through lm-evaluation-harness.
+
+    apt-get install -y python3-doc      # the corpus: the Python documentation's reST sources (Debian)
+    pip install -c constraints-cpu.txt -e ".[test]"
+    PYTHONPATH=. python -m benchmarks.long_context --quick            # minutes on 2 CPU cores
+    PYTHONPATH=. python -m benchmarks.long_context                     # the full protocol (hours on a CPU)
+
+Protocol: a BPE tokenizer and a small Llama are trained on SHORT windows (``segment_length`` tokens) of the
+corpus's training documents, with in-window episodes of the tasks mixed in (so the backbone can answer when the
+evidence is inside its window); the backbone is then frozen. Each HMT variant is trained with TRL's SFTTrainer on
+episodes of 2..``max_train_segments`` segments (answer-only loss unless ``--all-token-loss``), then every method
+is scored through lm-eval (`hmt_adapter.lm_eval.HMTLM` for HMT; lm-eval's own ``HFLM`` with ``max_length`` = HMT's
+window for the sliding-window baseline, which keeps the last tokens of the context) on the same held-out examples:
+needle at several lengths and depths, BABILong-style facts (qa1, qa2). Answers are single tokens scored by
+log-likelihood over the candidate set (lm-eval ``multiple_choice``); chance is 1 / candidates.
+
+Methods: ``hmt`` (frozen backbone + HMT), ``hmt_lora`` (HMT + LoRA r=8), ``hmt_no_recall`` (the paper's stage 1),
+``hmt_no_sensory`` (``num_sensory=0``), ``sliding_window``. Writes ``long_context.json`` (``command``, ``chance``,
+``results`` rows of task/method/context_tokens/depth/accuracy/n) and PNGs (needle heatmap per method, accuracy by
+length) to ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from benchmarks import _common as C
+from benchmarks import long_context_tasks as T
+from benchmarks import quality as Q
+
+METHODS = ("hmt", "hmt_lora", "hmt_no_recall", "hmt_no_sensory", "sliding_window")
+
+
+@dataclass
+class Settings:
+    """Every knob; defaults are the full protocol, `quick` scales it down."""
+
+    corpus_dir: str = Q.CORPUS_DIR
+    seed: int = 0
+    threads: int = 2
+    vocab_size: int = 4096
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    segment_length: int = 128
+    pretrain_steps: int = 1500
+    pretrain_batch: int = 16
+    pretrain_lr: float = 2e-3
+    episode_fraction: float = 0.3  # windows of pretraining that are in-window task episodes
+    num_sensory: int = 16
+    recall_dim: int = 256
+    recall_query: str = "segment"
+    hmt_steps: int = 600
+    hmt_batch: int = 2
+    hmt_lr: float = 3e-3
+    max_train_segments: int = 16
+    answer_only_loss: bool = True
+    needle_lengths: tuple = (1024, 4096, 16384, 65536)
+    facts_lengths: tuple = (1024, 4096, 16384)
+    examples: int = 50
+    examples_longest: int = 20
+    methods: tuple = METHODS
+
+
+def quick(**overrides: Any) -> Settings:
+    base = dict(vocab_size=2048, hidden_size=128, num_layers=3, num_heads=4, segment_length=64, pretrain_steps=500,
+                num_sensory=8, recall_dim=128, hmt_steps=200, max_train_segments=8, needle_lengths=(512, 2048, 8192),
+                facts_lengths=(512, 2048), examples=10, examples_longest=10, threads=1)
+    base.update(overrides)
+    return Settings(**base)
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+def episode_ids(tokenizer: Any, example: dict[str, Any]) -> tuple[list[int], int]:
+    """(context ids + answer id, index of the answer token)."""
+    ids = tokenizer(example["context"], add_special_tokens=False).input_ids
+    answer = tokenizer(example["choices"][example["answer"]], add_special_tokens=False).input_ids
+    return ids + answer, len(ids)
+
+
+def random_episode(tokenizer, stream, vocab, length: int, rng: random.Random) -> dict[str, Any]:
+    task = rng.choice(("needle", "needle", "facts_qa1", "facts_qa2"))
+    depth = rng.random()
+    if task == "needle":
+        return T.needle_example(tokenizer, stream, vocab, length, depth, rng)
+    return T.facts_example(tokenizer, stream, vocab, length, depth, rng, kind=task.split("_")[1])
+
+
+def pretrain(model, tokenizer, stream: torch.Tensor, vocab, s: Settings) -> list[float]:
+    """Short windows of the corpus; a fraction of them are whole task episodes that fit in the window."""
+    rng = random.Random(s.seed + 11)
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    filler = stream.tolist()
+    window = s.segment_length
+    optim = torch.optim.AdamW(model.parameters(), lr=s.pretrain_lr, weight_decay=0.1, betas=(0.9, 0.95))
+    warmup = max(1, s.pretrain_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / warmup) * max(
+        0.1, 1 - step / s.pretrain_steps))
+    model.train()
+    losses = []
+    for _ in range(s.pretrain_steps):
+        rows = []
+        for _ in range(s.pretrain_batch):
+            if rng.random() < s.episode_fraction:
+                ids, _ = episode_ids(tokenizer, random_episode(tokenizer, filler, vocab, window - 2, rng))
+                ids = ids[-window:]
+                ids = [0] * (window - len(ids)) + ids
+            else:
+                start = int(torch.randint(0, stream.numel() - window, (1,), generator=gen))
+                ids = stream[start : start + window].tolist()
+            rows.append(ids)
+        batch = torch.tensor(rows)
+        labels = batch.masked_fill(batch == 0, -100)
+        loss = model(input_ids=batch, labels=labels).loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval().requires_grad_(False)
+    return losses
+
+
+def train_dataset(tokenizer, stream, vocab, s: Settings):
+    """Episodes of 2..max_train_segments segments with the evidence anywhere, answer-only loss by default."""
+    from datasets import Dataset
+
+    rng = random.Random(s.seed + 21)
+    rows = {"input_ids": [], "completion_mask": []}
+    for _ in range(s.hmt_steps * s.hmt_batch):
+        length = rng.randint(2, s.max_train_segments) * s.segment_length - 1
+        ids, answer_at = episode_ids(tokenizer, random_episode(tokenizer, stream, vocab, length, rng))
+        rows["input_ids"].append(ids)
+        mask = [0] * answer_at + [1] * (len(ids) - answer_at) if s.answer_only_loss else [1] * len(ids)
+        rows["completion_mask"].append(mask)
+    return Dataset.from_dict(rows)
+
+
+# ---- methods ---------------------------------------------------------------------------------------------
+def hmt_config(method: str, s: Settings):
+    from hmt_adapter import HMTConfig
+
+    extra: dict[str, Any] = {}
+    if method == "hmt_lora":
+        extra.update(lora_r=8, lora_alpha=32)
+    if method == "hmt_no_recall":
+        extra.update(use_recall=False)
+    if method == "hmt_no_sensory":
+        extra.update(num_sensory=0)
+    kwargs = dict(segment_length=s.segment_length, num_sensory=s.num_sensory, recall_dim=s.recall_dim,
+                  recall_window=4096, recall_query=s.recall_query)
+    kwargs.update(extra)
+    return HMTConfig(**kwargs)
+
+
+def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str):
+    import peft
+    from trl import SFTConfig, SFTTrainer
+
+    model = peft.get_peft_model(backbone, hmt_config(method, s))
+    args = SFTConfig(
+        output_dir=work, max_steps=s.hmt_steps, per_device_train_batch_size=s.hmt_batch, learning_rate=s.hmt_lr,
+        lr_scheduler_type="cosine", warmup_steps=max(1, s.hmt_steps // 20), max_length=None,
+        completion_only_loss=True, gradient_checkpointing=False, logging_steps=max(1, s.hmt_steps // 10),
+        save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=s.seed, disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return model.eval(), losses
+
+
+def evaluate(lm, task_names: list[str], task_dir: Path) -> list[dict[str, Any]]:
+    """Per-sample accuracy of ``lm`` on the local tasks, through lm-eval's simple_evaluate."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(model=lm, tasks=task_names, task_manager=TaskManager(include_path=str(task_dir)),
+                                  log_samples=True, verbosity="ERROR")
+    rows = []
+    for name, samples in out["samples"].items():
+        for sample in samples:
+            rows.append({"task_name": name, "depth": sample["doc"]["depth"], "length": sample["doc"]["length"],
+                         "acc": float(sample["acc"])})
+    return rows
+
+
+def aggregate(method: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        task = r["task_name"].rsplit("_", 1)[0].removeprefix("lc_")
+        groups.setdefault((task, r["length"], r["depth"]), []).append(r["acc"])
+    return [{"task": t, "method": method, "context_tokens": n, "depth": d, "accuracy": sum(v) / len(v), "n": len(v)}
+            for (t, n, d), v in sorted(groups.items())]
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
+    from lm_eval.models.huggingface import HFLM
+
+    from hmt_adapter.lm_eval import HMTLM
+
+    start = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)  # noqa: E731
+    paths = Q.list_documents(s.corpus_dir)
+    train_paths, heldout_paths = Q.split_documents(paths, 0.15)
+    train_texts, heldout_texts = Q.read_documents(s.corpus_dir, train_paths), Q.read_documents(s.corpus_dir, heldout_paths)
+    tokenizer = Q.train_tokenizer(train_texts + [T.task_sentences()], s.vocab_size)
+    vocab = T.Vocab.of(tokenizer)
+    encode = lambda texts: [t for doc in tokenizer(texts, add_special_tokens=False).input_ids for t in doc]  # noqa: E731
+    train_stream, heldout_stream = torch.tensor(encode(train_texts)), encode(heldout_texts)
+    log(f"corpus: {len(train_paths)} training / {len(heldout_paths)} held-out documents, "
+        f"{train_stream.numel():,} / {len(heldout_stream):,} tokens; answers: {len(vocab.keys)} keys, "
+        f"{len(vocab.places)} places")
+
+    backbone = C.llama(len(tokenizer), s.hidden_size, s.num_layers, s.num_heads, (s.hidden_size * 8 // 3 + 31) // 32 * 32,
+                       4 * s.segment_length, True, seed=s.seed, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    pre_losses = pretrain(backbone, tokenizer, train_stream, vocab, s)
+    log(f"backbone pretrained on {s.segment_length}-token windows: loss {pre_losses[0]:.2f} -> "
+        f"{sum(pre_losses[-20:]) / 20:.2f}")
+
+    task_dir = out_dir / "long_context_tasks"
+    names, chance = [], {}
+    for task, lengths in (("needle", s.needle_lengths), ("facts_qa1", s.facts_lengths), ("facts_qa2", s.facts_lengths)):
+        for n in lengths:
+            count = s.examples_longest if n == max(lengths) else s.examples
+            examples = T.make_examples(task, tokenizer, heldout_stream, vocab, n, count, s.seed)
+            T.write_task(task_dir, f"lc_{task}_{n}", examples)
+            names.append(f"lc_{task}_{n}")
+            chance[task] = T.chance(examples)
+    in_window = [f"lc_{t}_{s.segment_length}" for t in ("needle", "facts_qa1")]
+    for t in ("needle", "facts_qa1"):
+        T.write_task(task_dir, f"lc_{t}_{s.segment_length}",
+                     T.make_examples(t, tokenizer, heldout_stream, vocab, s.segment_length - 2, s.examples, s.seed + 5))
+
+    results: list[dict[str, Any]] = []
+    train_logs = {}
+    window = s.segment_length + s.num_sensory
+    backbone_lm = HFLM(pretrained=backbone, tokenizer=tokenizer, batch_size=1, max_length=window)
+    in_window_rows = aggregate("backbone_in_window", evaluate(backbone_lm, in_window, task_dir))
+    log(f"backbone with the evidence inside its window: {_summary(in_window_rows)}")
+    if "sliding_window" in s.methods:
+        results += aggregate("sliding_window", evaluate(backbone_lm, names, task_dir))
+        log(f"sliding_window ({window} tokens): {_summary(results)}")
+    dataset = train_dataset(tokenizer, train_stream.tolist(), vocab, s)
+    for method in [m for m in s.methods if m != "sliding_window"]:
+        with tempfile.TemporaryDirectory() as work:
+            model, losses = train_hmt(backbone, tokenizer, dataset, method, s, work)
+        train_logs[method] = losses
+        rows = aggregate(method, evaluate(HMTLM(pretrained=model, tokenizer=tokenizer, batch_size=1), names, task_dir))
+        results += rows
+        log(f"{method}: loss {losses[0]:.2f} -> {losses[-1]:.2f}; {_summary(rows)}")
+        backbone = model.unload()  # the bare (frozen) backbone again for the next variant
+
+    payload = {"command": command, "machine": C.machine_info("cpu"), "settings": asdict(s), "chance": chance,
+               "backbone_in_window": in_window_rows, "pretrain_loss": pre_losses[::10], "hmt_train_loss": train_logs,
+               "results": results, "seconds": time.perf_counter() - start}
+    path = C.write_json(out_dir / "long_context.json", payload)
+    plot(payload, out_dir)
+    log(f"wrote {path} and long_context_*.png")
+    return payload
+
+
+def _summary(rows: list[dict[str, Any]]) -> str:
+    by: dict[tuple, list[float]] = {}
+    for r in rows:
+        by.setdefault((r["task"], r["context_tokens"]), []).append(r["accuracy"] * r["n"])
+        by.setdefault((r["task"], r["context_tokens"], "n"), []).append(r["n"])
+    parts = [f"{t}@{n}: {100 * sum(v) / sum(by[(t, n, 'n')]):.0f}%" for (t, n, *rest), v in by.items() if not rest]
+    return ", ".join(parts)
+
+
+def plot(payload: dict[str, Any], out_dir: Path) -> None:
+    """Needle heatmaps (accuracy by length x depth, one per method) and accuracy-by-length curves per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["results"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    needle = [r for r in rows if r["task"] == "needle"]
+    lengths = sorted({r["context_tokens"] for r in needle})
+    depths = sorted({r["depth"] for r in needle})
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        grid = torch.full((len(depths), len(lengths)), float("nan"))
+        for r in needle:
+            if r["method"] == method:
+                grid[depths.index(r["depth"]), lengths.index(r["context_tokens"])] = r["accuracy"]
+        ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{int(100 * d)}%" for d in depths])
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("context tokens")
+    axes[0][0].set_ylabel("needle depth")
+    fig.suptitle(f"needle accuracy (chance {100 * payload['chance']['needle']:.0f}%)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "long_context_needle.png", dpi=110)
+    plt.close(fig)
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in methods:
+            pts: dict[int, list[float]] = {}
+            for r in rows:
+                if r["task"] == task and r["method"] == method:
+                    pts.setdefault(r["context_tokens"], []).extend([r["accuracy"]] * r["n"])
+            xs = sorted(pts)
+            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=method)
+        ax.axhline(payload["chance"][task], color="grey", ls="--", lw=1, label="chance")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(task)
+        ax.set_xlabel("context tokens")
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "long_context_by_length.png", dpi=110)
+    plt.close(fig)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.long_context", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small model, lengths 512-8192, 10 examples each (minutes)")
+    p.add_argument("--corpus-dir", default=Q.CORPUS_DIR)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    p.add_argument("--hmt-steps", type=int, default=None)
+    p.add_argument("--pretrain-steps", type=int, default=None)
+    p.add_argument("--max-train-segments", type=int, default=None)
+    p.add_argument("--recall-query", choices=("segment", "previous"), default=None)
+    p.add_argument("--all-token-loss", action="store_true", help="train HMT on every token, not only the answer")
+    p.add_argument("--seed", type=int, default=0)
+    C.add_output_arguments(p)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    overrides: dict[str, Any] = {"corpus_dir": args.corpus_dir, "seed": args.seed}
+    for key in ("threads", "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.methods:
+        overrides["methods"] = tuple(args.methods)
+    if args.all_token_loss:
+        overrides["answer_only_loss"] = False
+    s = quick(**overrides) if args.quick else replace(Settings(), **overrides)
+    if not Q.list_documents(s.corpus_dir):
+        print(Q.missing_corpus_message(s.corpus_dir), file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, s.threads))
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    command = "PYTHONPATH=. python -m benchmarks.long_context" + "".join(
+        " " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    run(s, command, C.output_dir(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""The long-context tasks: deterministic, evidence at the requested depth, one-token answers, chance computed right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import long_context_tasks as T
+from benchmarks import quality as Q
+
+TEXT = (
+    "The interpreter reads a module, compiles it to bytecode and runs it. Functions are objects; a class "
+    "defines attributes and methods. The standard library offers modules for files, text, numbers and time. "
+) * 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Q.train_tokenizer([TEXT, T.task_sentences(repeats=5)], vocab_size=600)
+
+
+@pytest.fixture(scope="module")
+def stream(tok):
+    return tok(TEXT, add_special_tokens=False).input_ids
+
+
+def test_answers_are_single_tokens_and_chance_is_one_over_candidates(tok, stream) -> None:
+    vocab = T.Vocab.of(tok)
+    examples = T.make_examples("needle", tok, stream, vocab, 300, 10, seed=0)
+    for e in examples:
+        assert all(len(tok(c, add_special_tokens=False).input_ids) == 1 for c in e["choices"])
+    assert T.chance(examples) == pytest.approx(1 / len(vocab.keys))
+
+
+@pytest.mark.parametrize("task", ["needle", "facts_qa1", "facts_qa2"])
+def test_generation_is_deterministic_and_spreads_depths(tok, stream, task) -> None:
+    vocab = T.Vocab.of(tok)
+    a = T.make_examples(task, tok, stream, vocab, 400, 10, seed=3)
+    b = T.make_examples(task, tok, stream, vocab, 400, 10, seed=3)
+    assert a == b
+    assert sorted({e["depth"] for e in a}) == list(T.DEPTHS)
+    for e in a:
+        n = len(tok(e["context"], add_special_tokens=False).input_ids)
+        assert abs(n - 400) <= 12  # decode/re-encode may merge a few tokens at the seams
+
+
+@pytest.mark.parametrize("depth", T.DEPTHS)
+def test_needle_sits_at_the_requested_depth(tok, stream, depth) -> None:
+    import random
+
+    vocab = T.Vocab.of(tok)
+    e = T.needle_example(tok, stream, vocab, 1000, depth, random.Random(0))
+    key = e["choices"][e["answer"]].strip()
+    position = e["context"].index(f"The secret word is {key}.") / len(e["context"])
+    assert abs(position - depth) < 0.1
+    assert e["context"].endswith("What is the secret word? The secret word is")
+
+
+def test_facts_answer_is_the_last_place_of_the_asked_person(tok, stream) -> None:
+    import random
+    import re
+
+    vocab = T.Vocab.of(tok)
+    for seed in range(20):
+        e = T.facts_example(tok, stream, vocab, 600, 0.5, random.Random(seed), kind="qa1")
+        who = re.search(r"Where is (\w+)\?", e["context"]).group(1)
+        moves = re.findall(rf"{who} went to the (\w+)\.", e["context"])
+        assert e["choices"][e["answer"]].strip() == moves[-1]
+        e2 = T.facts_example(tok, stream, vocab, 600, 0.75, random.Random(seed), kind="qa2")
+        obj = re.search(r"Where is the (\w+)\?", e2["context"]).group(1)
+        holder = re.search(rf"(\w+) picked up the {obj}\.", e2["context"]).group(1)
+        assert e2["choices"][e2["answer"]].strip() == re.findall(rf"{holder} went to the (\w+)\.", e2["context"])[-1]
+
+
+def test_written_task_is_an_lm_eval_multiple_choice_task(tok, stream, tmp_path) -> None:
+    vocab = T.Vocab.of(tok)
+    examples = T.make_examples("needle", tok, stream, vocab, 200, 3, seed=0)
+    path = T.write_task(tmp_path, "lc_needle_200", examples)
+    text = path.read_text()
+    assert "output_type: multiple_choice" in text and str(tmp_path / "lc_needle_200.jsonl") in text
+    rows = [json.loads(line) for line in (tmp_path / "lc_needle_200.jsonl").read_text().splitlines()]
+    assert rows == examples
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    assert "lc_needle_200" in TaskManager(include_path=str(tmp_path)).all_tasks
