@@ -53,10 +53,12 @@ class Settings:
     num_layers: int = 4
     num_heads: int = 4
     segment_length: int = 128
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 6000
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
-    episode_fraction: float = 0.3  # windows of pretraining that are in-window task episodes
+    episode_fraction: float = 0.5  # windows of pretraining that are in-window task episodes
+    pretrain_check_every: int = 250
+    target_in_window: float = 0.95  # pretraining stops once the backbone answers this share of in-window needles
     num_sensory: int = 16
     recall_dim: int = 256
     recall_query: str = "segment"
@@ -73,7 +75,7 @@ class Settings:
 
 
 def quick(**overrides: Any) -> Settings:
-    base = dict(vocab_size=2048, hidden_size=128, num_layers=3, num_heads=4, segment_length=64, pretrain_steps=500,
+    base = dict(vocab_size=2048, hidden_size=128, num_layers=3, num_heads=4, segment_length=64, pretrain_steps=3000,
                 num_sensory=8, recall_dim=128, hmt_steps=200, max_train_segments=8, needle_lengths=(512, 2048, 8192),
                 facts_lengths=(512, 2048), examples=10, examples_longest=10, threads=1)
     base.update(overrides)
@@ -96,19 +98,35 @@ def random_episode(tokenizer, stream, vocab, length: int, rng: random.Random) ->
     return T.facts_example(tokenizer, stream, vocab, length, depth, rng, kind=task.split("_")[1])
 
 
-def pretrain(model, tokenizer, stream: torch.Tensor, vocab, s: Settings) -> list[float]:
-    """Short windows of the corpus; a fraction of them are whole task episodes that fit in the window."""
+@torch.no_grad()
+def in_window_accuracy(model, tokenizer, examples: list[dict[str, Any]]) -> float:
+    """Share of in-window episodes whose answer is the argmax over the candidates at the last position."""
+    model.eval()
+    hits = 0
+    for e in examples:
+        ids = torch.tensor([tokenizer(e["context"], add_special_tokens=False).input_ids])
+        logits = model(input_ids=ids).logits[0, -1]
+        cands = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in e["choices"]]
+        hits += int(max(range(len(cands)), key=lambda i: logits[cands[i]].item()) == e["answer"])
+    model.train()
+    return hits / len(examples)
+
+
+def pretrain(model, tokenizer, stream: torch.Tensor, vocab, s: Settings, log) -> dict[str, Any]:
+    """Short windows of the corpus, a fraction of them whole task episodes that fit in the window, until the
+    backbone answers held-in-window needles (``target_in_window``) or ``pretrain_steps`` run out."""
     rng = random.Random(s.seed + 11)
     gen = torch.Generator().manual_seed(s.seed + 1)
     filler = stream.tolist()
     window = s.segment_length
+    probe_rng = random.Random(s.seed + 12)
+    probe = [T.needle_example(tokenizer, filler, vocab, window - 2, probe_rng.random(), probe_rng) for _ in range(64)]
     optim = torch.optim.AdamW(model.parameters(), lr=s.pretrain_lr, weight_decay=0.1, betas=(0.9, 0.95))
-    warmup = max(1, s.pretrain_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / warmup) * max(
-        0.1, 1 - step / s.pretrain_steps))
+    warmup = max(1, s.pretrain_steps // 50)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / warmup))
     model.train()
-    losses = []
-    for _ in range(s.pretrain_steps):
+    losses, curve = [], []
+    for step in range(1, s.pretrain_steps + 1):
         rows = []
         for _ in range(s.pretrain_batch):
             if rng.random() < s.episode_fraction:
@@ -120,16 +138,21 @@ def pretrain(model, tokenizer, stream: torch.Tensor, vocab, s: Settings) -> list
                 ids = stream[start : start + window].tolist()
             rows.append(ids)
         batch = torch.tensor(rows)
-        labels = batch.masked_fill(batch == 0, -100)
-        loss = model(input_ids=batch, labels=labels).loss
+        loss = model(input_ids=batch, labels=batch.masked_fill(batch == 0, -100)).loss
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         sched.step()
         losses.append(loss.item())
+        if step % s.pretrain_check_every == 0 or step == s.pretrain_steps:
+            acc = in_window_accuracy(model, tokenizer, probe)
+            curve.append({"step": step, "loss": sum(losses[-20:]) / len(losses[-20:]), "needle_in_window": acc})
+            log(f"pretraining step {step}: loss {curve[-1]['loss']:.2f}, in-window needle accuracy {100 * acc:.0f}%")
+            if acc >= s.target_in_window:
+                break
     model.eval().requires_grad_(False)
-    return losses
+    return {"losses": losses[::10], "curve": curve, "steps": step}
 
 
 def train_dataset(tokenizer, stream, vocab, s: Settings):
@@ -226,9 +249,8 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
 
     backbone = C.llama(len(tokenizer), s.hidden_size, s.num_layers, s.num_heads, (s.hidden_size * 8 // 3 + 31) // 32 * 32,
                        4 * s.segment_length, True, seed=s.seed, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    pre_losses = pretrain(backbone, tokenizer, train_stream, vocab, s)
-    log(f"backbone pretrained on {s.segment_length}-token windows: loss {pre_losses[0]:.2f} -> "
-        f"{sum(pre_losses[-20:]) / 20:.2f}")
+    pre = pretrain(backbone, tokenizer, train_stream, vocab, s, log)
+    log(f"backbone pretrained on {s.segment_length}-token windows for {pre['steps']} steps")
 
     task_dir = out_dir / "long_context_tasks"
     names, chance = [], {}
@@ -264,7 +286,7 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
         backbone = model.unload()  # the bare (frozen) backbone again for the next variant
 
     payload = {"command": command, "machine": C.machine_info("cpu"), "settings": asdict(s), "chance": chance,
-               "backbone_in_window": in_window_rows, "pretrain_loss": pre_losses[::10], "hmt_train_loss": train_logs,
+               "backbone_in_window": in_window_rows, "pretraining": pre, "hmt_train_loss": train_logs,
                "results": results, "seconds": time.perf_counter() - start}
     path = C.write_json(out_dir / "long_context.json", payload)
     plot(payload, out_dir)
