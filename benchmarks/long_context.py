@@ -75,7 +75,8 @@ class Settings:
 
 
 def quick(**overrides: Any) -> Settings:
-    base = dict(vocab_size=2048, hidden_size=128, num_layers=3, num_heads=4, segment_length=64, pretrain_steps=3000,
+    base = dict(vocab_size=2048, hidden_size=192, num_layers=4, num_heads=4, segment_length=64, pretrain_steps=4000,
+                episode_fraction=0.8, pretrain_lr=3e-3,
                 num_sensory=8, recall_dim=128, hmt_steps=200, max_train_segments=8, needle_lengths=(512, 2048, 8192),
                 facts_lengths=(512, 2048), examples=10, examples_longest=10, threads=1)
     base.update(overrides)
