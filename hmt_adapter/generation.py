@@ -24,10 +24,11 @@ the same output as inside a padded batch).
 Supported options: greedy and sampling (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ...) and
 the other logits processors transformers builds from a `GenerationConfig` (repetition penalty, min_new_tokens,
 bad_words_ids, ...), ``logits_processor``, ``stopping_criteria``, ``eos_token_id`` (per row; finished rows are
-padded with ``pad_token_id``), ``num_return_sequences``, ``max_new_tokens`` / ``max_length``. Not supported (a
-`ValueError` says so): beam search (``num_beams > 1``), assisted / prompt-lookup / contrastive decoding,
-``streamer``, ``return_dict_in_generate`` and per-step score outputs, ``inputs_embeds``, classifier-free guidance,
-``stop_strings``.
+padded with ``pad_token_id``), ``num_return_sequences``, ``max_new_tokens`` / ``max_length``, ``streamer``
+(``TextStreamer`` / ``TextIteratorStreamer``; one sequence), ``stop_strings`` (with ``tokenizer=``),
+``return_dict_in_generate`` with ``output_scores`` / ``output_logits``. Not supported (a `ValueError` says so):
+beam search (``num_beams > 1``), assisted / prompt-lookup / contrastive decoding, ``inputs_embeds``,
+classifier-free guidance, attentions and hidden states.
 """
 
 from __future__ import annotations
@@ -37,15 +38,14 @@ from typing import Any, Optional
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .segments import check_inputs
 from .engine import feed_tokens, flush, new_state
 
 _UNSUPPORTED_KWARGS = {
-    "streamer": "streamer objects",
     "assistant_model": "assisted decoding",
     "assistant_tokenizer": "assisted decoding",
-    "tokenizer": "stop strings (`tokenizer`)",
     "inputs_embeds": "`inputs_embeds` (pass input_ids)",
     "past_key_values": "`past_key_values` (HMT keeps its own per-segment cache)",
     "prefix_allowed_tokens_fn": "`prefix_allowed_tokens_fn`",
@@ -70,11 +70,9 @@ def _check_config(cfg: GenerationConfig) -> None:
         refused.append("self-speculative decoding (assistant_early_exit)")
     if getattr(cfg, "guidance_scale", None) not in (None, 1, 1.0):
         refused.append("classifier-free guidance (guidance_scale)")
-    if getattr(cfg, "stop_strings", None):
-        refused.append("stop_strings (use eos_token_id or stopping_criteria)")
-    for flag in ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states"):
+    for flag in ("output_attentions", "output_hidden_states"):
         if getattr(cfg, flag, False):
-            refused.append(f"{flag}=True (generate returns the sequences tensor)")
+            refused.append(f"{flag}=True (HMT's segment passes return neither)")
     if refused:
         raise ValueError("HMT generation does not support: " + "; ".join(refused) + ".")
 
@@ -91,6 +89,8 @@ def _prepare(hmt_model, input_ids, attention_mask, generation_config, kwargs):
             raise ValueError(f"HMT generation does not support {what}.")
     logits_processor = kwargs.pop("logits_processor", None) or LogitsProcessorList()
     stopping_criteria = kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
+    streamer = kwargs.pop("streamer", None)
+    tokenizer = kwargs.pop("tokenizer", None)
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):
         raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(generation_config).__name__}.")
     cfg = copy.deepcopy(generation_config if generation_config is not None else base.generation_config)
@@ -99,6 +99,12 @@ def _prepare(hmt_model, input_ids, attention_mask, generation_config, kwargs):
     if unused:
         raise ValueError(f"HMT generation got arguments it does not use: {sorted(unused)}.")
     _check_config(cfg)
+    if cfg.stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer).")
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        stopping_criteria = StoppingCriteriaList([*stopping_criteria, StopStringCriteria(tokenizer, cfg.stop_strings)])
     if input_ids is None:
         raise ValueError("HMT generation needs `input_ids` (batch_size, prompt_length): it cannot start from nothing.")
     check_inputs(input_ids, None, attention_mask)
@@ -110,7 +116,9 @@ def _prepare(hmt_model, input_ids, attention_mask, generation_config, kwargs):
             check_inputs(input_ids, None, attention_mask)
         else:
             attention_mask = torch.ones_like(input_ids)
-    return cfg, input_ids, attention_mask, logits_processor, stopping_criteria
+    if streamer is not None and input_ids.shape[0] * int(cfg.num_return_sequences or 1) != 1:
+        raise ValueError("A streamer needs one sequence (batch size 1, num_return_sequences=1), as in transformers.")
+    return cfg, input_ids, attention_mask, logits_processor, stopping_criteria, streamer
 
 
 def _new_token_budget(cfg: GenerationConfig, prompt_len: int) -> int:
@@ -146,9 +154,11 @@ def generate(
 
     Returns:
         (B * num_return_sequences, T + N) int64: the prompts as given followed by the N new tokens (rows that
-        stopped early are padded with ``pad_token_id``), like transformers' ``generate``.
+        stopped early are padded with ``pad_token_id``), like transformers' ``generate``; with
+        ``return_dict_in_generate=True`` a `GenerateDecoderOnlyOutput` whose ``scores`` / ``logits`` (with
+        ``output_scores`` / ``output_logits``) hold one (B, V) float32 tensor per new token (processed / raw).
     """
-    cfg, input_ids, attention_mask, extra_processors, criteria = _prepare(
+    cfg, input_ids, attention_mask, extra_processors, criteria, streamer = _prepare(
         hmt_model, input_ids, attention_mask, generation_config, kwargs
     )
     base = hmt_model.model
@@ -192,8 +202,16 @@ def generate(
 
     sequences = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    step_scores: list[torch.Tensor] = []
+    step_logits: list[torch.Tensor] = []
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     for step in range(budget):
+        if cfg.output_logits:
+            step_logits.append(last_logits.clone())
         scores = processors(sequences, last_logits)
+        if cfg.output_scores:
+            step_scores.append(scores.clone())
         if cfg.do_sample:
             next_tokens = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
         else:
@@ -201,6 +219,8 @@ def generate(
         if pad is not None:
             next_tokens = torch.where(finished, pad.to(next_tokens.dtype), next_tokens)
         sequences = torch.cat([sequences, next_tokens.unsqueeze(1)], dim=1)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
         if eos is not None:
             finished = finished | torch.isin(next_tokens, eos)
         if len(criteria):
@@ -213,4 +233,12 @@ def generate(
             hidden = feed_tokens(runner, state, next_tokens[rows].unsqueeze(1), keep="last")
             hidden = flush(runner, state, keep="last") or hidden  # a roll-over: fix the new segment's query now
             last_logits[rows] = runner.bb.logits(hidden[-1][:, -1]).float()
-    return sequences
+    if streamer is not None:
+        streamer.end()
+    if not cfg.return_dict_in_generate:
+        return sequences
+    return GenerateDecoderOnlyOutput(
+        sequences=sequences,
+        scores=tuple(step_scores) if cfg.output_scores else None,
+        logits=tuple(step_logits) if cfg.output_logits else None,
+    )

@@ -119,10 +119,12 @@ def test_unsupported_options_are_refused():
     ids = torch.randint(4, 128, (1, 5))
     with pytest.raises(ValueError, match="beam search"):
         model.generate(input_ids=ids, max_new_tokens=3, num_beams=2)
-    with pytest.raises(ValueError, match="streamer"):
-        model.generate(input_ids=ids, max_new_tokens=3, streamer=TextStreamer(testing.tiny_tokenizer()))
-    with pytest.raises(ValueError, match="return_dict_in_generate"):
-        model.generate(input_ids=ids, max_new_tokens=3, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="streamer"):  # one sequence only, as in transformers
+        model.generate(input_ids=ids.repeat(2, 1), max_new_tokens=3, streamer=TextStreamer(testing.tiny_tokenizer()))
+    with pytest.raises(ValueError, match="output_attentions"):
+        model.generate(input_ids=ids, max_new_tokens=3, return_dict_in_generate=True, output_attentions=True)
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(input_ids=ids, max_new_tokens=3, stop_strings=["cat"])
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(input_ids=torch.randint(4, 128, (1, 30)), max_length=20)
     with pytest.raises(ValueError, match="does not use"):
