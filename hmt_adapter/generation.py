@@ -26,9 +26,10 @@ the other logits processors transformers builds from a `GenerationConfig` (repet
 bad_words_ids, ...), ``logits_processor``, ``stopping_criteria``, ``eos_token_id`` (per row; finished rows are
 padded with ``pad_token_id``), ``num_return_sequences``, ``max_new_tokens`` / ``max_length``, ``streamer``
 (``TextStreamer`` / ``TextIteratorStreamer``; one sequence), ``stop_strings`` (with ``tokenizer=``),
-``return_dict_in_generate`` with ``output_scores`` / ``output_logits``. Not supported (a `ValueError` says so):
-beam search (``num_beams > 1``), assisted / prompt-lookup / contrastive decoding, ``inputs_embeds``,
-classifier-free guidance, attentions and hidden states.
+``return_dict_in_generate`` with ``output_scores`` / ``output_logits``, beam search (``num_beams``,
+``length_penalty``, ``early_stopping``, ``num_return_sequences``; `hmt_adapter.beam_search`: each beam carries its
+own memory state). Not supported (a `ValueError` says so): beam sampling, group beam search, assisted /
+prompt-lookup / contrastive decoding, ``inputs_embeds``, classifier-free guidance, attentions and hidden states.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .segments import check_inputs
 from .engine import feed_tokens, flush, new_state
+from .engine.incremental import select_rows
 
 _UNSUPPORTED_KWARGS = {
     "assistant_model": "assisted decoding",
@@ -58,8 +60,6 @@ _UNSUPPORTED_KWARGS = {
 def _check_config(cfg: GenerationConfig) -> None:
     """Refuse generation modes HMT generation does not implement, saying which."""
     refused = []
-    if (cfg.num_beams or 1) > 1:
-        refused.append(f"beam search (num_beams={cfg.num_beams}); use num_beams=1")
     if getattr(cfg, "num_beam_groups", 1) not in (None, 1):
         refused.append("group beam search (num_beam_groups > 1)")
     if getattr(cfg, "penalty_alpha", None):
@@ -136,6 +136,53 @@ def _new_token_budget(cfg: GenerationConfig, prompt_len: int) -> int:
     return budget
 
 
+class Decoder:
+    """The HMT memory state of every row being decoded, and the logits of each row's next token.
+
+    Rows with the same real prompt length advance in lock-step as one group (one stream state); a batch of B
+    distinct lengths costs B backbone calls per new token. ``logits`` (B, V) float32 are the next-token logits.
+    """
+
+    def __init__(self, runner, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.runner = runner
+        mask = attention_mask.bool()
+        lengths = mask.sum(dim=1)
+        self.groups = []  # (rows, state)
+        self.logits = None
+        for length in torch.unique(lengths).tolist():
+            rows = (lengths == length).nonzero().flatten()
+            prompt = torch.stack([input_ids[r][mask[r]] for r in rows.tolist()])  # (G, length), real tokens
+            state = new_state(runner, rows.numel(), input_ids.device)
+            hidden = feed_tokens(runner, state, prompt, keep="last")
+            hidden = flush(runner, state, keep="last") or hidden  # fix the open segment's query with the prompt's part
+            logits = runner.bb.logits(hidden[-1][:, -1]).float()  # (G, V)
+            if self.logits is None:
+                self.logits = logits.new_zeros(input_ids.shape[0], logits.shape[-1])
+            self.logits[rows] = logits
+            self.groups.append((rows, state))
+
+    def advance(self, next_tokens: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Feed one token per row (B,); groups with no active row are skipped. Returns the new logits (B, V)."""
+        for rows, state in self.groups:
+            if active is not None and not bool(active[rows].any()):
+                continue  # the whole group is done: its logits are no longer read
+            hidden = feed_tokens(self.runner, state, next_tokens[rows].unsqueeze(1), keep="last")
+            hidden = flush(self.runner, state, keep="last") or hidden  # a roll-over: fix the new segment's query
+            self.logits[rows] = self.runner.bb.logits(hidden[-1][:, -1]).float()
+        return self.logits
+
+    def reorder(self, source: torch.Tensor) -> None:
+        """Row r takes the state and logits of row ``source[r]`` (beam search); sources stay in r's group."""
+        for rows, state in self.groups:
+            position = torch.full((source.numel(),), -1, dtype=torch.long, device=source.device)
+            position[rows] = torch.arange(rows.numel(), device=source.device)
+            local = position[source[rows]]
+            if bool((local < 0).any()):
+                raise ValueError("beam search reordered a row across prompts of different lengths")
+            select_rows(state, local)
+        self.logits = self.logits[source]
+
+
 @torch.no_grad()
 def generate(
     hmt_model,
@@ -163,8 +210,9 @@ def generate(
     )
     base = hmt_model.model
     device = input_ids.device
-    repeats = int(cfg.num_return_sequences or 1)
-    if repeats > 1:  # (greedy copies are identical, as in transformers)
+    beams = int(cfg.num_beams or 1)
+    repeats = beams if beams > 1 else int(cfg.num_return_sequences or 1)
+    if repeats > 1:  # beams, or num_return_sequences copies (greedy copies are identical, as in transformers)
         input_ids = input_ids.repeat_interleave(repeats, dim=0)
         attention_mask = attention_mask.repeat_interleave(repeats, dim=0)
     batch, prompt_len = input_ids.shape
@@ -183,23 +231,12 @@ def generate(
     if eos is not None and pad is None:
         raise ValueError("Set pad_token_id (rows that reach eos_token_id are padded with it).")
 
-    runner = hmt_model.runner()
-    mask = attention_mask.bool()
-    lengths = mask.sum(dim=1)
-    groups = []  # (rows, state): rows with the same real prompt length advance together
-    last_logits = None
-    for length in torch.unique(lengths).tolist():
-        rows = (lengths == length).nonzero().flatten()
-        prompt = torch.stack([input_ids[r][mask[r]] for r in rows.tolist()])  # (G, length), real tokens in order
-        state = new_state(runner, rows.numel(), device)
-        hidden = feed_tokens(runner, state, prompt, keep="last")
-        hidden = flush(runner, state, keep="last") or hidden  # fix the open segment's query with the prompt's part
-        logits = runner.bb.logits(hidden[-1][:, -1]).float()  # (G, V)
-        if last_logits is None:
-            last_logits = logits.new_zeros(batch, logits.shape[-1])
-        last_logits[rows] = logits
-        groups.append((rows, state))
+    rows = Decoder(hmt_model.runner(), input_ids, attention_mask)
+    if (cfg.num_beams or 1) > 1:
+        from .beam_search import beam_search
 
+        return beam_search(rows, input_ids, cfg, processors, criteria, budget, eos, pad, streamer)
+    last_logits = rows.logits
     sequences = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     step_scores: list[torch.Tensor] = []
@@ -227,12 +264,7 @@ def generate(
             finished = finished | criteria(sequences, scores)
         if bool(finished.all()) or step == budget - 1:
             break
-        for rows, state in groups:
-            if bool(finished[rows].all()):
-                continue  # the whole group is done: its logits are no longer read
-            hidden = feed_tokens(runner, state, next_tokens[rows].unsqueeze(1), keep="last")
-            hidden = flush(runner, state, keep="last") or hidden  # a roll-over: fix the new segment's query now
-            last_logits[rows] = runner.bb.logits(hidden[-1][:, -1]).float()
+        last_logits = rows.advance(next_tokens, active=~finished)
     if streamer is not None:
         streamer.end()
     if not cfg.return_dict_in_generate:

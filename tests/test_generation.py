@@ -117,8 +117,10 @@ def test_sampling_options_and_num_return_sequences():
 def test_unsupported_options_are_refused():
     model = make_model("segment")
     ids = torch.randint(4, 128, (1, 5))
-    with pytest.raises(ValueError, match="beam search"):
-        model.generate(input_ids=ids, max_new_tokens=3, num_beams=2)
+    with pytest.raises(ValueError, match="Beam sampling"):
+        model.generate(input_ids=ids, max_new_tokens=3, num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="streamer"):
+        model.generate(input_ids=ids, max_new_tokens=3, num_beams=2, streamer=TextStreamer(testing.tiny_tokenizer()))
     with pytest.raises(ValueError, match="streamer"):  # one sequence only, as in transformers
         model.generate(input_ids=ids.repeat(2, 1), max_new_tokens=3, streamer=TextStreamer(testing.tiny_tokenizer()))
     with pytest.raises(ValueError, match="output_attentions"):

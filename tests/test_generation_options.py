@@ -93,3 +93,70 @@ def test_text_generation_pipeline_runs_hmt() -> None:
     expected = model.generate(input_ids=ids, generation_config=GenerationConfig(max_new_tokens=5, do_sample=False),
                               pad_token_id=0)
     assert text == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _restricted(allowed: list[int]):
+    """A logits processor that leaves only ``allowed`` tokens (a tiny vocabulary for exhaustive search)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Only(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            mask = torch.full_like(scores, float("-inf"))
+            mask[:, allowed] = 0
+            return scores + mask
+
+    return LogitsProcessorList([Only()])
+
+
+def test_one_beam_is_greedy() -> None:
+    model = fixtures.perturbed_hmt_model(recall_query="previous")
+    ids = torch.randint(4, 128, (2, 11))
+    greedy = model.generate(input_ids=ids, max_new_tokens=SEG + 3, do_sample=False, eos_token_id=None)
+    beam1 = model.generate(input_ids=ids, max_new_tokens=SEG + 3, do_sample=False, eos_token_id=None, num_beams=1)
+    assert torch.equal(greedy, beam1)
+
+
+def test_beam_search_across_a_roll_over_equals_brute_force() -> None:
+    import itertools
+
+    model = fixtures.perturbed_hmt_model(recall_query="previous")
+    allowed = [5, 9, 17]
+    ids = torch.randint(4, 128, (1, SEG - 1), generator=torch.Generator().manual_seed(7))  # a border after 1 token
+    out = model.generate(input_ids=ids, max_new_tokens=3, num_beams=9, num_return_sequences=3, do_sample=False,
+                         eos_token_id=None, length_penalty=0.0, logits_processor=_restricted(allowed),
+                         return_dict_in_generate=True)
+    best = []
+    for cont in itertools.product(allowed, repeat=3):
+        seq = torch.cat([ids, torch.tensor([cont])], dim=1)
+        with torch.no_grad():
+            logp = model(input_ids=seq).logits[0].float().log_softmax(-1)
+        best.append((sum(logp[ids.shape[1] - 1 + i, t].item() for i, t in enumerate(cont)), cont))
+    best.sort(reverse=True)
+    assert [tuple(row[ids.shape[1]:].tolist()) for row in out.sequences] == [c for _, c in best[:3]]
+    torch.testing.assert_close(out.sequences_scores, torch.tensor([s for s, _ in best[:3]]), atol=1e-4, rtol=1e-4)
+
+
+def test_beam_search_batch_of_different_lengths_equals_each_prompt_alone() -> None:
+    model = fixtures.perturbed_hmt_model(recall_query="previous")
+    a, b = torch.randint(4, 128, (1, 13)), torch.randint(4, 128, (1, 6))
+    kw = dict(max_new_tokens=SEG + 2, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    batch = torch.zeros(2, 13, dtype=torch.long)
+    batch[0], batch[1, 7:] = a[0], b[0]
+    mask = (torch.arange(13) >= torch.tensor([[0], [7]])).long()
+    together = model.generate(input_ids=batch, attention_mask=mask, **kw)
+    assert torch.equal(together[0, 13:], model.generate(input_ids=a, **kw)[0, 13:])
+    assert torch.equal(together[1, 13:], model.generate(input_ids=b, **kw)[0, 6:])
+
+
+def test_beam_search_with_eos_returns_finished_hypotheses() -> None:
+    model = fixtures.perturbed_hmt_model(recall_query="previous")
+    ids = torch.randint(4, 128, (1, 9))
+    free = model.generate(input_ids=ids, max_new_tokens=6, num_beams=2, do_sample=False, eos_token_id=None)
+    eos = int(free[0, ids.shape[1] + 2])  # the third token of the best unconstrained beam
+    out = model.generate(input_ids=ids, max_new_tokens=6, num_beams=2, num_return_sequences=2, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)
+    assert out.shape[0] == 2
+    for row in out:
+        new = row[ids.shape[1]:].tolist()
+        if eos in new:  # a finished hypothesis ends at its EOS, then padding
+            assert all(t == 0 for t in new[new.index(eos) + 1 :])

@@ -201,3 +201,17 @@ def flush(runner: HMTRunner, state: HMTStreamState, keep: str = "all") -> list[t
         return []
     piece = _keep(_run_pending(runner, state), keep)
     return [] if piece is None or piece.shape[1] == 0 else [piece]
+
+
+def select_rows(state: HMTStreamState, index: torch.Tensor) -> None:
+    """Keep the rows ``index`` (R,) of a stream, in that order, in place (beam search reorders beams this way)."""
+    carry = state.carry
+    cache = carry.cache
+    cache.values = [v[index] for v in cache.values]
+    cache.keys = [None if k is None else k[index] for k in cache.keys]
+    last = None if carry.last_memory is None else carry.last_memory[index]
+    state.carry = MemoryState(carry.segment, carry.sensory[index], last, cache)
+    state.pending = state.pending[index]
+    state.memory = None if state.memory is None else state.memory[index]
+    if state.kv is not None:
+        state.kv.reorder_cache(index)
