@@ -22,7 +22,17 @@ from .config import HMTConfig
 
 
 class HMTTunerLayer(BaseTunerLayer):
-    """Marker base of every layer an HMT adapter injects (`HMTModel.tuner_layer_cls`)."""
+    """Base of every layer an HMT adapter injects (`HMTModel.tuner_layer_cls`). None of them can be merged into
+    the backbone: HMT's memory is computed at run time and has no merged form."""
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise ValueError(
+            "HMT cannot be merged into the backbone's weights (LoRA part included): its memory is computed at run "
+            "time. Keep the adapter attached, or call `unload()` to get the plain backbone back."
+        )
+
+    def unmerge(self) -> None:
+        return None
 
 
 def _adapter_factory(base_weight: torch.Tensor) -> dict:
@@ -121,15 +131,6 @@ class HMTLayer(nn.Module, HMTTunerLayer):
                     proj.weight.copy_(torch.eye(d, **factory))
                 self.hmt_memory_proj[adapter_name] = proj
         self.set_adapter(self.active_adapters)
-
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        raise ValueError(
-            "HMT cannot be merged into the backbone's weights: its memory is computed at run time. "
-            "Keep the adapter attached (or call `unload()` to get the plain backbone back)."
-        )
-
-    def unmerge(self) -> None:
-        return None
 
     def __repr__(self) -> str:
         return "hmt." + super().__repr__()  # PEFT's get_layer_status reads the module type from here

@@ -9,7 +9,7 @@ saves as ``peft_type: LORA``, freezes/deletes separately, and whose parameters l
 The layer computes ``base(x) + B(A(dropout(x))) * lora_alpha / lora_r`` with A (r x in) initialised like
 PEFT's default (Kaiming-uniform) and B (out x r) at zero, so a new adapter starts as the identity on the backbone.
 It wraps ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and bitsandbytes' ``Linear4bit`` (any module whose
-forward maps (..., in) -> (..., out)). It cannot be merged into the backbone: HMT's memory has no merged form.
+forward maps (..., in) -> (..., out)). Like every HMT layer it cannot be merged (`HMTTunerLayer.merge`).
 """
 
 from __future__ import annotations
@@ -130,15 +130,6 @@ class HMTLoraLinear(nn.Module, HMTTunerLayer):
             update = self.hmt_lora_B[name](a(self.hmt_lora_dropout[name](x.to(a.weight.dtype))))
             result = result + (update * self.hmt_lora_scaling[name]).to(result.dtype)
         return result
-
-    def merge(self, safe_merge: bool = False, adapter_names: Any = None) -> None:
-        raise ValueError(
-            "An HMT adapter's LoRA part cannot be merged on its own: HMT's memory has no merged form. Keep the adapter "
-            "attached, or call `unload()` to get the plain backbone back."
-        )
-
-    def unmerge(self) -> None:
-        return None
 
     def __repr__(self) -> str:
         return "hmt." + super().__repr__()
