@@ -242,7 +242,7 @@ def generate(
     step_scores: list[torch.Tensor] = []
     step_logits: list[torch.Tensor] = []
     if streamer is not None:
-        streamer.put(input_ids.cpu())
+        streamer.put(input_ids.cpu())  # allowed: transformers' streamer protocol hands over CPU tensors
     for step in range(budget):
         if cfg.output_logits:
             step_logits.append(last_logits.clone())
@@ -257,7 +257,7 @@ def generate(
             next_tokens = torch.where(finished, pad.to(next_tokens.dtype), next_tokens)
         sequences = torch.cat([sequences, next_tokens.unsqueeze(1)], dim=1)
         if streamer is not None:
-            streamer.put(next_tokens.cpu())
+            streamer.put(next_tokens.cpu())  # allowed: as transformers does
         if eos is not None:
             finished = finished | torch.isin(next_tokens, eos)
         if len(criteria):

@@ -161,7 +161,7 @@ def save_state(state: HMTStreamState, path: str) -> None:
         "released": state.kv_tokens if state.memory is not None else 0,
         "tokens_seen": state.tokens_seen,
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}  # allowed: written to a file
     save_file(tensors, str(path), metadata={"hmt_stream_state": json.dumps(header)})
 
 
