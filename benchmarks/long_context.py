@@ -363,6 +363,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     p.add_argument("--hmt-steps", type=int, default=None)
     p.add_argument("--pretrain-steps", type=int, default=None)
+    p.add_argument("--pretrain-lr", type=float, default=None)
+    p.add_argument("--episode-fraction", type=float, default=None, help="share of pretraining windows that are episodes")
+    p.add_argument("--hidden-size", type=int, default=None)
+    p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--max-train-segments", type=int, default=None)
     p.add_argument("--recall-query", choices=("segment", "previous"), default=None)
     p.add_argument("--all-token-loss", action="store_true", help="train HMT on every token, not only the answer")
@@ -374,7 +378,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     overrides: dict[str, Any] = {"corpus_dir": args.corpus_dir, "seed": args.seed}
-    for key in ("threads", "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query"):
+    for key in ("threads", "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr",
+                "episode_fraction", "hidden_size", "num_layers"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.methods:
