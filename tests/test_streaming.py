@@ -192,3 +192,21 @@ def test_chunked_feeding_other_backbones(model_type):
     model = peft.get_peft_model(testing.tiny_causal_lm(model_type), config).eval()
     ids = torch.randint(4, 128, (1, 3 * SEG + 3))
     torch.testing.assert_close(stream_logits(model, ids, [5]), forward_logits(model, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["segment", "previous"])
+def test_whole_segments_fed_together_share_one_summary_pass(mode):
+    """A long prompt fed at once costs one backbone pass per segment plus ONE batched summary pass, as the
+    forward does (it cost one summary pass per segment before)."""
+    model = make_model(mode)
+    decoder = model.get_base_model().base_model
+    calls = [0]
+    handle = decoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    streamer = HMTStreamer(model)
+    state = streamer.init_state(2)
+    ids = torch.randint(4, 128, (2, 4 * SEG))
+    logits, state = streamer.feed(ids, state)
+    handle.remove()
+    assert calls[0] == 4 + 1
+    if mode == "previous":  # every logit is released at once and equals the forward's
+        torch.testing.assert_close(logits, forward_logits(model, ids), atol=1e-5, rtol=1e-5)

@@ -97,13 +97,39 @@ def new_state(runner: HMTRunner, batch_size: int, device: torch.device) -> HMTSt
     return HMTStreamState(carry=carry, pending=pending, memory=memory, config=config_header(runner.config))
 
 
-def _fix_memory(runner: HMTRunner, state: HMTStreamState, window: torch.Tensor) -> None:
-    """Read m_n for the open segment with the recall query of the (B, t) token ids ``window`` (t may be 0)."""
-    query = None
-    if runner.config.use_recall and len(state.cache) > 0:
-        lengths = torch.full((window.shape[0],), window.shape[1], dtype=torch.long, device=window.device)
-        query = runner.summary_queries(runner.bb.embed(window), lengths)
+def _queries(runner: HMTRunner, windows: torch.Tensor) -> torch.Tensor:
+    """Recall queries of W full windows (W, B, t) token ids in ONE summary pass: (W, B, d)."""
+    w, b, t = windows.shape
+    lengths = torch.full((w * b,), t, dtype=torch.long, device=windows.device)
+    return runner.summary_queries(runner.bb.embed(windows.reshape(w * b, t)), lengths).view(w, b, -1)
+
+
+def _fix_memory(runner: HMTRunner, state: HMTStreamState, window: torch.Tensor,
+                query: Optional[torch.Tensor] = None) -> None:
+    """Read m_n for the open segment with the recall query of the (B, t) token ids ``window`` (t may be 0), or
+    with ``query`` (B, d) when it was computed beforehand from that window."""
+    if query is None and runner.config.use_recall and len(state.cache) > 0:
+        query = _queries(runner, window.unsqueeze(0))[0]
     state.memory, _ = runner.read(state.carry, query)
+
+
+def _whole_segment_queries(runner: HMTRunner, state: HMTStreamState, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """When ``ids`` starts at a segment border and holds m >= 2 whole segments, the recall queries those segments
+    (and the one after them) will need, from ONE batched summary pass as in the forward: {segment index: (B, d)}."""
+    cfg = runner.config
+    seg = cfg.segment_length
+    m = ids.shape[1] // seg
+    if not cfg.use_recall or m < 2 or state.pending.shape[1] or state.kv is not None:
+        return {}
+    # segment j (relative) starts at column j * seg of ids; its window is the rule's, inside ids
+    wanted = range(0 if state.memory is None else 1, m + (cfg.recall_query == "previous"))
+    starts = [summary_window_start(cfg, j * seg) for j in wanted]
+    keep = [(j, a) for j, a in zip(wanted, starts) if a >= 0 and a + cfg.summary_length <= ids.shape[1]]
+    if len(keep) < 2:
+        return {}
+    windows = torch.stack([ids[:, a : a + cfg.summary_length] for _, a in keep])  # (W, B, t)
+    queries = _queries(runner, windows)
+    return {state.segment + j: queries[i] for i, (j, _) in enumerate(keep)}
 
 
 def _window(config: HMTConfig, tokens: torch.Tensor, segment_start: int) -> torch.Tensor:
@@ -112,13 +138,15 @@ def _window(config: HMTConfig, tokens: torch.Tensor, segment_start: int) -> torc
     return tokens[:, start : start + config.summary_length]
 
 
-def _close(runner: HMTRunner, state: HMTStreamState, x_ids: torch.Tensor, e_raw: torch.Tensor) -> None:
+def _close(runner: HMTRunner, state: HMTStreamState, x_ids: torch.Tensor, e_raw: torch.Tensor,
+           queries: Optional[dict[int, torch.Tensor]] = None) -> None:
     """Segment n is complete (x_ids: its (B, L) tokens): advance the memory state and open segment n + 1."""
     state.carry = runner.advance(state.carry, runner.bb.embed(x_ids), e_raw)
     state.pending = x_ids[:, :0]
     state.kv, state.kv_tokens, state.memory = None, 0, None
     if query_known(runner.config, 0):  # the window lies before the new segment: in x_ids
-        _fix_memory(runner, state, _window(runner.config, x_ids, x_ids.shape[1]))
+        query = (queries or {}).get(state.segment)
+        _fix_memory(runner, state, _window(runner.config, x_ids, x_ids.shape[1]), query)
 
 
 def _run_pending(runner: HMTRunner, state: HMTStreamState) -> torch.Tensor:
@@ -162,6 +190,7 @@ def feed_tokens(runner: HMTRunner, state: HMTStreamState, ids: torch.Tensor, kee
     seg_len = cfg.segment_length
     out: list[torch.Tensor] = []
     pos, total = 0, ids.shape[1]
+    queries = _whole_segment_queries(runner, state, ids)  # a long prompt: all its queries in one pass
     while pos < total:
         t = state.pending.shape[1]
         take = min(seg_len - t, total - pos)
@@ -170,12 +199,12 @@ def feed_tokens(runner: HMTRunner, state: HMTStreamState, ids: torch.Tensor, kee
         state.tokens_seen += take
         if t == 0 and take == seg_len and state.kv is None:  # a whole segment: one segment_pass, as in forward
             if state.memory is None:
-                _fix_memory(runner, state, _window(cfg, new, 0))
+                _fix_memory(runner, state, _window(cfg, new, 0), queries.get(state.segment))
             x = runner.bb.embed(new)
             x_len = torch.full((x.shape[0],), seg_len, dtype=torch.long, device=x.device)
             hidden, e_raw = runner.segment_pass(state.memory, state.carry.sensory, x, x_len)
             piece = _keep(hidden, keep)
-            _close(runner, state, new, e_raw)
+            _close(runner, state, new, e_raw, queries)
         else:
             state.pending = torch.cat([state.pending, new], dim=1)
             if state.memory is None and query_known(cfg, state.pending.shape[1]):
