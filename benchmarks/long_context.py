@@ -38,7 +38,18 @@ from benchmarks import _common as C
 from benchmarks import long_context_tasks as T
 from benchmarks import quality as Q
 
-METHODS = ("hmt", "hmt_lora", "hmt_no_recall", "hmt_no_sensory", "sliding_window")
+#: method -> (HMTConfig overrides, training-recipe overrides). "write" methods use a learned write token.
+METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "hmt": ({}, {}),
+    "hmt_write": ({"write_token": "learned"}, {}),
+    "hmt_write_lora": ({"write_token": "learned", "lora_r": 8, "lora_alpha": 32}, {}),
+    "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
+    "hmt_write_no_sensory": ({"write_token": "learned", "num_sensory": 0}, {}),
+    # the recipe before this benchmark's levers: evidence anywhere, batch 2, lr 3e-3 cosine, clipped gradients
+    "hmt_old_recipe": ({}, {"evidence": "anywhere", "hmt_batch": 2, "hmt_lr": 3e-3, "hmt_max_grad_norm": 1.0,
+                            "hmt_schedule": "cosine"}),
+}
+METHODS = (*METHOD_SPECS, "sliding_window")
 
 
 @dataclass
@@ -57,28 +68,38 @@ class Settings:
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
     episode_fraction: float = 0.5  # windows of pretraining that are in-window task episodes
+    answer_weight: float = 1.0  # extra cross-entropy on each episode's answer token (0: plain LM loss only)
     pretrain_check_every: int = 250
     target_in_window: float = 0.95  # pretraining stops once the backbone answers this share of in-window needles
     num_sensory: int = 16
     recall_dim: int = 256
     recall_query: str = "segment"
     hmt_steps: int = 600
-    hmt_batch: int = 2
-    hmt_lr: float = 3e-3
+    hmt_batch: int = 16
+    hmt_lr: float = 1e-2
+    hmt_max_grad_norm: float = 0.0  # 0: no clipping (Adam's per-parameter scaling already bounds the steps)
+    hmt_schedule: str = "constant_with_warmup"
+    evidence: str = "beyond"  # where training puts the supporting fact: "beyond" the window, or "anywhere"
+    train_tasks: tuple = ("needle",)
     max_train_segments: int = 16
     answer_only_loss: bool = True
     needle_lengths: tuple = (1024, 4096, 16384, 65536)
     facts_lengths: tuple = (1024, 4096, 16384)
+    facts_tasks: tuple = ("facts_qa1", "facts_qa2")
+    facts_examples: int = 50
     examples: int = 50
     examples_longest: int = 20
     methods: tuple = METHODS
 
 
 def quick(**overrides: Any) -> Settings:
-    base = dict(vocab_size=2048, hidden_size=192, num_layers=4, num_heads=4, segment_length=64, pretrain_steps=4000,
-                episode_fraction=0.8, pretrain_lr=3e-3,
-                num_sensory=8, recall_dim=128, hmt_steps=200, max_train_segments=8, needle_lengths=(512, 2048, 8192),
-                facts_lengths=(512, 2048), examples=10, examples_longest=10, threads=1)
+    base = dict(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, segment_length=64, pretrain_steps=3000,
+                episode_fraction=0.5, pretrain_lr=2e-3,
+                num_sensory=8, recall_dim=128, hmt_steps=600, max_train_segments=8,
+                needle_lengths=(1024, 4096, 16384, 65536), facts_lengths=(1024, 4096), examples=30, examples_longest=20,
+                facts_tasks=("facts_qa1",), facts_examples=20,
+                threads=1, methods=("sliding_window", "hmt_write", "hmt", "hmt_write_no_recall", "hmt_write_no_sensory",
+                                    "hmt_old_recipe"))
     base.update(overrides)
     return Settings(**base)
 
@@ -91,9 +112,11 @@ def episode_ids(tokenizer: Any, example: dict[str, Any]) -> tuple[list[int], int
     return ids + answer, len(ids)
 
 
-def random_episode(tokenizer, stream, vocab, length: int, rng: random.Random) -> dict[str, Any]:
-    task = rng.choice(("needle", "needle", "facts_qa1", "facts_qa2"))
-    depth = rng.random()
+def random_episode(tokenizer, stream, vocab, length: int, rng: random.Random, tasks=("needle", "needle", "facts_qa1",
+                   "facts_qa2"), max_depth: float = 1.0) -> dict[str, Any]:
+    """One training episode of a task drawn from ``tasks``, its supporting fact at a depth in [0, max_depth)."""
+    task = rng.choice(tasks)
+    depth = rng.random() * max_depth
     if task == "needle":
         return T.needle_example(tokenizer, stream, vocab, length, depth, rng)
     return T.facts_example(tokenizer, stream, vocab, length, depth, rng, kind=task.split("_")[1])
@@ -128,24 +151,29 @@ def pretrain(model, tokenizer, stream: torch.Tensor, vocab, s: Settings, log) ->
     model.train()
     losses, curve = [], []
     for step in range(1, s.pretrain_steps + 1):
-        rows = []
-        for _ in range(s.pretrain_batch):
+        rows, episodes = [], []
+        for i in range(s.pretrain_batch):
             if rng.random() < s.episode_fraction:
                 ids, _ = episode_ids(tokenizer, random_episode(tokenizer, filler, vocab, window - 2, rng))
                 ids = ids[-window:]
-                ids = [0] * (window - len(ids)) + ids
+                ids = [0] * (window - len(ids)) + ids  # left-padded: the answer is the last token
+                episodes.append(i)
             else:
                 start = int(torch.randint(0, stream.numel() - window, (1,), generator=gen))
                 ids = stream[start : start + window].tolist()
             rows.append(ids)
         batch = torch.tensor(rows)
-        loss = model(input_ids=batch, labels=batch.masked_fill(batch == 0, -100)).loss
+        out = model(input_ids=batch, labels=batch.masked_fill(batch == 0, -100))
+        loss = out.loss
+        if s.answer_weight > 0 and episodes:  # the answer is 1 token in a window: weight it up, or it is never learned
+            answer_logits = out.logits[episodes, -2]  # (E, V): the position that predicts the last token
+            loss = loss + s.answer_weight * torch.nn.functional.cross_entropy(answer_logits, batch[episodes, -1])
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(out.loss.item())
         if step % s.pretrain_check_every == 0 or step == s.pretrain_steps:
             acc = in_window_accuracy(model, tokenizer, probe)
             curve.append({"step": step, "loss": sum(losses[-20:]) / len(losses[-20:]), "needle_in_window": acc})
@@ -156,15 +184,27 @@ def pretrain(model, tokenizer, stream: torch.Tensor, vocab, s: Settings, log) ->
     return {"losses": losses[::10], "curve": curve, "steps": step}
 
 
-def train_dataset(tokenizer, stream, vocab, s: Settings):
-    """Episodes of 2..max_train_segments segments with the evidence anywhere, answer-only loss by default."""
+def evidence_max_depth(s: Settings, length: int, num_sensory: int, evidence: str) -> float:
+    """Deepest relative position of the supporting fact: ``"beyond"`` keeps it out of the last segment and its
+    sensory memory (plus the question's ~12 tokens), so no training example can be answered without the memory."""
+    if evidence == "anywhere":
+        return 1.0
+    if evidence != "beyond":
+        raise ValueError(f"evidence must be 'beyond' or 'anywhere', got {evidence!r}.")
+    return max(0.0, length - s.segment_length - num_sensory - 12) / length
+
+
+def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
+    """Episodes of 2..max_train_segments segments of ``s.train_tasks``, answer-only loss by default."""
     from datasets import Dataset
 
     rng = random.Random(s.seed + 21)
     rows = {"input_ids": [], "completion_mask": []}
     for _ in range(s.hmt_steps * s.hmt_batch):
         length = rng.randint(2, s.max_train_segments) * s.segment_length - 1
-        ids, answer_at = episode_ids(tokenizer, random_episode(tokenizer, stream, vocab, length, rng))
+        max_depth = evidence_max_depth(s, length, num_sensory, s.evidence)
+        ids, answer_at = episode_ids(tokenizer, random_episode(tokenizer, stream, vocab, length, rng, s.train_tasks,
+                                                               max_depth))
         rows["input_ids"].append(ids)
         mask = [0] * answer_at + [1] * (len(ids) - answer_at) if s.answer_only_loss else [1] * len(ids)
         rows["completion_mask"].append(mask)
@@ -175,17 +215,15 @@ def train_dataset(tokenizer, stream, vocab, s: Settings):
 def hmt_config(method: str, s: Settings):
     from hmt_adapter import HMTConfig
 
-    extra: dict[str, Any] = {}
-    if method == "hmt_lora":
-        extra.update(lora_r=8, lora_alpha=32)
-    if method == "hmt_no_recall":
-        extra.update(use_recall=False)
-    if method == "hmt_no_sensory":
-        extra.update(num_sensory=0)
     kwargs = dict(segment_length=s.segment_length, num_sensory=s.num_sensory, recall_dim=s.recall_dim,
                   recall_window=4096, recall_query=s.recall_query)
-    kwargs.update(extra)
+    kwargs.update(METHOD_SPECS[method][0])
     return HMTConfig(**kwargs)
+
+
+def method_settings(method: str, s: Settings) -> Settings:
+    """The settings a method trains with: the benchmark's recipe, with the method's own recipe overrides."""
+    return replace(s, **METHOD_SPECS[method][1])
 
 
 def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str):
@@ -195,7 +233,8 @@ def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str)
     model = peft.get_peft_model(backbone, hmt_config(method, s))
     args = SFTConfig(
         output_dir=work, max_steps=s.hmt_steps, per_device_train_batch_size=s.hmt_batch, learning_rate=s.hmt_lr,
-        lr_scheduler_type="cosine", warmup_steps=max(1, s.hmt_steps // 20), max_length=None,
+        lr_scheduler_type=s.hmt_schedule, warmup_steps=max(1, s.hmt_steps // 30), max_length=None,
+        max_grad_norm=s.hmt_max_grad_norm, weight_decay=0.0,
         completion_only_loss=True, gradient_checkpointing=False, logging_steps=max(1, s.hmt_steps // 10),
         save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=s.seed, disable_tqdm=True,
     )
@@ -255,9 +294,10 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
 
     task_dir = out_dir / "long_context_tasks"
     names, chance = [], {}
-    for task, lengths in (("needle", s.needle_lengths), ("facts_qa1", s.facts_lengths), ("facts_qa2", s.facts_lengths)):
+    for task, lengths in (("needle", s.needle_lengths), *((t, s.facts_lengths) for t in s.facts_tasks)):
         for n in lengths:
             count = s.examples_longest if n == max(lengths) else s.examples
+            count = count if task == "needle" else min(count, s.facts_examples)
             examples = T.make_examples(task, tokenizer, heldout_stream, vocab, n, count, s.seed)
             T.write_task(task_dir, f"lc_{task}_{n}", examples)
             names.append(f"lc_{task}_{n}")
@@ -276,10 +316,12 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
     if "sliding_window" in s.methods:
         results += aggregate("sliding_window", evaluate(backbone_lm, names, task_dir))
         log(f"sliding_window ({window} tokens): {_summary(results)}")
-    dataset = train_dataset(tokenizer, train_stream.tolist(), vocab, s)
+    stream_list = train_stream.tolist()
     for method in [m for m in s.methods if m != "sliding_window"]:
+        ms = method_settings(method, s)
+        dataset = train_dataset(tokenizer, stream_list, vocab, ms, hmt_config(method, s).num_sensory)
         with tempfile.TemporaryDirectory() as work:
-            model, losses = train_hmt(backbone, tokenizer, dataset, method, s, work)
+            model, losses = train_hmt(backbone, tokenizer, dataset, method, ms, work)
         train_logs[method] = losses
         rows = aggregate(method, evaluate(HMTLM(pretrained=model, tokenizer=tokenizer, batch_size=1), names, task_dir))
         results += rows
@@ -368,6 +410,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=None)
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--max-train-segments", type=int, default=None)
+    p.add_argument("--answer-weight", type=float, default=None, help="pretraining: extra CE weight on episode answers")
+    p.add_argument("--hmt-batch", type=int, default=None)
+    p.add_argument("--hmt-lr", type=float, default=None)
+    p.add_argument("--evidence", choices=("beyond", "anywhere"), default=None,
+                   help="where HMT's training episodes put the supporting fact")
+    p.add_argument("--examples", type=int, default=None, help="examples per length (and per in-window probe)")
+    p.add_argument("--examples-longest", type=int, default=None, help="examples at the longest length")
     p.add_argument("--recall-query", choices=("segment", "previous"), default=None)
     p.add_argument("--all-token-loss", action="store_true", help="train HMT on every token, not only the answer")
     p.add_argument("--seed", type=int, default=0)
@@ -379,7 +428,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     overrides: dict[str, Any] = {"corpus_dir": args.corpus_dir, "seed": args.seed}
     for key in ("threads", "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr",
-                "episode_fraction", "hidden_size", "num_layers"):
+                "episode_fraction", "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence",
+                "examples", "examples_longest"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.methods:

@@ -14,6 +14,7 @@ from . import _peft_shim  # noqa: F401  (adds PeftType.HMT before any config is 
 from .io import check_adapter_weights
 
 RECALL_QUERIES = ("segment", "previous")
+WRITE_TOKENS = ("memory", "learned")
 LOSS_SCOPES = ("all", "last_segment")
 
 
@@ -64,6 +65,15 @@ class HMTConfig(PeftConfig):
         metadata={
             "help": "Map memory embeddings back into the input-embedding space (rescale to the embeddings' typical "
             "norm, then a learned d x d projection initialised to the identity)."
+        },
+    )
+    write_token: Literal["memory", "learned"] = field(
+        default="memory",
+        metadata={
+            "help": "What sits at the write position whose hidden state becomes the segment's memory: 'memory' (the "
+            "paper's [m ; sensory ; x ; m]: the memory just read, again) or 'learned' ([m ; sensory ; x ; w]: a "
+            "learned write token w, the same for every segment). With a frozen backbone 'learned' lets the write "
+            "position act as a fixed question to the segment while m carries what was remembered."
         },
     )
     recall_query: Literal["segment", "previous"] = field(
@@ -151,6 +161,8 @@ class HMTConfig(PeftConfig):
             raise TypeError(f"HMTConfig.summary_fraction must be a float in (0, 1], got {self.summary_fraction!r}.")
         if not 0.0 < float(self.summary_fraction) <= 1.0:
             raise ValueError(f"HMTConfig.summary_fraction must be in (0, 1], got {self.summary_fraction}.")
+        if self.write_token not in WRITE_TOKENS:
+            raise ValueError(f"HMTConfig.write_token must be one of {WRITE_TOKENS}, got {self.write_token!r}.")
         if self.recall_query not in RECALL_QUERIES:
             raise ValueError(f"HMTConfig.recall_query must be one of {RECALL_QUERIES}, got {self.recall_query!r}.")
         if self.loss_scope not in LOSS_SCOPES:

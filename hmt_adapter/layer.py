@@ -51,6 +51,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
     Parameters (d = input-embedding width, h = ``recall_dim``):
         hmt_memory_init:   (d,)   learned initial memory m_0, read by segment 0.
         hmt_summary_token: (d,)   learned token s framing the summary pass (only with ``use_recall``).
+        hmt_write_token:   (d,)   learned write token w at the write position (only with ``write_token="learned"``).
         hmt_recall_q:      d -> h query projection W_q, no bias (only with ``use_recall``).
         hmt_recall_k:      d -> h key projection W_k, no bias (only with ``use_recall``).
         hmt_memory_proj:   d -> d projection of memory embeddings, initialised to the identity
@@ -62,6 +63,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
     adapter_layer_names = (
         "hmt_memory_init",
         "hmt_summary_token",
+        "hmt_write_token",
         "hmt_recall_q",
         "hmt_recall_k",
         "hmt_memory_proj",
@@ -74,6 +76,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         self.base_layer = base_layer
         self.hmt_memory_init = nn.ParameterDict()
         self.hmt_summary_token = nn.ParameterDict()
+        self.hmt_write_token = nn.ParameterDict()
         self.hmt_recall_q = nn.ModuleDict()
         self.hmt_recall_k = nn.ModuleDict()
         self.hmt_memory_proj = nn.ModuleDict()
@@ -119,6 +122,8 @@ class HMTLayer(nn.Module, HMTTunerLayer):
                 mean = weight.float().mean(dim=0).to(factory["dtype"])
             # m_0 and s start at the mean embedding, a point the frozen backbone has seen, plus small noise.
             self.hmt_memory_init[adapter_name] = nn.Parameter(mean + config.init_std * torch.randn(d, **factory))
+            if config.write_token == "learned":
+                self.hmt_write_token[adapter_name] = nn.Parameter(mean + config.init_std * torch.randn(d, **factory))
             if config.use_recall:
                 self.hmt_summary_token[adapter_name] = nn.Parameter(mean + config.init_std * torch.randn(d, **factory))
                 self.hmt_recall_q[adapter_name] = nn.Linear(d, config.recall_dim, bias=False, **factory)

@@ -25,6 +25,7 @@ class HMTParams:
 
     memory_init: torch.Tensor  # (d,)
     summary_token: Optional[torch.Tensor]  # (d,)
+    write_token: Optional[torch.Tensor]  # (d,) the learned write token w (write_token="learned"), else None
     w_q: Optional[torch.Tensor]  # (h, d)
     w_k: Optional[torch.Tensor]  # (h, d)
     memory_proj: Optional[torch.Tensor]  # (d, d)
@@ -40,6 +41,7 @@ class HMTParams:
         return cls(
             memory_init=layer.hmt_memory_init[adapter_name],
             summary_token=get(layer.hmt_summary_token, False),
+            write_token=get(layer.hmt_write_token, False) if config.write_token == "learned" else None,
             w_q=get(layer.hmt_recall_q, True),
             w_k=get(layer.hmt_recall_k, True),
             memory_proj=get(layer.hmt_memory_proj, True) if config.memory_projection else None,

@@ -17,26 +17,26 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "hmt_adapter"
 
 def test_pack_then_unpack_gives_the_parts_back() -> None:
     b, k, l, d = 3, 2, 5, 4
-    memory, sensory, x = torch.randn(b, d), torch.randn(b, k, d), torch.randn(b, l, d)
+    memory, sensory, x, write = torch.randn(b, d), torch.randn(b, k, d), torch.randn(b, l, d), torch.randn(b, d)
     x_len = torch.tensor([5, 3, 0])
     layout = SegmentLayout.of(sensory)
-    packed = layout.pack(memory, sensory, x, x_len)  # (B, 1 + k + l + 1, d)
+    packed = layout.pack(memory, sensory, x, x_len, write)  # (B, 1 + k + l + 1, d)
     assert packed.shape == (b, 1 + k + l + 1, d)
     torch.testing.assert_close(packed[:, 0], memory)
     torch.testing.assert_close(packed[:, 1 : 1 + k], sensory)
     for row, n in enumerate(x_len.tolist()):
         torch.testing.assert_close(packed[row, layout.token_position(0) : layout.token_position(n)], x[row, :n])
-        torch.testing.assert_close(packed[row, layout.write_position(n)], memory[row])
+        torch.testing.assert_close(packed[row, layout.write_position(n)], write[row])
     body, slot = layout.unpack(packed, x_len, l)  # hidden states laid out like the inputs read back the parts
     torch.testing.assert_close(body[0], x[0])
-    torch.testing.assert_close(slot, memory)
+    torch.testing.assert_close(slot, write)
     prefix = layout.prefix(memory, sensory, x[:, :2])
     torch.testing.assert_close(prefix[:2], packed[:2, : layout.token_position(2)])  # rows with >= 2 real tokens
 
 
 def test_layout_refuses_a_sensory_of_another_length() -> None:
     with pytest.raises(ValueError, match="sensory"):
-        SegmentLayout(2).pack(torch.randn(1, 4), torch.randn(1, 3, 4), torch.randn(1, 5, 4), torch.tensor([5]))
+        SegmentLayout(2).pack(torch.randn(1, 4), torch.randn(1, 3, 4), torch.randn(1, 5, 4), torch.tensor([5]), torch.randn(1, 4))
 
 
 def test_frame_and_read_after_are_mirrors() -> None:

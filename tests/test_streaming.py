@@ -59,7 +59,9 @@ def test_memory_changes_the_logits():
     assert (a[:, 2 * SEG :] - b[:, 2 * SEG :]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("overrides", [dict(use_recall=False), dict(recall_window=2, num_sensory=0)])
+@pytest.mark.parametrize(
+    "overrides", [dict(use_recall=False), dict(recall_window=2, num_sensory=0), dict(write_token="learned")]
+)
 def test_chunked_feeding_other_configs(overrides):
     model = make_model("segment", **overrides)
     ids = torch.randint(4, 128, (1, 6 * SEG + 5))

@@ -169,7 +169,7 @@ def _run_pending(runner: HMTRunner, state: HMTStreamState) -> torch.Tensor:
 def _write(runner: HMTRunner, state: HMTStreamState) -> torch.Tensor:
     """Run the write slot of the full open segment on its KV cache: e_raw (B, d)."""
     layout = SegmentLayout.of(state.carry.sensory)
-    slot = layout.write_slot(state.memory, state.carry.sensory)
+    slot = layout.write_slot(runner.write_input(state.memory), state.carry.sensory)
     hidden, _ = runner.extend(slot, state.kv, layout.write_position(state.pending.shape[1]))
     return hidden[:, 0]
 

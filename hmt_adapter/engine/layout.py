@@ -5,7 +5,10 @@ The token layout of segment n is written here once (`SegmentLayout.pack`) and re
 `write_position`) used by streaming and generation come from the same object, so no caller computes an offset.
 
     position: 0     1 .. k       k+1 .. k+l     k+l+1
-    content:  m_n   sensory_n    x_n            m_n  (write position: its hidden state becomes e_n)
+    content:  m_n   sensory_n    x_n            w_n  (write position: its hidden state becomes e_n)
+
+``w_n`` is ``m_n`` again (the paper's layout, ``write_token="memory"``) or a learned write token
+(``write_token="learned"``); `HMTRunner.write_input` decides which.
 
 The summary pass that makes a recall query uses the same framing with the summary token s:
 ``[s ; window ; s]``, read at the last position (`frame` / `read_after`).
@@ -50,7 +53,7 @@ def read_after(hidden: torch.Tensor, body_len: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SegmentLayout:
-    """The layout ``[m ; sensory ; x ; m]`` of one segment pass with ``num_sensory`` sensory tokens (k).
+    """The layout ``[m ; sensory ; x ; w]`` of one segment pass with ``num_sensory`` sensory tokens (k).
 
     k is the pass's actual sensory length (0 for segment 0, up to ``HMTConfig.num_sensory`` after): build it with
     `SegmentLayout.of(sensory)`.
@@ -71,11 +74,14 @@ class SegmentLayout:
         """Position of the write slot after ``x_len`` real tokens."""
         return 1 + self.num_sensory + x_len
 
-    def pack(self, memory: torch.Tensor, sensory: torch.Tensor, x: torch.Tensor, x_len: torch.Tensor) -> torch.Tensor:
+    def pack(
+        self, memory: torch.Tensor, sensory: torch.Tensor, x: torch.Tensor, x_len: torch.Tensor, write: torch.Tensor
+    ) -> torch.Tensor:
         """Embeddings of a whole segment pass.
 
         Args:
             memory: (B, d) memory embedding m_n (cast to ``x``'s dtype).
+            write: (B, d) embedding at the write position (m_n itself, or the learned write token).
             sensory: (B, k, d) sensory embeddings (k = ``num_sensory``).
             x: (B, l, d) segment token embeddings, right-padded per row; x_len: (B,) real tokens per row.
 
@@ -84,8 +90,7 @@ class SegmentLayout:
         """
         if sensory.shape[1] != self.num_sensory:
             raise ValueError(f"SegmentLayout for {self.num_sensory} sensory tokens got {sensory.shape[1]}.")
-        m = memory.to(x.dtype)
-        return frame(m, torch.cat([sensory, x], dim=1), x_len + self.num_sensory, m)
+        return frame(memory.to(x.dtype), torch.cat([sensory, x], dim=1), x_len + self.num_sensory, write.to(x.dtype))
 
     def unpack(self, hidden: torch.Tensor, x_len: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The mirror of `pack`: hidden (B, 1 + k + l + 1, d) -> hidden states of x (B, l, d) and of the write
@@ -99,9 +104,9 @@ class SegmentLayout:
         return torch.cat([memory.to(x.dtype).unsqueeze(1), sensory, x], dim=1)
 
     @staticmethod
-    def write_slot(memory: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The write slot ``[m]`` of `pack`'s layout: (B, 1, d) in ``like``'s dtype."""
-        return memory.to(like.dtype).unsqueeze(1)
+    def write_slot(write: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The write slot ``[w]`` of `pack`'s layout from its (B, d) embedding: (B, 1, d) in ``like``'s dtype."""
+        return write.to(like.dtype).unsqueeze(1)
 
 
 def summary_window_start(config: HMTConfig, segment_start: Index) -> Index:

@@ -129,10 +129,16 @@ class HMTRunner:
         return recall(query, values, keys, self.params)
 
     # ---- segment pass -------------------------------------------------------------------------------------
+    def write_input(self, memory: torch.Tensor) -> torch.Tensor:
+        """The (B, d) embedding at the write position: the memory m_n itself, or the learned write token."""
+        if self.params.write_token is None:
+            return memory
+        return self.params.write_token.unsqueeze(0).expand(memory.shape[0], -1)
+
     def segment_pass(
         self, memory: torch.Tensor, sensory: torch.Tensor, x: torch.Tensor, x_len: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the backbone on ``[m ; sensory ; x[:x_len] ; m]``.
+        """Run the backbone on ``[m ; sensory ; x[:x_len] ; w]`` (w: `write_input`).
 
         Args:
             memory: (B, d) memory embedding m_n; sensory: (B, k, d); x: (B, l, d) right-padded; x_len: (B,).
@@ -142,7 +148,7 @@ class HMTRunner:
             e_raw: (B, d) last-layer hidden state at the write slot (before projection).
         """
         layout = SegmentLayout.of(sensory)
-        hidden = self.bb.run(layout.pack(memory, sensory, x, x_len)).last_hidden_state
+        hidden = self.bb.run(layout.pack(memory, sensory, x, x_len, self.write_input(memory))).last_hidden_state
         return layout.unpack(hidden, x_len, x.shape[1])
 
     def extend(self, embeds: torch.Tensor, past_key_values, start: int) -> tuple[torch.Tensor, object]:
