@@ -179,7 +179,7 @@ class HMTModel(BaseTuner):
         return hmt_forward(
             runner, input_ids, attention_mask, inputs_embeds, labels, shift_labels, fused_lm_head=fused_lm_head,
             logits_to_keep=logits_to_keep, num_items_in_batch=num_items_in_batch,
-            checkpointing=self._checkpointing(runner.bb),
+            checkpointing=self._checkpointing(runner.bb), step=getattr(self, "hmt_compiled_step", None),
         )
 
     def _reject_unsupported(self, kwargs, output_attentions, output_hidden_states, labels, shift_labels) -> None:
