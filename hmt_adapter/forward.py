@@ -1,8 +1,9 @@
 """The full HMT forward: a whole (padded) batch of any length, segment by segment, as a caller of the engine.
 
 `hmt_forward` packs the batch (padding compacted so segment borders count real tokens), computes every segment's
-recall query in ONE batched summary pass, then runs the engine's step per segment (`HMTRunner.read`, the segment
-pass, `HMTRunner.advance`), checkpointing each segment when asked, and assembles the Hugging Face outputs: the
+recall query in ONE batched summary pass, then runs the engine's step per segment (`HMTRunner.memory_source`, then
+`segment_step`: recall, segment pass, memory write, LM-head outputs; compiled by `hmt_adapter.compile` or not, then
+`HMTRunner.write`), checkpointing each segment when asked, and assembles the Hugging Face outputs: the
 causal-LM loss across segment borders, logits (or ``logits_to_keep``), or TRL's fused-LM-head fields.
 """
 
@@ -18,9 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from .engine import HMTRunner, summary_window_start
-from .engine.runner import MemorySource
-from .engine.step import HeadRequest, StepOutput, segment_step
+from .engine import HeadRequest, HMTRunner, MemorySource, StepOutput, segment_step, summary_window_start
 from .memory import notify_recall
 from .segments import IGNORE_INDEX, PackedBatch, check_inputs, pack_batch
 
