@@ -153,3 +153,17 @@ def test_compile_switch() -> None:
     assert callable(model.base_model.hmt_compiled_step)
     hmt_adapter.compile(model, enabled=False)
     assert model.base_model.hmt_compiled_step is None
+
+
+def test_recall_observers_fire_once_per_segment_with_gradient_checkpointing() -> None:
+    """Regression: the observers were called inside the checkpointed recall, so backward's recompute called them a
+    second time for every segment. They are now called once, after the segment step."""
+    base = hmt_testing.tiny_causal_lm("llama")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = peft.get_peft_model(base, HMTConfig(task_type="CAUSAL_LM", segment_length=SEG, num_sensory=2, recall_dim=16))
+    model.train()
+    ids = torch.randint(4, 128, (1, 4 * SEG))
+    weights = []
+    with observe_recall(weights.append):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert [tuple(w.shape) for w in weights] == [(1, 1), (1, 2), (1, 3)]
