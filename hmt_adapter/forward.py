@@ -121,7 +121,7 @@ def _step(
     """Stack the cache (inside the checkpoint, so backward recomputes it instead of saving a copy per segment) and
     run the segment step."""
     values, keys = source.stacked()
-    if values is not None:  # one compiled graph for every cache length
+    if values is not None and step is not segment_step:  # compiled: one graph for every cache length
         torch._dynamo.decorators.mark_unbacked(values, 1)
         torch._dynamo.decorators.mark_unbacked(keys, 1)
     with runner.bb.layer_checkpointing_off() if checkpointing else contextlib.nullcontext():
