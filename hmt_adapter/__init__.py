@@ -11,6 +11,8 @@ from .model import HMTFusedOutput, HMTModel
 
 _peft_shim.register(HMTConfig, HMTModel)
 
+from .compilation import compile  # noqa: E402,A001  (needs HMTModel; hmt_adapter.compile(model))
+
 __version__ = "0.1.0"
 
-__all__ = ["HMTConfig", "HMTFusedOutput", "HMTLayer", "HMTModel", "__version__"]
+__all__ = ["HMTConfig", "compile", "HMTFusedOutput", "HMTLayer", "HMTModel", "__version__"]

@@ -1,8 +1,9 @@
 """The full HMT forward: a whole (padded) batch of any length, segment by segment, as a caller of the engine.
 
 `hmt_forward` packs the batch (padding compacted so segment borders count real tokens), computes every segment's
-recall query in ONE batched summary pass, then runs the engine's step per segment (`HMTRunner.read`, the segment
-pass, `HMTRunner.advance`), checkpointing each segment when asked, and assembles the Hugging Face outputs: the
+recall query in ONE batched summary pass, then runs the engine's step per segment (`HMTRunner.memory_source`, then
+`segment_step`: recall, segment pass, memory write, LM-head outputs; compiled by `hmt_adapter.compile` or not, then
+`HMTRunner.write`), checkpointing each segment when asked, and assembles the Hugging Face outputs: the
 causal-LM loss across segment borders, logits (or ``logits_to_keep``), or TRL's fused-LM-head fields.
 """
 
@@ -11,15 +12,15 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from .engine import HMTRunner, summary_window_start
-from .loss import token_log_probs
+from .engine import HeadRequest, HMTRunner, MemorySource, StepOutput, segment_step, summary_window_start
+from .memory import notify_recall
 from .segments import IGNORE_INDEX, PackedBatch, check_inputs, pack_batch
 
 
@@ -41,18 +42,6 @@ class HMTFusedOutput(ModelOutput):
     is_top1: Optional[torch.Tensor] = None
     label_mask: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
-
-
-@dataclass
-class _SegmentResult:
-    e_raw: torch.Tensor  # (B, d) hidden state at the write position
-    loss_sum: torch.Tensor  # () summed NLL of the segment's scored tokens
-    log_probs: Optional[torch.Tensor]  # (B, l) per-token log-probs (fused path)
-    entropy: Optional[torch.Tensor]
-    is_top1: Optional[torch.Tensor]
-    logits: Optional[torch.Tensor]  # (N_keep, V) logits of the kept positions
-    mean_logits: Optional[torch.Tensor] = None  # (B, l) fused path: mean logit over the vocabulary (TRL's DPO)
-    log_sum_sq_probs: Optional[torch.Tensor] = None  # (B, l) fused path: log sum_v p_v^2 (TRL's DPO weighting)
 
 
 def _keep_slots(
@@ -86,72 +75,129 @@ def _run_segments(
     keep: Optional[torch.Tensor],
     fused: bool,
     checkpointing: bool,
-) -> list[tuple[_SegmentResult, int, Optional[tuple[torch.Tensor, torch.Tensor]]]]:
-    """Every segment of the batch in order: the one batched summary pass, then read / pass / advance."""
+    step: Optional[Callable[..., StepOutput]] = None,
+) -> list[tuple[StepOutput, int, Optional[tuple[torch.Tensor, torch.Tensor]]]]:
+    """Every segment of the batch in order: the one batched summary pass, then read / pass / write per segment.
+
+    ``step`` is `segment_step` compiled by `hmt_adapter.compile` (None: run it eagerly). A compiled step gets
+    static shapes: the short last segment is padded to ``segment_length`` and the LM head runs on every position
+    under a mask (see `_head_request`); the growing cache's length is marked dynamic.
+    """
     config = runner.config
     seg_len = config.segment_length
     num_segments = math.ceil(int(batch.lengths.max()) / seg_len)
     runner.checkpoint_recall = checkpointing
+    dense = step is not None
     queries = _summary_queries(runner, batch, num_segments, checkpointing)
     state = runner.start(batch.batch_size, like=batch.embeds)
     outputs = []
     for n in range(num_segments):
         x = batch.embeds[:, n * seg_len : (n + 1) * seg_len]
-        x_len = (batch.lengths - n * seg_len).clamp(0, x.shape[1])
-        memory, _ = runner.read(state, queries[n])
+        width = x.shape[1]
+        x_len = (batch.lengths - n * seg_len).clamp(0, width)
         targets = None if targets_all is None else targets_all[:, n * seg_len : (n + 1) * seg_len]
-        keep_idx = _segment_keep(batch, keep, n * seg_len, x.shape[1], x_len)
-        step = (runner, memory, state.sensory, x, x_len, targets, keep_idx, fused, checkpointing)
-        if checkpointing:
-            result = checkpoint(_segment_step, *step, use_reentrant=False)
-        else:
-            result = _segment_step(*step)
-        state = runner.advance(state, x, result.e_raw)
+        keep_idx = _segment_keep(batch, keep, n * seg_len, width, x_len)
+        source = runner.memory_source(state, queries[n])
+        x_in, sensory = x, state.sensory
+        if dense:  # static shapes and strides for the compiled step
+            x_in, targets = _pad_segment(x, targets, seg_len)
+            sensory = _fresh(sensory)
+            source.query = None if source.query is None else _fresh(source.query)
+        head = _head_request(x_len, x_in.shape[1], targets, keep_idx, fused, dense)
+        args = (runner, step or segment_step, source, sensory, x_in, x_len, head, checkpointing)
+        result = checkpoint(_step, *args, use_reentrant=False) if checkpointing else _step(*args)
+        notify_recall(result.weights)
+        state = runner.write(state, x, result.memory, result.key)
+        if dense:
+            _undo_padding(result, keep_idx, width, x_in.shape[1])
         outputs.append((result, n * seg_len, keep_idx))
     return outputs
 
 
-def _segment_step(
-    runner: HMTRunner,
-    memory: torch.Tensor,
-    sensory: torch.Tensor,
-    x: torch.Tensor,
-    x_len: torch.Tensor,
-    targets: Optional[torch.Tensor],
-    keep_idx: Optional[tuple[torch.Tensor, torch.Tensor]],
-    fused: bool,
-    checkpointing: bool,
-) -> _SegmentResult:
-    """One segment: backbone pass, memory hidden state, loss and the requested per-token outputs."""
-    bb = runner.bb
-    with bb.layer_checkpointing_off() if checkpointing else contextlib.nullcontext():
-        hidden_x, e_raw = runner.segment_pass(memory, sensory, x, x_len)
-    logits = None
-    if keep_idx is not None and keep_idx[0].numel():
-        logits = bb.logits(hidden_x[keep_idx[0], keep_idx[1]])  # (N_keep, V)
-    loss_sum = hidden_x.new_zeros((), dtype=torch.float32)
-    log_probs = entropy = is_top1 = None
-    extra = None  # also when there are no labels (plain inference)
+def _step(
+    runner: HMTRunner, step: Callable[..., StepOutput], source: MemorySource, sensory: torch.Tensor,
+    x: torch.Tensor, x_len: torch.Tensor, head: HeadRequest, checkpointing: bool,
+) -> StepOutput:
+    """Stack the cache (inside the checkpoint, so backward recomputes it instead of saving a copy per segment) and
+    run the segment step."""
+    values, keys = source.stacked()
+    if values is not None and step is not segment_step:  # compiled: one graph for every cache length
+        torch._dynamo.decorators.mark_unbacked(values, 1)
+        torch._dynamo.decorators.mark_unbacked(keys, 1)
+    with runner.bb.layer_checkpointing_off() if checkpointing else contextlib.nullcontext():
+        return step(runner, source.memory, source.query, values, keys, sensory, x, x_len, head)
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A copy with canonical strides: a slice of a longer tensor keeps strides that depend on the input's length
+    (even along size-1 dims), and the compiled step's guards check strides."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _pad_segment(
+    x: torch.Tensor, targets: Optional[torch.Tensor], seg_len: int
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A segment (B, l, d) right-padded to (B, seg_len, d) (targets (B, l) with IGNORE_INDEX), canonical strides."""
+    b, width, d = x.shape
+    padded = x.new_zeros(b, seg_len, d)
+    padded[:, :width] = x
     if targets is not None:
-        valid = targets != IGNORE_INDEX
-        labels = targets[valid]
-        # Kept logits are a row-major subset of the segment's real positions; when they are all of them (the
-        # default), score from them instead of running the LM head again.
-        all_kept = logits is not None and keep_idx[0].numel() == int(x_len.sum())
-        if fused or not all_kept:
-            lp, ent, top, *extra = token_log_probs(hidden_x[valid], bb.head, labels, bb.logit_scale, extras=fused)
-        else:
-            real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < x_len.unsqueeze(1)  # (B, l)
-            lp = logits[valid[real]].float().log_softmax(-1).gather(1, labels.unsqueeze(1)).squeeze(1)
-        loss_sum = -lp.sum()
-        if fused:
-            log_probs = lp.new_zeros(valid.shape).masked_scatter(valid, lp)
-            entropy = ent.new_zeros(valid.shape).masked_scatter(valid, ent)
-            is_top1 = top.new_zeros(valid.shape).masked_scatter(valid, top)
-            extra = [t.new_zeros(valid.shape).masked_scatter(valid, t) for t in extra]
-    if extra:
-        return _SegmentResult(e_raw, loss_sum, log_probs, entropy, is_top1, logits, *extra)
-    return _SegmentResult(e_raw, loss_sum, log_probs, entropy, is_top1, logits)
+        full = targets.new_full((b, seg_len), IGNORE_INDEX)
+        full[:, :width] = targets
+        targets = full
+    return padded, targets
+
+
+def _head_request(
+    x_len: torch.Tensor, width: int, targets: Optional[torch.Tensor],
+    keep_idx: Optional[tuple[torch.Tensor, torch.Tensor]], fused: bool, dense: bool,
+) -> HeadRequest:
+    """What the LM head computes for a segment of ``width`` positions per row (B = ``x_len.shape[0]``).
+
+    Eager (``dense=False``): exactly the kept positions and the labelled ones, and when every real position is
+    kept the loss is scored from those logits. Dense (compiled): every position, scored under a mask.
+    """
+    device = x_len.device
+    if dense:
+        every = torch.arange(x_len.shape[0] * width, device=device)
+        keep = every if keep_idx is not None else None
+        if targets is None:
+            return HeadRequest(keep=keep, fused=fused)
+        flat = targets.reshape(-1)
+        return HeadRequest(
+            keep=keep, score=every, labels=flat.clamp(min=0), score_mask=flat != IGNORE_INDEX, fused=fused,
+            score_in_keep=None if keep is None or fused else every,
+        )
+    keep = None
+    if keep_idx is not None and keep_idx[0].numel():
+        keep = keep_idx[0] * width + keep_idx[1]
+    if targets is None:
+        return HeadRequest(keep=keep, fused=fused)
+    valid = targets != IGNORE_INDEX
+    score = valid.reshape(-1).nonzero().squeeze(1)
+    score_in_keep = None
+    if keep is not None and not fused and keep.numel() == int(x_len.sum()):
+        # kept logits are a row-major subset of the real positions; all of them (the default): score from them
+        real = torch.arange(width, device=device).unsqueeze(0) < x_len.unsqueeze(1)  # (B, l)
+        score_in_keep = valid[real].nonzero().squeeze(1)
+    return HeadRequest(keep=keep, score=score, labels=targets.reshape(-1)[score], score_in_keep=score_in_keep, fused=fused)
+
+
+def _undo_padding(
+    result: StepOutput, keep_idx: Optional[tuple[torch.Tensor, torch.Tensor]], width: int, padded: int
+) -> None:
+    """Bring a dense step's outputs back to the eager form: logits of the kept positions only, per-position
+    fields of the segment's ``width`` real columns."""
+    if result.logits is not None:
+        rows, cols = keep_idx
+        if not rows.numel():
+            result.logits = None
+        elif rows.numel() != result.logits.shape[0]:  # else every position of a full segment is kept, in order
+            result.logits = result.logits[rows * padded + cols]
+    for name in ("log_probs", "entropy", "is_top1", "mean_logits", "log_sum_sq_probs"):
+        value = getattr(result, name)
+        if value is not None and value.shape[1] != width:
+            setattr(result, name, value[:, :width])
 
 
 def _summary_queries(
@@ -298,16 +344,18 @@ def hmt_forward(
     logits_to_keep: Union[int, torch.Tensor],
     num_items_in_batch: Optional[Union[int, torch.Tensor]],
     checkpointing: bool,
+    step: Optional[Callable[..., StepOutput]] = None,
 ) -> Union[CausalLMOutputWithPast, "HMTFusedOutput"]:
     """Run one HMT adapter over a batch (see `HMTModel.forward` for the arguments and outputs).
 
     Input shape: ``input_ids`` / ``attention_mask`` / ``labels`` (batch_size, seq_len) (or ``inputs_embeds``
-    (batch_size, seq_len, d)); ``checkpointing``: recompute each segment (and the summary pass) in backward.
+    (batch_size, seq_len, d)); ``checkpointing``: recompute each segment (and the summary pass) in backward;
+    ``step``: the compiled `segment_step` (`hmt_adapter.compile`), None to run it eagerly.
     """
     check_inputs(input_ids, inputs_embeds, attention_mask, labels if labels is not None else shift_labels)
     batch = pack_batch(runner.bb.embed, input_ids, inputs_embeds, attention_mask, labels, shift_labels)
     keep = _keep_slots(batch.total_length, logits_to_keep, batch.embeds.device, fused_lm_head)
     config = runner.config
     targets = _scored_targets(batch, config.segment_length, config.loss_scope)
-    results = _run_segments(runner, batch, targets, keep, fused_lm_head, checkpointing)
+    results = _run_segments(runner, batch, targets, keep, fused_lm_head, checkpointing, step)
     return _assemble(batch, targets, results, keep, fused_lm_head, shift_labels is not None, num_items_in_batch)

@@ -113,26 +113,33 @@ def recall_key(memory: torch.Tensor, params: HMTParams) -> Optional[torch.Tensor
 
 
 def recall(
-    query: torch.Tensor, values: list[torch.Tensor], keys: list[torch.Tensor], params: HMTParams
+    query: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, params: HMTParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Memory recall: ``softmax((W_q q)(W_k M)^T / sqrt(h)) M``.
 
+    Pure (no observers are called here, so the segment step compiles whole; callers pass the weights to
+    `notify_recall`).
+
     Args:
         query: (B, d) summary-pass hidden states in query space.
-        values: N tensors (B, d), the cached memory embeddings M (oldest first).
-        keys: N tensors (B, h), W_k M.
+        values: (B, N, d) the cached memory embeddings M (oldest first).
+        keys: (B, N, h) W_k M.
 
     Returns:
         memory (B, d) and attention weights (B, N).
     """
     q = F.linear(query.to(params.dtype), params.w_q)  # (B, h)
-    k = torch.stack(keys, dim=1)  # (B, N, h)
-    v = torch.stack(values, dim=1)  # (B, N, d)
-    scores = torch.einsum("bh,bnh->bn", q, k) / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bh,bnh->bn", q, keys) / math.sqrt(q.shape[-1])
     weights = scores.softmax(dim=-1)
+    return torch.einsum("bn,bnd->bd", weights, values), weights
+
+
+def notify_recall(weights: Optional[torch.Tensor]) -> None:
+    """Hand the (B, N) recall weights of one recall to the observers registered with `observe_recall`."""
+    if weights is None:
+        return
     for observer in _RECALL_OBSERVERS.get():
         observer(weights.detach())
-    return torch.einsum("bn,bnd->bd", weights, v), weights
 
 
 _RECALL_OBSERVERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("hmt_recall_observers", default=())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -36,6 +36,8 @@ class HMTModel(BaseTuner):
     prefix: str = "hmt_"
     tuner_layer_cls = HMTTunerLayer
     target_module_mapping: dict[str, list[str]] = {}
+    #: `hmt_adapter.engine.step.segment_step` wrapped by ``torch.compile`` (set by `hmt_adapter.compile`); None: eager.
+    hmt_compiled_step: Optional[Callable[..., Any]] = None
 
     # ---- injection (PEFT's own `inject_adapter`, through its hooks) ---------------------------------------
     def _prepare_adapter_config(self, peft_config: HMTConfig, model_config: dict) -> HMTConfig:
@@ -179,7 +181,7 @@ class HMTModel(BaseTuner):
         return hmt_forward(
             runner, input_ids, attention_mask, inputs_embeds, labels, shift_labels, fused_lm_head=fused_lm_head,
             logits_to_keep=logits_to_keep, num_items_in_batch=num_items_in_batch,
-            checkpointing=self._checkpointing(runner.bb),
+            checkpointing=self._checkpointing(runner.bb), step=self.hmt_compiled_step,
         )
 
     def _reject_unsupported(self, kwargs, output_attentions, output_hidden_states, labels, shift_labels) -> None:

@@ -3,6 +3,8 @@
 - `layout`: `SegmentLayout` (``[m ; sensory ; x ; m]`` written once, read back by its mirror) and the recall-query
   window rule (`summary_window_start`, `query_known`).
 - `runner`: `HMTRunner` (summary pass, memory read, segment pass, memory write) and the explicit `MemoryState`.
+- `step`: `segment_step`, the forward's whole per-segment work in one tensor-only function (what
+  `hmt_adapter.compile` wraps in ``torch.compile``).
 - `incremental`: the same step fed token by token with a KV cache (`HMTStreamState`, `feed_tokens`, `flush`),
   used by streaming and generation.
 
@@ -12,17 +14,22 @@ of them.
 
 from .incremental import HMTStreamState, config_header, feed_tokens, flush, new_state
 from .layout import SegmentLayout, query_known, summary_window_start
-from .runner import HMTRunner, MemoryState
+from .runner import HMTRunner, MemorySource, MemoryState
+from .step import HeadRequest, StepOutput, segment_step
 
 __all__ = [
     "HMTRunner",
+    "HeadRequest",
+    "MemorySource",
     "HMTStreamState",
     "MemoryState",
     "SegmentLayout",
+    "StepOutput",
     "config_header",
     "feed_tokens",
     "flush",
     "new_state",
     "query_known",
+    "segment_step",
     "summary_window_start",
 ]

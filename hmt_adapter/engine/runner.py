@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backbone import Backbone
 from ..config import HMTConfig
-from ..memory import HMTParams, MemoryCache, query_space, recall, recall_key, to_memory_space
+from ..memory import HMTParams, MemoryCache, notify_recall, query_space, recall, recall_key, to_memory_space
 from .layout import SegmentLayout, frame, read_after
 
 
@@ -43,6 +43,28 @@ class MemoryState:
     sensory: torch.Tensor
     last_memory: Optional[torch.Tensor]
     cache: MemoryCache
+
+
+@dataclass
+class MemorySource:
+    """What one segment reads: either ``memory`` (B, d) as it is, or recall over the cache with ``query`` (B, d)
+    and the N cache entries ``values`` (N x (B, d)) and ``keys`` (N x (B, h)), oldest first."""
+
+    memory: Optional[torch.Tensor] = None
+    query: Optional[torch.Tensor] = None
+    values: Optional[list[torch.Tensor]] = None
+    keys: Optional[list[torch.Tensor]] = None
+
+    def stacked(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The cache entries as (B, N, d) values and (B, N, h) keys (None, None without recall)."""
+        if self.values is None:
+            return None, None
+        return torch.stack(self.values, dim=1), torch.stack(self.keys, dim=1)
+
+
+def _stack_and_recall(source: MemorySource, params: HMTParams) -> tuple[torch.Tensor, torch.Tensor]:
+    values, keys = source.stacked()
+    return recall(source.query, values, keys, params)
 
 
 class HMTRunner:
@@ -73,9 +95,14 @@ class HMTRunner:
             x: (B, L, d) the segment's token embeddings (full segments; a short last segment is never continued).
             e_raw: (B, d) last-layer hidden state at the segment's write slot.
         """
-        n = state.segment
         e = to_memory_space(e_raw, self.params)
-        state.cache.append(e, recall_key(e, self.params), n)
+        return self.write(state, x, e, recall_key(e, self.params))
+
+    def write(self, state: MemoryState, x: torch.Tensor, e: torch.Tensor, key: Optional[torch.Tensor]) -> MemoryState:
+        """`advance` with the memory embedding e_n (B, d) and its recall key (B, h) (or None) already computed
+        (`hmt_adapter.engine.step.segment_step` computes them inside the segment step)."""
+        n = state.segment
+        state.cache.append(e, key, n)
         return MemoryState(segment=n + 1, sensory=self._next_sensory(state.sensory, x, n), last_memory=e, cache=state.cache)
 
     def _next_sensory(self, sensory: torch.Tensor, x: torch.Tensor, segment: int) -> torch.Tensor:
@@ -107,8 +134,21 @@ class HMTRunner:
         k = self.config.bptt_depth
         return 0 if k is None else (segment // k) * k
 
+    def memory_source(self, state: MemoryState, query: Optional[torch.Tensor]) -> "MemorySource":
+        """What segment ``state.segment`` reads, with the truncated-BPTT cuts made: the memory itself (m_0, or
+        e_{n-1} without recall) or the recall inputs (query and the cache entries, as lists)."""
+        n, batch_size = state.segment, state.sensory.shape[0]
+        if n == 0 or len(state.cache) == 0:
+            return MemorySource(memory=self.params.memory_init.unsqueeze(0).expand(batch_size, -1))
+        first_attached = self.block_start(n)
+        if not self.config.use_recall:
+            last = state.last_memory
+            return MemorySource(memory=last.detach() if n - 1 < first_attached else last)
+        values, keys = state.cache.detached_before(first_attached)  # fresh lists: later appends don't reach a recompute
+        return MemorySource(query=query, values=values, keys=keys)
+
     def read(self, state: MemoryState, query: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The memory embedding m_n read by segment ``state.segment``.
+        """The memory embedding m_n read by segment ``state.segment`` (the recall observers see its weights).
 
         Args:
             query: (B, d) recall query of the segment (ignored without recall or for n == 0).
@@ -116,17 +156,15 @@ class HMTRunner:
         Returns:
             m_n (B, d) in the adapter's dtype and the recall weights over the cache (B, N) (None without recall).
         """
-        n, batch_size = state.segment, state.sensory.shape[0]
-        if n == 0 or len(state.cache) == 0:
-            return self.params.memory_init.unsqueeze(0).expand(batch_size, -1), None
-        first_attached = self.block_start(n)
-        if not self.config.use_recall:
-            last = state.last_memory
-            return (last.detach() if n - 1 < first_attached else last), None
-        values, keys = state.cache.detached_before(first_attached)  # fresh lists: later appends don't reach a recompute
+        source = self.memory_source(state, query)
+        if source.values is None:
+            return source.memory, None
         if self.checkpoint_recall and torch.is_grad_enabled():
-            return checkpoint(recall, query, values, keys, self.params, use_reentrant=False)
-        return recall(query, values, keys, self.params)
+            memory, weights = checkpoint(_stack_and_recall, source, self.params, use_reentrant=False)
+        else:
+            memory, weights = _stack_and_recall(source, self.params)
+        notify_recall(weights)
+        return memory, weights
 
     # ---- segment pass -------------------------------------------------------------------------------------
     def write_input(self, memory: torch.Tensor) -> torch.Tensor:
