@@ -83,7 +83,7 @@ def segment_step(
     x_len: torch.Tensor,
     head: HeadRequest,
 ) -> StepOutput:
-    """One segment: read m_n, run ``[m_n ; sensory ; x ; m_n]``, write e_n, and the LM-head outputs.
+    """One segment: read m_n, run ``[m_n ; sensory ; x ; w_n]`` (w_n: `HMTRunner.write_input`), write e_n, and the LM-head outputs.
 
     Args:
         memory: (B, d) memory read as it is (m_0, or e_{n-1} without recall); None when recalling.
