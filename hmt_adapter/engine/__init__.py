@@ -5,6 +5,8 @@
 - `runner`: `HMTRunner` (summary pass, memory read, segment pass, memory write) and the explicit `MemoryState`.
 - `incremental`: the same step fed token by token with a KV cache (`HMTStreamState`, `feed_tokens`, `flush`),
   used by streaming and generation.
+- `ragged`: several lock-step groups at different positions in their segments, decoded in ONE backbone call per
+  token on one masked KV cache (`RaggedStreams`), used by generation.
 
 The full forward (`hmt_adapter.forward`), streaming and generation are callers of this package; it imports none
 of them.
@@ -12,12 +14,14 @@ of them.
 
 from .incremental import HMTStreamState, config_header, feed_tokens, flush, new_state
 from .layout import SegmentLayout, query_known, summary_window_start
+from .ragged import RaggedStreams
 from .runner import HMTRunner, MemoryState
 
 __all__ = [
     "HMTRunner",
     "HMTStreamState",
     "MemoryState",
+    "RaggedStreams",
     "SegmentLayout",
     "config_header",
     "feed_tokens",
