@@ -121,3 +121,35 @@ def test_a_finished_row_leaves_the_batch_and_the_others_go_on() -> None:
     assert bool((out[0, width + first + 1 :] == PAD).all())
     for i in others:
         assert torch.equal(out[i], free[i]), i
+
+
+@pytest.mark.parametrize("model_type,attn", [("llama", "eager"), ("opt", "sdpa"), ("gpt2", "sdpa"), ("mistral", "sdpa")])
+def test_ragged_decoding_on_other_backbones_equals_each_row_alone(model_type: str, attn: str) -> None:
+    import peft
+
+    from hmt_adapter import HMTConfig
+
+    base = testing.tiny_causal_lm(model_type, attn_implementation=attn)  # mistral: a sliding-window cache
+    model = peft.get_peft_model(base, HMTConfig(task_type="CAUSAL_LM", segment_length=SEG, num_sensory=3,
+                                                recall_dim=16, recall_query="previous")).eval()
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(4, 128, (n,), generator=gen) for n in (3, 10, 16)]
+    batch, mask = left_padded(prompts)
+    new = SEG + 4
+    out = greedy(model, batch, new, attention_mask=mask, return_dict_in_generate=True, output_logits=True)
+    for i, p in enumerate(prompts):
+        alone = greedy(model, p.unsqueeze(0), new, return_dict_in_generate=True, output_logits=True)
+        assert torch.equal(out.sequences[i, batch.shape[1] - p.numel() :], alone.sequences[0]), i
+        for t in range(new):
+            torch.testing.assert_close(out.logits[t][i], alone.logits[t][0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_sliding_window_shorter_than_a_segment_is_refused_with_the_fix() -> None:
+    import peft
+
+    from hmt_adapter import HMTConfig
+
+    base = testing.tiny_causal_lm("mistral", sliding_window=12)
+    model = peft.get_peft_model(base, HMTConfig(task_type="CAUSAL_LM", segment_length=SEG, num_sensory=3)).eval()
+    with pytest.raises(ValueError, match="segment_length to at most 7"):
+        greedy(model, torch.randint(4, 128, (1, 5)), 3)

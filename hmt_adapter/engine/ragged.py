@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .incremental import HMTStreamState, _close, _fix_memory, _queries, _window
+from .incremental import HMTStreamState, _close, _fix_memory, _queries, _window, select_rows
 from .layout import SegmentLayout
 from .runner import HMTRunner
 
@@ -48,12 +48,22 @@ def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
     return t if extra == 0 else torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3])], dim=2)
 
 
-def _mask_with_new(valid: torch.Tensor, new: int) -> Optional[torch.Tensor]:
-    """The (B, S + new) attention mask of a call adding ``new`` slots per row on a cache with ``valid`` (B, S);
-    None when every slot is valid (a plainly causal call)."""
+#: attention implementations that take a ready 4D additive mask as it is (transformers then skips building one
+#: from a 2D mask on every call, a measurable share of a small model's decoding step)
+_ADDITIVE_4D = ("sdpa", "eager")
+
+
+def _step_mask(runner: HMTRunner, valid: torch.Tensor, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The attention mask of a call adding ONE slot per row on a cache whose slots are ``valid`` (B, S): None
+    when every slot is valid (a plainly causal call); else (B, 1, 1, S + 1) additive in ``like``'s dtype for
+    sdpa / eager attention, or the (B, S + 1) padding mask transformers turns into one."""
     if bool(valid.all()):
         return None
-    return torch.cat([valid, valid.new_ones(valid.shape[0], new)], dim=1)
+    keep = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
+    if getattr(runner.bb.model.config, "_attn_implementation", None) not in _ADDITIVE_4D:
+        return keep
+    blocked = torch.full((), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
+    return torch.where(keep, torch.zeros((), dtype=like.dtype, device=like.device), blocked)[:, None, None, :]
 
 
 class RaggedStreams:
@@ -85,8 +95,24 @@ class RaggedStreams:
             state.kv = None
         if opened:
             self._open(opened)
+        self._window = self._sliding_window(self.kv)
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------
+    def _sliding_window(self, kv: Any) -> Optional[int]:
+        """The smallest sliding window of the backbone's cache layers (None without one). A sliding layer keeps
+        its last ``window - 1`` slots: the shared cache is compacted before it grows that wide, which keeps every
+        row's slots when a whole segment fits the window; a window shorter than a segment is refused."""
+        windows = [layer.sliding_window for layer in _layers(kv) if getattr(layer, "is_sliding", False)]
+        if not windows:
+            return None
+        need = self.runner.config.positions_per_segment
+        if min(windows) < need:
+            raise ValueError(
+                f"The backbone's sliding attention window ({min(windows)}) is shorter than an HMT segment pass "
+                f"({need} positions); lower segment_length to at most {min(windows) - need + self.runner.config.segment_length}."
+            )
+        return min(windows)
+
     def _index_blocks(self) -> None:
         sizes = [s.batch_size for s in self.states]
         self.rows = sum(sizes)
@@ -166,7 +192,7 @@ class RaggedStreams:
         where = torch.cat([torch.full((s.batch_size,), lay.write_position(s.pending.shape[1]), device=rows.device)
                            for lay, s in zip(layouts, states)])
         valid = self.valid[rows]
-        hidden, _ = runner.extend(slot, self._subset(rows), where, _mask_with_new(valid, 1))
+        hidden, _ = runner.extend(slot, self._subset(rows), where, _step_mask(runner, valid, slot))
         e_raw = hidden[:, 0].split([s.batch_size for s in states])
         # the next segments' recall queries (the rule's window among the tokens known: "previous" reads the end of
         # the closed segment, "segment" has none yet and reads [s ; s]) in one summary pass
@@ -192,8 +218,11 @@ class RaggedStreams:
             state.pending = torch.cat([state.pending, tokens[rows].unsqueeze(1)], dim=1)
             state.tokens_seen += 1
             state.kv_tokens = state.pending.shape[1]
-        mask = _mask_with_new(self.valid, 1)
-        hidden, self.kv = runner.extend(runner.bb.embed(tokens.unsqueeze(1)), self.kv, torch.cat(starts), mask)
+        if self._window is not None and self.valid.shape[1] + 2 > self._window:
+            self._compact()  # a sliding layer would drop the oldest slots: move every row's slots left first
+        embeds = runner.bb.embed(tokens.unsqueeze(1))
+        mask = _step_mask(runner, self.valid, embeds)
+        hidden, self.kv = runner.extend(embeds, self.kv, torch.cat(starts), mask)
         self.valid = torch.cat([self.valid, self.valid.new_ones(self.rows, 1)], dim=1)
         full = [g for g, s in enumerate(self.states) if s.pending.shape[1] == runner.config.segment_length]
         if full:
@@ -206,8 +235,6 @@ class RaggedStreams:
 
         The rows of a group must stay in one block, in the order of the groups; raises `ValueError` otherwise.
         """
-        from .incremental import select_rows
-
         keep_states, offset = [], 0
         for state, block in zip(self.states, self.blocks):
             inside = (index >= block[0]) & (index <= block[-1])

@@ -156,7 +156,8 @@ class HMTRunner:
         Running `SegmentLayout.prefix`, the remaining tokens and `SegmentLayout.write_slot` this way gives the same
         hidden states as one `segment_pass` (positions restart at 0 in every segment).
         ``start`` may be a (B,) tensor (rows at different positions, `hmt_adapter.engine.ragged`); then
-        ``attention_mask`` (B, S + c) hides the cache slots a row must not see.
+        ``attention_mask`` (B, S + c), or a 4D mask in the backbone's attention format, hides the cache slots a row
+        must not see.
         """
         b, c = embeds.shape[:2]
         offsets = torch.arange(c, device=embeds.device).unsqueeze(0)
