@@ -11,6 +11,8 @@ segment_length 256, num_sensory 32, recall_window 300, recall_dim 256, recall_qu
   different steps) vs the same 4 prompts generated one at a time. Decode time = median time with N new tokens minus
   median time with 1 new token (the prompt alone), so the prompts' prefill is not counted; new tokens/s counts
   every row's new tokens after the first.
+* Ceiling: the bare decoder's one cached step over 4 rows in one call vs 4 one-row calls (what batching alone
+  can give on this machine, the ragged batch's upper bound).
 * Prefill: ``generate(max_new_tokens=1)`` on a ``--long-prompt``-token prompt vs the forward
   ``model(input_ids, logits_to_keep=1)`` on the same tokens (both under no_grad): tokens/s of each.
 
@@ -77,6 +79,32 @@ def ragged_batch(model, lengths: list[int], new: int, repeats: int) -> dict:
         "speedup_batch_over_sequential": seq_s / batch_s,
         "timings": times,
     }
+
+
+def ceiling(model, rows: int, width: int = 300, repeats: int = 5) -> dict:
+    """What batching can give on this machine: the bare decoder stack + LM head, one cached token step over
+    ``rows`` rows in one call vs ``rows`` one-row calls (KV cache of ``width`` slots, no HMT, no mask)."""
+    import torch
+
+    decoder, head = model.get_base_model().base_model, model.get_output_embeddings()
+    d = MODEL["hidden_size"]
+
+    def step(b: int):
+        kv = decoder(inputs_embeds=torch.randn(b, width, d), use_cache=True).past_key_values
+        y, pos = torch.randn(b, 1, d), torch.full((b, 1), width)
+
+        def run():
+            for _ in range(rows // b):
+                out = decoder(inputs_embeds=y, past_key_values=kv, use_cache=True, position_ids=pos)
+                head(out.last_hidden_state)
+                for layer in out.past_key_values.layers:  # back to ``width`` slots for the next round
+                    layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+        return run
+
+    with torch.no_grad():
+        times = C.time_interleaved({"one_call": step(rows), "separate_calls": step(1)}, repeats=repeats)
+    return {"rows": rows, "kv_slots": width, "timings": times,
+            "speedup_one_call_over_separate": times["separate_calls"]["median_s"] / times["one_call"]["median_s"]}
 
 
 def prefill(model, length: int, repeats: int) -> dict:
@@ -149,6 +177,8 @@ def main() -> None:
     result["ragged"] = ragged_batch(model, [int(x) for x in args.prompt_lengths.split(",")], args.new_tokens,
                                     args.repeats)
     print("ragged", {k: v for k, v in result["ragged"].items() if k != "timings"}, flush=True)
+    result["ceiling"] = ceiling(model, len(result["ragged"]["prompt_lengths"]), repeats=4 * args.repeats)
+    print("ceiling", result["ceiling"]["speedup_one_call_over_separate"], flush=True)
     result["prefill"] = prefill(model, args.long_prompt, args.repeats)
     print("prefill", {k: v for k, v in result["prefill"].items() if k != "timings"}, flush=True)
     result["loadavg_after"] = loadavg()
