@@ -17,9 +17,11 @@ How a prompt is read and continued (per row, counted on the row's real tokens):
 
 Batches: rows may have different prompt lengths (left padding, as tokenizers pad for generation; right padding
 is read the same way: each row's real tokens are its prompt). Rows with the same real length advance in lock-step
-and run as one batch; rows of different lengths are at different places in their segments and run as separate
-groups, so a batch of B distinct lengths costs B backbone calls per new token (the price of one prompt alone giving
-the same output as inside a padded batch).
+as one group; the prompts are read group by group, then ALL rows decode in ONE backbone call per new token, each at
+its own position in its own segment (`hmt_adapter.engine.ragged`: one KV cache over every row, an attention mask
+hiding each row's unused slots); a group whose segment fills rolls over (write slot, memory, new prefix: a few
+calls, batched with the other groups rolling at that step) while the others go on. A prompt alone gives the same
+output as inside a padded batch.
 
 Supported options: greedy and sampling (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ...) and
 the other logits processors transformers builds from a `GenerationConfig` (repetition penalty, min_new_tokens,
@@ -43,7 +45,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .segments import check_inputs
 from .engine import feed_tokens, flush, new_state
-from .engine.incremental import select_rows
+from .engine.ragged import RaggedStreams
 
 _UNSUPPORTED_KWARGS = {
     "assistant_model": "assisted decoding",
@@ -139,15 +141,16 @@ def _new_token_budget(cfg: GenerationConfig, prompt_len: int) -> int:
 class Decoder:
     """The HMT memory state of every row being decoded, and the logits of each row's next token.
 
-    Rows with the same real prompt length advance in lock-step as one group (one stream state); a batch of B
-    distinct lengths costs B backbone calls per new token. ``logits`` (B, V) float32 are the next-token logits.
+    Rows with the same real prompt length advance in lock-step as one group (one stream state); the prompts are
+    read group by group, then every group decodes in ONE backbone call per new token
+    (`hmt_adapter.engine.ragged.RaggedStreams`). ``logits`` (B, V) float32 are the next-token logits.
     """
 
     def __init__(self, runner, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.runner = runner
         mask = attention_mask.bool()
         lengths = mask.sum(dim=1)
-        self.groups = []  # (rows, state)
+        groups, states = [], []
         self.logits = None
         for length in torch.unique(lengths).tolist():
             rows = (lengths == length).nonzero().flatten()
@@ -159,27 +162,39 @@ class Decoder:
             if self.logits is None:
                 self.logits = logits.new_zeros(input_ids.shape[0], logits.shape[-1])
             self.logits[rows] = logits
-            self.groups.append((rows, state))
+            groups.append(rows)
+            states.append(state)
+        self.order = torch.cat(groups)  # row i of the shared decode is batch row order[i]
+        self.streams = RaggedStreams(runner, states)
+
+    def _local(self, rows: torch.Tensor) -> torch.Tensor:
+        """Positions in the shared decode of batch rows ``rows`` (-1 for rows no longer decoded)."""
+        position = torch.full((self.logits.shape[0],), -1, dtype=torch.long, device=rows.device)
+        position[self.order] = torch.arange(self.order.numel(), device=rows.device)
+        return position[rows]
 
     def advance(self, next_tokens: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Feed one token per row (B,); groups with no active row are skipped. Returns the new logits (B, V)."""
-        for rows, state in self.groups:
-            if active is not None and not bool(active[rows].any()):
-                continue  # the whole group is done: its logits are no longer read
-            hidden = feed_tokens(self.runner, state, next_tokens[rows].unsqueeze(1), keep="last")
-            hidden = flush(self.runner, state, keep="last") or hidden  # a roll-over: fix the new segment's query
-            self.logits[rows] = self.runner.bb.logits(hidden[-1][:, -1]).float()
+        """Feed one token per row (B,) in one backbone call; groups with no active row stop decoding (their
+        logits are no longer read). Returns the new logits (B, V)."""
+        if active is not None:
+            alive = [block for block in self.streams.blocks if bool(active[self.order[block]].any())]
+            if len(alive) < len(self.streams.blocks) and alive:
+                keep = torch.cat(alive)
+                self.streams.select(keep)
+                self.order = self.order[keep]
+        hidden = self.streams.step(next_tokens[self.order])
+        self.logits[self.order] = self.runner.bb.logits(hidden).float()
         return self.logits
 
     def reorder(self, source: torch.Tensor) -> None:
         """Row r takes the state and logits of row ``source[r]`` (beam search); sources stay in r's group."""
-        for rows, state in self.groups:
-            position = torch.full((source.numel(),), -1, dtype=torch.long, device=source.device)
-            position[rows] = torch.arange(rows.numel(), device=source.device)
-            local = position[source[rows]]
-            if bool((local < 0).any()):
-                raise ValueError("beam search reordered a row across prompts of different lengths")
-            select_rows(state, local)
+        local = self._local(source[self.order])
+        if bool((local < 0).any()):
+            raise ValueError("beam search reordered a row across prompts of different lengths")
+        try:
+            self.streams.select(local)
+        except ValueError as err:
+            raise ValueError("beam search reordered a row across prompts of different lengths") from err
         self.logits = self.logits[source]
 
 

@@ -16,7 +16,7 @@ these methods; the token layout of a pass is `SegmentLayout`'s.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -189,15 +189,23 @@ class HMTRunner:
         hidden = self.bb.run(layout.pack(memory, sensory, x, x_len, self.write_input(memory))).last_hidden_state
         return layout.unpack(hidden, x_len, x.shape[1])
 
-    def extend(self, embeds: torch.Tensor, past_key_values, start: int) -> tuple[torch.Tensor, object]:
+    def extend(
+        self, embeds: torch.Tensor, past_key_values, start: Union[int, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, object]:
         """Run (B, c, d) ``embeds`` at segment positions ``start .. start + c - 1`` on top of a KV cache.
 
         ``past_key_values`` is None for a new segment (then ``start`` must be 0) or the cache returned by the
         previous call for the same segment. Returns the last-layer hidden states (B, c, d) and the updated cache.
         Running `SegmentLayout.prefix`, the remaining tokens and `SegmentLayout.write_slot` this way gives the same
         hidden states as one `segment_pass` (positions restart at 0 in every segment).
+        ``start`` may be a (B,) tensor (rows at different positions, `hmt_adapter.engine.ragged`); then
+        ``attention_mask`` (B, S + c), or a 4D mask in the backbone's attention format, hides the cache slots a row
+        must not see.
         """
         b, c = embeds.shape[:2]
-        positions = torch.arange(start, start + c, device=embeds.device).unsqueeze(0).expand(b, -1)
-        out = self.bb.run(embeds, past_key_values=past_key_values, use_cache=True, position_ids=positions)
+        offsets = torch.arange(c, device=embeds.device).unsqueeze(0)
+        positions = (torch.as_tensor(start, device=embeds.device).reshape(-1, 1) + offsets).expand(b, -1)
+        out = self.bb.run(embeds, past_key_values=past_key_values, use_cache=True, position_ids=positions,
+                          attention_mask=attention_mask)
         return out.last_hidden_state, out.past_key_values
