@@ -272,7 +272,10 @@ def aggregate(method: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
     from lm_eval.models.huggingface import HFLM
 
-    from hmt_adapter.lm_eval import HMTLM
+    from hmt_adapter.lm_eval import EncodingCache, HMTLM
+
+    class WindowLM(EncodingCache, HFLM):
+        """lm-eval's HFLM (the sliding-window baseline), tokenizing each long context once for all its choices."""
 
     start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)  # noqa: E731
@@ -310,7 +313,7 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     train_logs = {}
     window = s.segment_length + s.num_sensory
-    backbone_lm = HFLM(pretrained=backbone, tokenizer=tokenizer, batch_size=1, max_length=window)
+    backbone_lm = WindowLM(pretrained=backbone, tokenizer=tokenizer, batch_size=1, max_length=window)
     in_window_rows = aggregate("backbone_in_window", evaluate(backbone_lm, in_window, task_dir))
     log(f"backbone with the evidence inside its window: {_summary(in_window_rows)}")
     if "sliding_window" in s.methods:

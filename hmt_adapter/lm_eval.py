@@ -21,6 +21,7 @@ generation only), and the numbers still depend on where the task splits context 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 try:
@@ -55,13 +56,43 @@ def hmt_config_of(model: Any) -> HMTConfig:
     return config
 
 
+class EncodingCache:
+    """Mixin for lm-eval's `HFLM`: remember the last encodings of long strings.
+
+    lm-eval scores a ``multiple_choice`` document as one request per choice and encodes the (same) context again for
+    each; with contexts of 16k-64k tokens that tokenization costs more than HMT's pass over them. Encodings of strings
+    of at least ``min_chars`` characters are kept (the last ``size`` of them); results are identical to
+    `HFLM.tok_encode` (a copy of the cached list is returned).
+    """
+
+    encoding_cache_size = 64
+    encoding_cache_min_chars = 2048
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs: Any) -> list[int]:
+        if kwargs or len(string) < self.encoding_cache_min_chars:
+            return super().tok_encode(string, add_special_tokens=add_special_tokens,
+                                      left_truncate_len=left_truncate_len, **kwargs)
+        cache = self.__dict__.setdefault("_encoding_cache", OrderedDict())
+        key = (string, add_special_tokens, left_truncate_len)
+        if key in cache:
+            cache.move_to_end(key)
+        else:
+            cache[key] = super().tok_encode(string, add_special_tokens=add_special_tokens,
+                                            left_truncate_len=left_truncate_len)
+            if len(cache) > self.encoding_cache_size:
+                cache.popitem(last=False)
+        return list(cache[key])
+
+
 @register_model("hmt")
-class HMTLM(HFLM):
+class HMTLM(EncodingCache, HFLM):
     """lm-eval's `HFLM` for a backbone + HMT adapter: contexts of any length, never truncated.
 
     Args: as `HFLM` (``pretrained``, ``peft``, ``tokenizer``, ``batch_size``, ``dtype``, ``device``, ...), except
     that ``max_length`` is refused (HMT has no context limit) and ``batch_size="auto"`` is refused (its probe
-    allocates a batch of ``max_length`` tokens).
+    allocates a batch of ``max_length`` tokens). Long contexts are tokenized once for all their choices
+    (`EncodingCache`).
     """
 
     def __init__(self, pretrained: Any, peft: str | None = None, max_length: int | None = None,
@@ -85,4 +116,4 @@ class HMTLM(HFLM):
         return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
 
 
-__all__ = ["HMTLM", "UNBOUNDED_LENGTH", "hmt_config_of"]
+__all__ = ["EncodingCache", "HMTLM", "UNBOUNDED_LENGTH", "hmt_config_of"]

@@ -161,3 +161,25 @@ def test_cli_runs_a_local_task_through_hmt(saved) -> None:
         logp = float(row["filtered_resps"][0][0])
         expected = reference_loglikelihood(model, tokenizer, row["doc"]["context"], row["doc"]["target"])
         assert logp == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_long_context_is_tokenized_once_for_all_its_choices() -> None:
+    model, tokenizer = hmt_model("previous"), tiny_tokenizer()
+    lm = HMTLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    lm.encoding_cache_min_chars = 100  # the test's contexts are ~300 words
+    context = PAIRS[0][0]
+    choices = [" " + w for w in WORDS[:4]]
+    encoded: list[str] = []
+    original = lm.tokenizer.encode
+    lm.tokenizer.encode = lambda s, **kw: encoded.append(s) or original(s, **kw)
+    try:
+        cached = lm.loglikelihood(requests([(context, c) for c in choices]))
+    finally:
+        lm.tokenizer.encode = original
+    assert encoded.count(context) == 1 and len(encoded) == 1 + len(choices)  # context once, context+choice each
+    uncached = HMTLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    uncached.encoding_cache_min_chars = 10**9
+    assert [r[0] for r in uncached.loglikelihood(requests([(context, c) for c in choices]))] == [r[0] for r in cached]
+    first = lm.tok_encode(context)
+    first.append(-1)  # callers get a copy: changing it leaves the cache as it was
+    assert lm.tok_encode(context) == tokenizer.encode(context)
