@@ -316,6 +316,9 @@ def plot(result: dict[str, Any], path) -> None:
                 ax.annotate(f"crossover ~{cross['length']:.0f}\n({LABELS[cross['b']]})", (cross["length"], 0.02),
                             xycoords=("data", "axes fraction"), fontsize=7, color="grey", xytext=(3, 0),
                             textcoords="offset points")
+            elif cross and cross["metric"] == key and cross.get("note"):
+                ax.text(0.02, 0.02, f"no crossover: {LABELS[cross['b']]} ahead at every length", fontsize=8,
+                        color="grey", transform=ax.transAxes)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens per row (batch 1)")
@@ -326,6 +329,54 @@ def plot(result: dict[str, Any], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The results table of a run (what benchmarks/results/train_length.md starts with)."""
+    rows = payload["rows"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    lengths = sorted({r["length"] for r in rows})
+    by = {(r["method"], r["length"]): r for r in rows}
+
+    def cell(r, key, fmt):
+        if r is None or not r.get(key):
+            return "-"
+        text = fmt.format(r[key])
+        return text if r["status"] == "ok" else f"{text}*"
+
+    head = ["tokens"] + [f"{LABELS[m]} {what}" for m in methods for what in ("tok/s", "CPU tok/s", "step peak MiB")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for L in lengths:
+        cells = [str(L)]
+        for m in methods:
+            r = by.get((m, L))
+            cells += [cell(r, "tokens_per_s", "{:.0f}"), cell(r, "cpu_tokens_per_s", "{:.0f}"),
+                      cell(r, "step_peak_mib", "{:.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {r['method']} at {r['length']}: {r['status']}, {r['timed_steps']} timed step(s) finished"
+             + (f" (warm-up step {r['steps'][0]['wall_s']:.0f} s wall)" if r["steps"] else "")
+             for r in rows if r["status"] != "ok"]
+    if notes:
+        lines += ["", "`*` from a case that did not finish all its steps:", *notes]
+    cross = []
+    for name, c in payload.get("crossover", {}).items():
+        if c is None:
+            cross.append(f"- {name}: no crossover in the measured range")
+        elif c.get("length"):
+            cross.append(f"- {name}: {LABELS[c['b']]} passes {LABELS[c['a']]} between {c['between'][0]} and "
+                         f"{c['between'][1]} tokens (log-log interpolation: ~{c['length']:.0f})")
+        else:
+            cross.append(f"- {name}: {c.get('note', '')}")
+    for m in methods:
+        if m != "full-lora" and "full-lora" in methods:
+            c = crossover(rows, "full-lora", m, "cpu_tokens_per_s")
+            if c and c.get("length"):
+                cross.append(f"- {m}:cpu_tokens_per_s: {LABELS[m]} passes {LABELS['full-lora']} between "
+                             f"{c['between'][0]} and {c['between'][1]} tokens (~{c['length']:.0f})")
+            else:
+                cross.append(f"- {m}:cpu_tokens_per_s: " + (c.get("note", "") if c else "no crossover in the measured range"))
+    lines += ["", "Crossovers (tok/s: where HMT becomes faster; step peak: where it needs less memory):", *cross]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
@@ -345,7 +396,8 @@ def main(argv=None) -> None:
     parse_size(args.size)  # fail before the first case on a bad name
     result = sweep(args)
     name = "train_length" + (f"-{args.tag}" if args.tag else "")
-    C.save_results(MODULE, name, args, result, lambda png: plot(result, png))
+    path = C.save_results(MODULE, name, args, result, lambda png: plot(result, png))
+    print(markdown(json.loads(path.read_text())))
 
 
 if __name__ == "__main__":

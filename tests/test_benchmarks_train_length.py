@@ -59,6 +59,8 @@ def test_sweep_writes_json_and_png_with_command_machine_and_load(tmp_path: Path)
     assert sorted((r["method"], r["length"]) for r in rows) == sorted((m, L) for m in TL.METHODS for L in (96, 192))
     for r in rows:
         assert {"tokens_per_s", "cpu_tokens_per_s", "median_s", "step_peak_mib", "peak_mib", "status", "steps"} <= set(r)
+    md = TL.markdown(payload)
+    assert "| 96 |" in md and "| 192 |" in md and "Crossovers" in md
     assert set(payload["crossover"]) == {f"{m}:{k}" for m in ("hmt-lora", "hmt-frozen") for k in ("tokens_per_s", "step_peak_mib")}
 
 
@@ -73,6 +75,16 @@ def test_crossover_interpolates_between_the_lengths_around_the_sign_change() -> 
     assert TL.crossover(mem, "full-lora", "hmt-lora", "step_peak_mib")["between"] == [1024, 2048]
     assert TL.crossover(rows[:3] + [{"method": "hmt-lora", "length": L, "tokens_per_s": 1.0} for L in (1024, 2048, 4096)],
                         "full-lora", "hmt-lora", "tokens_per_s") is None
+
+
+def test_markdown_marks_unfinished_cases() -> None:
+    done = TL.summarize_case("hmt-lora", 1024, 1, [{"timed": True, "wall_s": 2.0, "cpu_s": 1.0, "step_peak_mib": 5.0,
+                                                   "peak_mib": 9.0}], status="ok")
+    cut = TL.summarize_case("full-lora", 1024, 1, [{"timed": False, "wall_s": 9.0, "cpu_s": 9.0, "step_peak_mib": 50.0,
+                                                   "peak_mib": 90.0}], status="timeout>5s")
+    md = TL.markdown({"rows": [cut, done], "crossover": {}})
+    assert "| 1024 | - | - | 50* | 512 | 1024 | 5 |" in md
+    assert "full-lora at 1024: timeout>5s, 0 timed step(s) finished (warm-up step 9 s wall)" in md
 
 
 def test_a_case_runs_in_its_own_process_and_a_timeout_is_recorded(tmp_path: Path) -> None:
