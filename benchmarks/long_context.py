@@ -45,6 +45,7 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hmt_write_lora": ({"write_token": "learned", "lora_r": 8, "lora_alpha": 32}, {}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
     "hmt_write_no_sensory": ({"write_token": "learned", "num_sensory": 0}, {}),
+    "hmt_write_no_projection": ({"write_token": "learned", "memory_projection": False}, {}),
     # the recipe before this benchmark's levers: evidence anywhere, batch 2, lr 3e-3 cosine, clipped gradients
     "hmt_old_recipe": ({}, {"evidence": "anywhere", "hmt_batch": 2, "hmt_lr": 3e-3, "hmt_max_grad_norm": 1.0,
                             "hmt_schedule": "cosine"}),
@@ -269,16 +270,21 @@ def aggregate(method: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
-    from lm_eval.models.huggingface import HFLM
+@dataclass
+class Prepared:
+    """The corpus, tokenizer and frozen backbone every method of the benchmark shares."""
 
-    from hmt_adapter.lm_eval import EncodingCache, HMTLM
+    tokenizer: Any
+    vocab: T.Vocab
+    train_stream: torch.Tensor
+    heldout_stream: list
+    backbone: Any
+    pretraining: dict
 
-    class WindowLM(EncodingCache, HFLM):
-        """lm-eval's HFLM (the sliding-window baseline), tokenizing each long context once for all its choices."""
 
-    start = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)  # noqa: E731
+def prepare(s: Settings, log) -> Prepared:
+    """Tokenizer trained on the corpus's training documents, and the backbone pretrained on short windows
+    (with in-window episodes) until it answers in-window needles, then frozen."""
     paths = Q.list_documents(s.corpus_dir)
     train_paths, heldout_paths = Q.split_documents(paths, 0.15)
     train_texts, heldout_texts = Q.read_documents(s.corpus_dir, train_paths), Q.read_documents(s.corpus_dir, heldout_paths)
@@ -294,6 +300,23 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
                        4 * s.segment_length, True, seed=s.seed, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     pre = pretrain(backbone, tokenizer, train_stream, vocab, s, log)
     log(f"backbone pretrained on {s.segment_length}-token windows for {pre['steps']} steps")
+    return Prepared(tokenizer, vocab, train_stream, heldout_stream, backbone, pre)
+
+
+def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
+    from lm_eval.models.huggingface import HFLM
+
+    from hmt_adapter.lm_eval import EncodingCache, HMTLM
+
+    class WindowLM(EncodingCache, HFLM):
+        """lm-eval's HFLM (the sliding-window baseline), tokenizing each long context once for all its choices."""
+
+    start = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)  # noqa: E731
+    prep = prepare(s, log)
+    tokenizer, vocab, train_stream, heldout_stream = prep.tokenizer, prep.vocab, prep.train_stream, prep.heldout_stream
+    backbone, pre = prep.backbone, prep.pretraining
+
 
     task_dir = out_dir / "long_context_tasks"
     names, chance = [], {}
