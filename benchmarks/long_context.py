@@ -48,7 +48,7 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hmt_write_no_projection": ({"write_token": "learned", "memory_projection": False}, {}),
     # the recipe before this benchmark's levers: evidence anywhere, batch 2, lr 3e-3 cosine, clipped gradients
     "hmt_old_recipe": ({}, {"evidence": "anywhere", "hmt_batch": 2, "hmt_lr": 3e-3, "hmt_max_grad_norm": 1.0,
-                            "hmt_schedule": "cosine"}),
+                            "hmt_schedule": "cosine", "curriculum": False}),
 }
 METHODS = (*METHOD_SPECS, "sliding_window")
 
@@ -71,6 +71,7 @@ class Settings:
     episode_fraction: float = 0.5  # windows of pretraining that are in-window task episodes
     answer_weight: float = 1.0  # extra cross-entropy on each episode's answer token (0: plain LM loss only)
     pretrain_check_every: int = 250
+    pretrain_min_steps: int = 0  # keep pretraining at least this long even once the in-window target is reached
     target_in_window: float = 0.95  # pretraining stops once the backbone answers this share of in-window needles
     num_sensory: int = 16
     recall_dim: int = 256
@@ -81,6 +82,7 @@ class Settings:
     hmt_max_grad_norm: float = 0.0  # 0: no clipping (Adam's per-parameter scaling already bounds the steps)
     hmt_schedule: str = "constant_with_warmup"
     evidence: str = "beyond"  # where training puts the supporting fact: "beyond" the window, or "anywhere"
+    curriculum: bool = True  # the longest training input grows from 2 segments to the maximum over the first half
     train_tasks: tuple = ("needle",)
     max_train_segments: int = 16
     answer_only_loss: bool = True
@@ -95,12 +97,12 @@ class Settings:
 
 def quick(**overrides: Any) -> Settings:
     base = dict(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, segment_length=64, pretrain_steps=3000,
+                pretrain_min_steps=2000,
                 episode_fraction=0.5, pretrain_lr=2e-3,
-                num_sensory=8, recall_dim=128, hmt_steps=600, max_train_segments=8,
+                num_sensory=8, recall_dim=128, hmt_steps=1000, max_train_segments=8,
                 needle_lengths=(1024, 4096, 16384, 65536), facts_lengths=(1024, 4096), examples=30, examples_longest=20,
                 facts_tasks=("facts_qa1",), facts_examples=20,
-                threads=1, methods=("sliding_window", "hmt_write", "hmt", "hmt_write_no_recall", "hmt_write_no_sensory",
-                                    "hmt_old_recipe"))
+                threads=1, methods=("sliding_window", "hmt_write", "hmt", "hmt_old_recipe"))
     base.update(overrides)
     return Settings(**base)
 
@@ -179,7 +181,7 @@ def pretrain(model, tokenizer, stream: torch.Tensor, vocab, s: Settings, log) ->
             acc = in_window_accuracy(model, tokenizer, probe)
             curve.append({"step": step, "loss": sum(losses[-20:]) / len(losses[-20:]), "needle_in_window": acc})
             log(f"pretraining step {step}: loss {curve[-1]['loss']:.2f}, in-window needle accuracy {100 * acc:.0f}%")
-            if acc >= s.target_in_window:
+            if acc >= s.target_in_window and step >= s.pretrain_min_steps:
                 break
     model.eval().requires_grad_(False)
     return {"losses": losses[::10], "curve": curve, "steps": step}
@@ -201,8 +203,12 @@ def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
 
     rng = random.Random(s.seed + 21)
     rows = {"input_ids": [], "completion_mask": []}
-    for _ in range(s.hmt_steps * s.hmt_batch):
-        length = rng.randint(2, s.max_train_segments) * s.segment_length - 1
+    total = s.hmt_steps * s.hmt_batch
+    for i in range(total):
+        longest = s.max_train_segments
+        if s.curriculum:  # read in order (train_hmt samples sequentially): 2 segments first, the maximum by half-way
+            longest = 2 + round((s.max_train_segments - 2) * min(1.0, 2 * i / total))
+        length = rng.randint(2, longest) * s.segment_length - 1
         max_depth = evidence_max_depth(s, length, num_sensory, s.evidence)
         ids, answer_at = episode_ids(tokenizer, random_episode(tokenizer, stream, vocab, length, rng, s.train_tasks,
                                                                max_depth))
@@ -236,6 +242,7 @@ def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str)
         output_dir=work, max_steps=s.hmt_steps, per_device_train_batch_size=s.hmt_batch, learning_rate=s.hmt_lr,
         lr_scheduler_type=s.hmt_schedule, warmup_steps=max(1, s.hmt_steps // 30), max_length=None,
         max_grad_norm=s.hmt_max_grad_norm, weight_decay=0.0,
+        train_sampling_strategy="sequential" if s.curriculum else "random",
         completion_only_loss=True, gradient_checkpointing=False, logging_steps=max(1, s.hmt_steps // 10),
         save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=s.seed, disable_tqdm=True,
     )
@@ -439,6 +446,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-weight", type=float, default=None, help="pretraining: extra CE weight on episode answers")
     p.add_argument("--hmt-batch", type=int, default=None)
     p.add_argument("--hmt-lr", type=float, default=None)
+    p.add_argument("--no-curriculum", action="store_true", help="draw every training input's length uniformly")
     p.add_argument("--evidence", choices=("beyond", "anywhere"), default=None,
                    help="where HMT's training episodes put the supporting fact")
     p.add_argument("--examples", type=int, default=None, help="examples per length (and per in-window probe)")
@@ -462,6 +470,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides["methods"] = tuple(args.methods)
     if args.all_token_loss:
         overrides["answer_only_loss"] = False
+    if args.no_curriculum:
+        overrides["curriculum"] = False
     s = quick(**overrides) if args.quick else replace(Settings(), **overrides)
     if not Q.list_documents(s.corpus_dir):
         print(Q.missing_corpus_message(s.corpus_dir), file=sys.stderr)
