@@ -260,3 +260,33 @@ def save_results(module: str, name: str, args: Any, result: dict[str, Any], plot
 def command_line(module: str) -> str:
     """The command that produced a result, as a user would type it from the repository root."""
     return " ".join(["PYTHONPATH=. python -m", module, *sys.argv[1:]])
+
+
+def plot_rate_bars(rows: list[dict[str, Any]], path: Path, names: Callable[[list[dict[str, Any]]], list[str]],
+                   reference: Callable[[dict[str, Any]], float], reference_label: str, reference_at: str,
+                   tick: Callable[[dict[str, Any]], str], title: Callable[[str, list[dict[str, Any]]], str]) -> None:
+    """One panel per ``mode``: grouped bars of ``row[name]["tokens_per_s"]`` for each row, and a dashed outline bar
+    at the ``reference_at`` bar's place with height ``reference(row)`` (a target or a limit)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.2), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sel = [r for r in rows if r["mode"] == mode]
+        shown = names(sel)
+        width = 0.8 / len(shown)
+        for i, name in enumerate(shown):
+            ax.bar([j + i * width for j in range(len(sel))], [r[name]["tokens_per_s"] for r in sel], width, label=name)
+        ax.bar([j + shown.index(reference_at) * width for j in range(len(sel))], [reference(r) for r in sel], width,
+               fill=False, edgecolor="black", linestyle="--", label=reference_label)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sel))])
+        ax.set_xticklabels([tick(r) for r in sel])
+        ax.set_ylabel("tokens / s")
+        ax.set_title(title(mode, sel))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -121,28 +121,9 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = sorted({r["mode"] for r in rows})
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.2), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        sel = [r for r in rows if r["mode"] == mode]
-        width = 0.8 / len(NAMES)
-        for i, name in enumerate(NAMES):
-            ax.bar([j + i * width for j in range(len(sel))], [r[name]["tokens_per_s"] for r in sel], width, label=name)
-        ax.bar([j + width for j in range(len(sel))], [r["windows"]["tokens_per_s"] / r["limit"] for r in sel], width,
-               fill=False, edgecolor="black", linestyle="--", label="windows / limit")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sel))])
-        ax.set_xticklabels([f"{r['threads']} thread(s)" for r in sel])
-        ax.set_ylabel("tokens / s")
-        ax.set_title(f"{mode} ({sel[0]['size']}, vocab {sel[0]['vocab']})")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    C.plot_rate_bars(rows, path, names=lambda sel: list(NAMES), reference=lambda r: r["windows"]["tokens_per_s"] / r["limit"],
+                     reference_label="windows / limit", reference_at="hmt", tick=lambda r: f"{r['threads']} thread(s)",
+                     title=lambda mode, sel: f"{mode} ({sel[0]['size']}, vocab {sel[0]['vocab']})")
 
 
 def main(argv=None) -> None:

@@ -154,32 +154,11 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = sorted({r["mode"] for r in rows})
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.2), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        sel = [r for r in rows if r["mode"] == mode]
-        names = [n for n in ("windows", "hmt", "hmt_fused", "full") if n in sel[0]]
-        width = 0.8 / len(names)
-        for i, name in enumerate(names):
-            ax.bar([j + i * width for j in range(len(sel))], [r[name]["tokens_per_s"] for r in sel], width, label=name)
-        ax.bar(
-            [j + names.index("hmt") * width for j in range(len(sel))],
-            [r["windows"]["tokens_per_s"] / r["limit"] * r["target"] for r in sel],
-            width, fill=False, edgecolor="black", linestyle="--", label="HMT target",
-        )
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sel))])
-        ax.set_xticklabels([f"{r['size']}\nB={r['batch']}" for r in sel])
-        ax.set_ylabel("tokens / s")
-        ax.set_title(f"{mode}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    C.plot_rate_bars(
+        rows, path, names=lambda sel: [n for n in ("windows", "hmt", "hmt_fused", "full") if n in sel[0]],
+        reference=lambda r: r["windows"]["tokens_per_s"] / r["limit"] * r["target"], reference_label="HMT target",
+        reference_at="hmt", tick=lambda r: f"{r['size']}\nB={r['batch']}", title=lambda mode, sel: mode,
+    )
 
 
 def main(argv=None) -> None:
