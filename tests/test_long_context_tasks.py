@@ -85,3 +85,25 @@ def test_written_task_is_an_lm_eval_multiple_choice_task(tok, stream, tmp_path) 
     from lm_eval.tasks import TaskManager
 
     assert "lc_needle_200" in TaskManager(include_path=str(tmp_path)).all_tasks
+
+
+def test_hmt_training_episodes_put_the_needle_beyond_the_window_and_grow_in_length(tok, stream) -> None:
+    """evidence="beyond": no training episode can be answered from the last segment + sensory memory; with the
+    curriculum the episodes (read in order) start at 2 segments and reach the maximum by half-way."""
+    from benchmarks import long_context as LC
+
+    vocab = T.Vocab.of(tok)
+    s = LC.quick(segment_length=32, hmt_steps=20, hmt_batch=2, max_train_segments=6)
+    data = LC.train_dataset(tok, stream, vocab, s, num_sensory=s.num_sensory)
+    needle = tok(" The secret word is", add_special_tokens=False).input_ids
+    segments = []
+    for ids, mask in zip(data["input_ids"], data["completion_mask"]):
+        answer_at = mask.index(1)
+        starts = [i for i in range(answer_at) if ids[i : i + len(needle)] == needle]
+        assert len(starts) >= 2  # the needle and the question
+        assert starts[0] + len(needle) + 2 <= answer_at - s.segment_length - s.num_sensory  # key token + "." too
+        segments.append(-(-len(ids) // s.segment_length))
+    half = len(segments) // 2
+    assert max(segments[:4]) <= 3 and max(segments[half:]) >= 6
+    anywhere = LC.train_dataset(tok, stream, vocab, LC.replace(s, evidence="anywhere", curriculum=False), s.num_sensory)
+    assert anywhere["input_ids"] != data["input_ids"]
