@@ -454,12 +454,26 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-query", choices=("segment", "previous"), default=None)
     p.add_argument("--all-token-loss", action="store_true", help="train HMT on every token, not only the answer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
+                   help="draw the PNGs from these result files (their rows side by side) instead of running")
     C.add_output_arguments(p)
     return p
 
 
+def plot_from(paths: list[str], out_dir: Path) -> None:
+    """The heatmaps and curves of several runs' ``long_context.json`` files together (same tasks, same examples)."""
+    import json
+
+    payloads = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {"chance": payloads[0]["chance"], "results": [r for p in payloads for r in p["results"]]}
+    plot(merged, out_dir)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.plot_from:
+        plot_from(args.plot_from, C.output_dir(args))
+        return 0
     overrides: dict[str, Any] = {"corpus_dir": args.corpus_dir, "seed": args.seed}
     for key in ("threads", "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr",
                 "episode_fraction", "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence",
