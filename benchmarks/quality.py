@@ -76,7 +76,7 @@ class QualitySettings:
     num_layers: int = 4
     num_heads: int = 4
     segment_length: int = 128  # the backbone's training window = HMT's segment length = the baselines' width
-    pretrain_steps: int = 2000  # the cap; pretraining stops earlier once the validation loss has flattened
+    pretrain_steps: int = 1200  # the cap; pretraining stops earlier once the validation loss has flattened
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
     # plateau rule: every pretrain_eval_every steps score pretrain_eval_windows fixed windows of the validation
@@ -279,6 +279,8 @@ def pretrain_backbone(model, stream: torch.Tensor, validation: torch.Tensor, set
             curve.append({"step": step, "validation_loss": window_loss(model, validation),
                           "train_loss": sum(losses[-settings.pretrain_eval_every:]) / settings.pretrain_eval_every,
                           "lr": sched.get_last_lr()[0]})
+            print(f"  pretraining step {step}: validation loss {curve[-1]['validation_loss']:.4f}, training loss "
+                  f"{curve[-1]['train_loss']:.4f}, lr {curve[-1]['lr']:.2e}", flush=True)
             if plateaued([c["validation_loss"] for c in curve], settings.plateau_checks, settings.plateau_tolerance):
                 stopped = "plateau"
                 break
