@@ -13,24 +13,37 @@ Protocol (small scale, CPU):
 
 1. a byte-level BPE tokenizer (``tokenizers``) trained on the training split, wrapped as a transformers
    ``PreTrainedTokenizerFast``;
-2. a small Llama (``LlamaConfig``) pretrained from scratch on short windows of ``segment_length`` tokens of the
-   training split (plain torch loop, AdamW, warm-up + cosine): the backbone;
+2. a small Llama (``LlamaConfig``) pretrained from scratch on random windows of ``segment_length`` tokens of the
+   training split (plain torch loop, AdamW, warm-up + cosine over at most ``pretrain_steps``), stopped early once its
+   loss on fixed windows of validation documents has flattened (`plateaued`: the best of the last
+   ``plateau_checks`` checks, one every ``pretrain_eval_every`` steps, is < ``plateau_tolerance`` below the check
+   before them). The validation documents are a salted-hash subset of the training split, used for nothing else;
 3. the backbone frozen, HMT attached with ``peft.get_peft_model(backbone, HMTConfig(...))``, the HMT parameters
    trained with TRL's ``SFTTrainer`` on training documents cut into pieces of ``train_segments`` segments
    (`hmt_adapter.training.chunk_token_ids`, ``max_length`` checked with `check_max_length`);
-4. optionally HMT + LoRA (``HMTConfig(lora_r=8, lora_alpha=32)``) trained the same way for the same steps;
-5. held-out documents scored with `hmt_adapter.evaluation.evaluate_long_documents`: HMT, the backbone over
-   independent windows of ``segment_length`` tokens, and the backbone over a sliding window of the same width
-   (stride ``segment_length // 2``). The same tokens are scored by every method.
+4. two controls for LoRA (``--no-lora`` skips both): HMT + LoRA (``HMTConfig(lora_r=8, lora_alpha=32)``), and
+   LoRA alone (plain ``peft.LoraConfig``, same rank and alpha, on exactly the modules HMT's LoRA wraps). Both train
+   with the same SFTTrainer arguments, steps and pieces as HMT; LoRA alone sees each piece cut into independent
+   windows of ``segment_length`` tokens (`window_collator`), the layout it is scored in;
+5. held-out documents scored with `hmt_adapter.evaluation`: HMT, the backbone (and LoRA alone) over independent
+   windows of ``segment_length`` tokens, and the backbone over a sliding window of that width at two strides:
+   ``segment_length // 2`` and the stride whose backbone positions per token equal HMT's (`matching_stride`).
+   The same tokens are scored by every method.
+
+Width: every baseline reads windows of ``segment_length`` tokens, the backbone's pretraining window and the number of
+new tokens HMT reads per segment pass (HMT's pass adds 2 memory slots and ``num_sensory`` sensory tokens; that extra
+work is in its positions-per-token count). Positions per token are counted, not estimated: what each method's
+forward passes feed the backbone over the scored documents, divided by the targets scored (`hmt_positions`,
+`sliding_positions`; tests check both against the real forward passes).
 
 Run (from the repository root)::
 
-    python -m benchmarks.quality            # full run (~15-25 min on 2 shared CPU cores)
-    python -m benchmarks.quality --lora     # also HMT + LoRA
-    python -m benchmarks.quality --quick    # smoke run (a minute or two)
+    python -m benchmarks.quality --threads 1   # full run (~75-80 min on one thread of a busy 2-core machine)
+    python -m benchmarks.quality --no-lora     # without the two LoRA rows
+    python -m benchmarks.quality --quick       # smoke run (under a minute)
 
-Outputs: ``quality.json`` and ``quality.png`` in ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results) (``--quick`` writes
-``quality_quick.*``).
+Outputs: ``quality.json`` and ``quality.png`` in ``--output-dir`` (default benchmarks/output; ``--update-results``:
+benchmarks/results) (``--quick`` writes ``quality_quick.*``).
 """
 
 from __future__ import annotations
@@ -535,7 +548,7 @@ def write_plot(results: dict, path: Path) -> None:
     cx.set_xlabel("pretraining step")
     cx.set_ylabel("loss (nats / token)")
     cx.set_ylim(min(c["validation_loss"] for c in curve) * 0.95, curve[min(1, len(curve) - 1)]["validation_loss"] * 1.1)
-    cx.set_title(f"Backbone pretraining: stopped at {pre['pretrain_steps_run']} ({pre['stopped']})")
+    cx.set_title(f"Backbone pretraining ({pre['pretrain_steps_run']} steps: {pre['stopped']})")
     cx.legend(fontsize=8)
     fig.suptitle("Python 3.11 docs (Debian python3.11-doc): small Llama pretrained on "
                  f"{seg}-token windows; recall_query={results['settings']['recall_query']!r}", fontsize=10)
@@ -817,6 +830,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-query", choices=("segment", "previous"), default=None)
     p.add_argument("--table-from", metavar="JSON", default=None,
                    help="print the Markdown table of an existing results file and exit")
+    p.add_argument("--plot-from", metavar="JSON", default=None,
+                   help="redraw the PNG next to an existing results file (same name, .png) and exit")
     p.add_argument("--no-lora", action="store_true", help="skip HMT + LoRA and LoRA alone (the two LoRA rows)")
     C.add_output_arguments(p)
     return p
@@ -826,6 +841,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     if args.table_from:
         print(markdown_table(json.loads(Path(args.table_from).read_text())))
+        return 0
+    if args.plot_from:
+        write_plot(json.loads(Path(args.plot_from).read_text()), Path(args.plot_from).with_suffix(".png"))
         return 0
     overrides: dict[str, Any] = {"corpus_dir": args.corpus_dir, "seed": args.seed}
     for key in ("threads", "pretrain_steps", "hmt_steps", "recall_query"):
