@@ -192,7 +192,13 @@ def test_lora_alone_wraps_hmt_loras_modules_and_trains_only_lora(tmp_path: Path)
     hmt_wrapped = sorted(n.removeprefix("base_model.model.").removesuffix(".base_layer")
                          for n, m in hmt_lora.named_modules() if type(m).__name__ == "HMTLoraLinear")
     model = quality.lora_only_model(backbone(), settings)
-    assert sorted(model.peft_config["default"].target_modules) == hmt_wrapped
+    from peft.tuners.lora import LoraLayer
+
+    lora_wrapped = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                          if isinstance(m, LoraLayer))
+    assert lora_wrapped == hmt_wrapped and len(hmt_wrapped) == 2 * 7  # q k v o gate up down, 2 layers
+    lora_count = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert lora_count == sum(p.numel() for n, p in hmt_lora.named_parameters() if "lora" in n.lower())
     assert model.peft_config["default"].r == 2 and model.peft_config["default"].lora_alpha == settings.lora_alpha
 
     pieces = [torch.randint(3, vocab, (n,)).tolist() for n in (24, 20, 16, 24, 17, 24, 22, 24)]
