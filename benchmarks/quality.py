@@ -38,7 +38,7 @@ forward passes feed the backbone over the scored documents, divided by the targe
 
 Run (from the repository root)::
 
-    python -m benchmarks.quality --threads 1   # full run (~75-80 min on one thread of a busy 2-core machine)
+    python -m benchmarks.quality --threads 1   # full run (24-40 min on one thread of a shared 2-core machine)
     python -m benchmarks.quality --no-lora     # without the two LoRA rows
     python -m benchmarks.quality --quick       # smoke run (under a minute)
 
@@ -89,7 +89,7 @@ class QualitySettings:
     num_layers: int = 4
     num_heads: int = 4
     segment_length: int = 128  # the backbone's training window = HMT's segment length = the baselines' width
-    pretrain_steps: int = 1200  # the cap; pretraining stops earlier once the validation loss has flattened
+    pretrain_steps: int = 2000  # the cap; pretraining stops earlier once the validation loss has flattened
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
     # plateau rule: every pretrain_eval_every steps score pretrain_eval_windows fixed windows of the validation
