@@ -13,24 +13,37 @@ Protocol (small scale, CPU):
 
 1. a byte-level BPE tokenizer (``tokenizers``) trained on the training split, wrapped as a transformers
    ``PreTrainedTokenizerFast``;
-2. a small Llama (``LlamaConfig``) pretrained from scratch on short windows of ``segment_length`` tokens of the
-   training split (plain torch loop, AdamW, warm-up + cosine): the backbone;
+2. a small Llama (``LlamaConfig``) pretrained from scratch on random windows of ``segment_length`` tokens of the
+   training split (plain torch loop, AdamW, warm-up + cosine over at most ``pretrain_steps``), stopped early once its
+   loss on fixed windows of validation documents has flattened (`plateaued`: the best of the last
+   ``plateau_checks`` checks, one every ``pretrain_eval_every`` steps, is < ``plateau_tolerance`` below the check
+   before them). The validation documents are a salted-hash subset of the training split, used for nothing else;
 3. the backbone frozen, HMT attached with ``peft.get_peft_model(backbone, HMTConfig(...))``, the HMT parameters
    trained with TRL's ``SFTTrainer`` on training documents cut into pieces of ``train_segments`` segments
    (`hmt_adapter.training.chunk_token_ids`, ``max_length`` checked with `check_max_length`);
-4. optionally HMT + LoRA (``HMTConfig(lora_r=8, lora_alpha=32)``) trained the same way for the same steps;
-5. held-out documents scored with `hmt_adapter.evaluation.evaluate_long_documents`: HMT, the backbone over
-   independent windows of ``segment_length`` tokens, and the backbone over a sliding window of the same width
-   (stride ``segment_length // 2``). The same tokens are scored by every method.
+4. two controls for LoRA (``--no-lora`` skips both): HMT + LoRA (``HMTConfig(lora_r=8, lora_alpha=32)``), and
+   LoRA alone (plain ``peft.LoraConfig``, same rank and alpha, on exactly the modules HMT's LoRA wraps). Both train
+   with the same SFTTrainer arguments, steps and pieces as HMT; LoRA alone sees each piece cut into independent
+   windows of ``segment_length`` tokens (`window_collator`), the layout it is scored in;
+5. held-out documents scored with `hmt_adapter.evaluation`: HMT, the backbone (and LoRA alone) over independent
+   windows of ``segment_length`` tokens, and the backbone over a sliding window of that width at two strides:
+   ``segment_length // 2`` and the stride whose backbone positions per token equal HMT's (`matching_stride`).
+   The same tokens are scored by every method.
+
+Width: every baseline reads windows of ``segment_length`` tokens, the backbone's pretraining window and the number of
+new tokens HMT reads per segment pass (HMT's pass adds 2 memory slots and ``num_sensory`` sensory tokens; that extra
+work is in its positions-per-token count). Positions per token are counted, not estimated: what each method's
+forward passes feed the backbone over the scored documents, divided by the targets scored (`hmt_positions`,
+`sliding_positions`; tests check both against the real forward passes).
 
 Run (from the repository root)::
 
-    python -m benchmarks.quality            # full run (~15-25 min on 2 shared CPU cores)
-    python -m benchmarks.quality --lora     # also HMT + LoRA
-    python -m benchmarks.quality --quick    # smoke run (a minute or two)
+    python -m benchmarks.quality --threads 1   # full run (24-40 min on one thread of a shared 2-core machine)
+    python -m benchmarks.quality --no-lora     # without the two LoRA rows
+    python -m benchmarks.quality --quick       # smoke run (under a minute)
 
-Outputs: ``quality.json`` and ``quality.png`` in ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results) (``--quick`` writes
-``quality_quick.*``).
+Outputs: ``quality.json`` and ``quality.png`` in ``--output-dir`` (default benchmarks/output; ``--update-results``:
+benchmarks/results) (``--quick`` writes ``quality_quick.*``).
 """
 
 from __future__ import annotations
@@ -76,9 +89,17 @@ class QualitySettings:
     num_layers: int = 4
     num_heads: int = 4
     segment_length: int = 128  # the backbone's training window = HMT's segment length = the baselines' width
-    pretrain_steps: int = 300
+    pretrain_steps: int = 2000  # the cap; pretraining stops earlier once the validation loss has flattened
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
+    # plateau rule: every pretrain_eval_every steps score pretrain_eval_windows fixed windows of the validation
+    # documents; stop when the best of the last plateau_checks checks is less than plateau_tolerance (relative, on
+    # the loss in nats) below the check before them
+    validation_fraction: float = 0.05  # of the training documents: kept out of pretraining and of SFT
+    pretrain_eval_every: int = 100
+    pretrain_eval_windows: int = 64
+    plateau_checks: int = 4
+    plateau_tolerance: float = 0.005
     # HMT
     num_sensory: int = 16
     recall_dim: int = 256
@@ -89,23 +110,25 @@ class QualitySettings:
     hmt_lr: float = 2e-3
     train_segments: int = 8  # training pieces: documents cut into pieces of train_segments * segment_length
     gradient_checkpointing: bool = False  # tiny model: memory is no issue, recomputation would cost ~30% time
-    lora: bool = False  # (--lora) also train HMT + LoRA (lora_r=8, lora_alpha=32)
+    # HMT + LoRA (HMTConfig(lora_r, lora_alpha)) and LoRA alone (peft.LoraConfig on the same modules), both trained
+    # like HMT: same trainer, steps, learning rate and pieces; LoRA alone sees them cut into independent windows
+    lora: bool = True
     lora_r: int = 8
     lora_alpha: int = 32
     # evaluation
     eval_max_segments: int = 24  # each held-out document is scored on its first eval_max_segments segments
     eval_min_segments: int = 2  # held-out documents shorter than this many segments are skipped
     eval_max_documents: int = 0  # 0: all held-out documents long enough
-    stride: int = 0  # sliding-window stride; 0: segment_length // 2
+    stride: int = 0  # sliding-window stride at equal width; 0: segment_length // 2
     output_name: str = "quality"
 
 
 def quick_settings(**overrides: Any) -> QualitySettings:
     """Tiny settings for a smoke run: a small model, few steps, few documents."""
     base = dict(
-        hidden_size=64, num_layers=2, num_heads=2, vocab_size=1024, segment_length=32, pretrain_steps=30,
-        pretrain_batch=8, num_sensory=4, recall_dim=32, hmt_steps=6, hmt_batch=2, train_segments=4,
-        eval_max_segments=6, eval_max_documents=4, output_name="quality_quick", threads=1,
+        hidden_size=64, num_layers=2, num_heads=2, vocab_size=1024, segment_length=32, pretrain_steps=40,
+        pretrain_batch=8, pretrain_eval_every=10, pretrain_eval_windows=16, plateau_checks=2, num_sensory=4,
+        recall_dim=32, hmt_steps=6, hmt_batch=2, train_segments=4, eval_max_segments=6, eval_max_documents=4, output_name="quality_quick", threads=1,
     )
     base.update(overrides)
     return QualitySettings(**base)
@@ -143,6 +166,16 @@ def split_documents(paths: Sequence[str], heldout_fraction: float) -> tuple[list
     train = [p for p in paths if not is_heldout(p, heldout_fraction)]
     heldout = [p for p in paths if is_heldout(p, heldout_fraction)]
     return train, heldout
+
+
+def split_validation(train_paths: Sequence[str], validation_fraction: float) -> tuple[list[str], list[str]]:
+    """(pretraining paths, validation paths) of the training split, by a second hash of the path (salted, so it is
+    independent of the held-out split). The validation documents only decide when pretraining stops."""
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
+    val = [p for p in train_paths if is_heldout("validation:" + p, validation_fraction)]
+    chosen = set(val)
+    return [p for p in train_paths if p not in chosen], val
 
 
 def read_documents(root: str, paths: Sequence[str]) -> list[str]:
@@ -191,8 +224,44 @@ def build_backbone(settings: QualitySettings, vocab_size: int):
     )
 
 
-def pretrain_backbone(model, stream: torch.Tensor, settings: QualitySettings) -> list[float]:
-    """Train on random windows of ``segment_length`` tokens of the concatenated training split. Returns losses."""
+def plateaued(checks: Sequence[float], window: int, tolerance: float) -> bool:
+    """The plateau rule: True when the best of the last ``window`` values is less than ``tolerance`` (relative)
+    below the value just before them. False while there are fewer than ``window + 1`` values."""
+    if window < 1:
+        raise ValueError(f"plateau_checks must be >= 1, got {window}.")
+    if len(checks) < window + 1:
+        return False
+    before = checks[-window - 1]
+    return (before - min(checks[-window:])) / abs(before) < tolerance
+
+
+def validation_windows(stream: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """``count`` fixed windows of ``width`` tokens spread evenly over ``stream``: (count, width)."""
+    if stream.numel() < width + 1:
+        raise ValueError(f"The validation stream has {stream.numel()} tokens, fewer than one window of {width} + 1.")
+    starts = torch.linspace(0, stream.numel() - width, count).long().unique()
+    return torch.stack([stream[s : s + width] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def window_loss(model, windows: torch.Tensor, batch: int = 16) -> float:
+    """Mean next-token NLL of ``model`` over the rows of ``windows`` (N, W), every row an independent window."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i : i + batch]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+def pretrain_backbone(model, stream: torch.Tensor, validation: torch.Tensor, settings: QualitySettings) -> dict:
+    """Train on random windows of ``segment_length`` tokens of ``stream`` (AdamW, warm-up + cosine to 10% over the
+    cap ``pretrain_steps``) until the loss on the fixed ``validation`` windows has flattened (`plateaued`) or the cap
+    is reached. Returns the training losses, the validation curve and why it stopped."""
     gen = torch.Generator().manual_seed(settings.seed + 1)
     window = settings.segment_length
     optim = torch.optim.AdamW(model.parameters(), lr=settings.pretrain_lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -205,9 +274,11 @@ def pretrain_backbone(model, stream: torch.Tensor, settings: QualitySettings) ->
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
+    losses: list[float] = []
+    curve = [{"step": 0, "validation_loss": window_loss(model, validation)}]
+    stopped = "max_steps"
     model.train()
-    losses = []
-    for _ in range(settings.pretrain_steps):
+    for step in range(1, settings.pretrain_steps + 1):
         starts = torch.randint(0, stream.numel() - window, (settings.pretrain_batch,), generator=gen)
         ids = torch.stack([stream[s : s + window] for s in starts.tolist()])
         loss = model(input_ids=ids, labels=ids).loss
@@ -217,9 +288,18 @@ def pretrain_backbone(model, stream: torch.Tensor, settings: QualitySettings) ->
         optim.step()
         sched.step()
         losses.append(loss.item())
+        if step % settings.pretrain_eval_every == 0:
+            curve.append({"step": step, "validation_loss": window_loss(model, validation),
+                          "train_loss": sum(losses[-settings.pretrain_eval_every:]) / settings.pretrain_eval_every,
+                          "lr": sched.get_last_lr()[0]})
+            print(f"  pretraining step {step}: validation loss {curve[-1]['validation_loss']:.4f}, training loss "
+                  f"{curve[-1]['train_loss']:.4f}, lr {curve[-1]['lr']:.2e}", flush=True)
+            if plateaued([c["validation_loss"] for c in curve], settings.plateau_checks, settings.plateau_tolerance):
+                stopped = "plateau"
+                break
     model.eval()
     model.requires_grad_(False)
-    return losses
+    return {"losses": losses, "validation_curve": curve, "stopped": stopped, "steps": len(losses)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,8 +336,57 @@ def sft_dataset(train_token_docs: Sequence[Sequence[int]], settings: QualitySett
     return Dataset.from_dict({"input_ids": chunks}), available
 
 
-def train_hmt(peft_model, tokenizer, dataset, settings: QualitySettings, work_dir: str):
-    """Train the adapter's parameters with TRL's SFTTrainer. Returns the trainer."""
+def lora_only_model(base, settings: QualitySettings):
+    """The backbone + plain PEFT LoRA (``peft.LoraConfig``) on exactly the modules HMT + LoRA wraps (HMT's
+    ``lora_target_modules="all-linear"``: every linear layer but the LM head), same rank, alpha and dropout (0)."""
+    import peft
+
+    from hmt_adapter.lora import lora_target_names
+
+    targets = lora_target_names(base, hmt_config(settings, lora=True).lora_target_modules)
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                             lora_dropout=0.0, target_modules=targets)
+    return peft.get_peft_model(base, config)
+
+
+def to_windows(batch: dict[str, torch.Tensor], width: int, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Cut every row of a right-padded causal-LM batch into independent windows of ``width`` tokens.
+
+    ``input_ids``, ``labels``, ``attention_mask``: (B, T) -> (N, width), rows in order, each row's windows in order;
+    T is padded (with ``pad_token_id``, label -100) up to a multiple of ``width`` and windows with fewer than 2 real tokens (no target) are dropped.
+    The first label of every window is set to -100: nothing inside the window predicts it, so label counts (TRL's
+    ``num_items_in_batch``) count only what the loss scores.
+    """
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    rows, length = ids.shape
+    pad = (-length) % width
+    if pad:
+        ids = torch.nn.functional.pad(ids, (0, pad), value=pad_token_id)
+        labels = torch.nn.functional.pad(labels, (0, pad), value=-100)
+        mask = torch.nn.functional.pad(mask, (0, pad), value=0)
+    ids, labels, mask = (t.reshape(-1, width) for t in (ids, labels, mask))  # (B * T' / width, width)
+    keep = mask.sum(1) >= 2
+    labels = labels.clone()
+    labels[:, 0] = -100
+    return {"input_ids": ids[keep], "labels": labels[keep], "attention_mask": mask[keep]}
+
+
+def window_collator(pad_token_id: int, width: int):
+    """TRL's language-modelling collator followed by `to_windows`: LoRA alone trains on the pieces HMT trains on,
+    cut at every ``width`` tokens (the independent-windows layout it is scored in)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    class WindowCollator(DataCollatorForLanguageModeling):
+        def torch_call(self, examples):
+            return to_windows(super().torch_call(examples), width, pad_token_id)
+
+    return WindowCollator(pad_token_id=pad_token_id)
+
+
+def train_adapter(peft_model, tokenizer, dataset, settings: QualitySettings, work_dir: str, data_collator=None):
+    """Train the adapter's parameters with TRL's SFTTrainer (HMT, HMT + LoRA, and LoRA alone with
+    ``data_collator=window_collator(...)``: the same arguments, so the same steps, order of pieces and learning rate).
+    Returns the trainer."""
     from trl import SFTConfig, SFTTrainer
 
     from hmt_adapter.training import check_max_length, check_sft_args
@@ -283,25 +412,107 @@ def train_hmt(peft_model, tokenizer, dataset, settings: QualitySettings, work_di
     )
     check_sft_args(args)
     check_max_length(dataset, max_length)
-    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         data_collator=data_collator)
     trainer.train()
     peft_model.eval()
     return trainer
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Compute accounting: backbone positions run per document (what the evaluation's forward passes feed)
+# ---------------------------------------------------------------------------------------------------------
+def window_positions(num_tokens: int, window: int) -> int:
+    """Independent windows (`backbone_window_nll`): the T - 1 input positions, each run once."""
+    return num_tokens - 1
+
+
+def sliding_positions(num_tokens: int, window: int, stride: int) -> int:
+    """Sliding window (`backbone_sliding_nll`): the total width of the windows it runs over T - 1 targets."""
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}.")
+    targets, scored, begin, total = num_tokens - 1, 0, 0, 0
+    while scored < targets:
+        end = min(begin + window, targets)
+        total += end - begin
+        scored, begin = end, begin + stride
+    return total
+
+
+def hmt_positions(num_tokens: int, config) -> int:
+    """HMT over one document of T tokens: every segment pass ``[m ; sensory ; x ; m]`` plus every summary pass
+    ``[s ; tokens ; s]`` (segments >= 1, with recall), real positions only (the batched summary pass also pads a
+    short last segment's window; those positions are not counted)."""
+    seg, k, width = config.segment_length, config.num_sensory, config.summary_length
+    num_segments = math.ceil(num_tokens / seg)
+    total = 0
+    for n in range(num_segments):
+        x_len = min(seg, num_tokens - n * seg)
+        total += 2 + min(k, n * seg) + x_len
+        if config.use_recall and n >= 1:
+            total += 2 + (min(width, x_len) if config.recall_query == "segment" else width)
+    return total
+
+
+def nominal_hmt_positions_per_token(config) -> float:
+    """HMT's positions per token in a long document (every segment full, with sensory and summary):
+    ``1 + (num_sensory + 2) / L + (summary_length + 2) / L`` with recall (1.66 at L=128, k=16, fraction 0.5)."""
+    seg = config.segment_length
+    summary = config.summary_length + 2 if config.use_recall else 0
+    return (seg + config.num_sensory + 2 + summary) / seg
+
+
+def positions_per_token(documents: Sequence[Sequence[int]], positions) -> float:
+    """Backbone positions run per scored target over ``documents``; ``positions(T)`` counts one document."""
+    return sum(positions(len(d)) for d in documents) / sum(len(d) - 1 for d in documents)
+
+
+def matching_stride(documents: Sequence[Sequence[int]], window: int, target: float) -> int:
+    """The sliding-window stride whose positions per token over ``documents`` is closest to ``target`` (ties: the
+    larger stride, i.e. the cheaper one)."""
+    def gap(stride: int) -> float:
+        return abs(positions_per_token(documents, lambda t: sliding_positions(t, window, stride)) - target)
+
+    return min(range(window, 0, -1), key=gap)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------
-LABELS = {
-    "hmt": "frozen backbone + HMT",
-    "hmt_lora": "backbone + HMT + LoRA",
-    "backbone_window": "backbone, independent windows",
-    "backbone_sliding": "backbone, sliding window",
-}
+ORDER = ("backbone_window", "lora", "backbone_sliding_matched", "backbone_sliding", "hmt", "hmt_lora")
+
+
+def label(name: str, results: dict) -> str:
+    """The row name of a method, with its widths and strides."""
+    ev = results["eval"]
+    w = ev["window"]
+    return {
+        "backbone_window": f"backbone, independent {w}-token windows",
+        "lora": f"backbone + LoRA alone, independent {w}-token windows",
+        "backbone_sliding_matched": f"backbone, sliding window ({w}, stride {ev['stride_matched']}: HMT's compute)",
+        "backbone_sliding": f"backbone, sliding window ({w}, stride {ev['stride']})",
+        "hmt": "frozen backbone + HMT",
+        "hmt_lora": "backbone + HMT + LoRA",
+    }.get(name, name)
+
+
+def comparisons(methods: dict) -> dict[str, float]:
+    """Headline perplexity ratios - 1 (negative: the first method is better), for the pairs that exist."""
+    pairs = {
+        "hmt_vs_backbone_window": ("hmt", "backbone_window"),
+        "hmt_vs_backbone_sliding_matched": ("hmt", "backbone_sliding_matched"),
+        "hmt_vs_backbone_sliding": ("hmt", "backbone_sliding"),
+        "lora_vs_backbone_window": ("lora", "backbone_window"),
+        "hmt_lora_vs_lora": ("hmt_lora", "lora"),
+        "hmt_lora_vs_hmt": ("hmt_lora", "hmt"),
+        "hmt_lora_vs_backbone_sliding_matched": ("hmt_lora", "backbone_sliding_matched"),
+    }
+    return {key: methods[a]["perplexity"] / methods[b]["perplexity"] - 1
+            for key, (a, b) in pairs.items() if a in methods and b in methods}
 
 
 def write_plot(results: dict, path: Path) -> None:
-    """Loss by segment index per method (left) and perplexity per method (right)."""
+    """Loss by segment index per method (left), perplexity per method (middle), pretraining curve (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,63 +520,76 @@ def write_plot(results: dict, path: Path) -> None:
 
     methods = results["methods"]
     seg = results["settings"]["segment_length"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [3, 3, 2]})
     for name, res in methods.items():
         # segments scored in at least 5 documents' worth of targets
         keep = [i for i, c in enumerate(res["segment_count"]) if c >= 5 * seg]
-        ax.plot(keep, [res["segment_loss"][i] for i in keep], marker=".", label=LABELS.get(name, name))
+        ax.plot(keep, [res["segment_loss"][i] for i in keep], marker=".", label=label(name, results))
     ax.set_xlabel(f"segment index (segment = {seg} tokens)")
     ax.set_ylabel("mean NLL (nats / token)")
     ax.set_title("Held-out loss by segment index")
-    ax.legend()
+    ax.legend(fontsize=7)
     names = list(methods)
     ppl = [methods[n]["perplexity"] for n in names]
+    ppt = results["positions_per_token"]
     bars = bx.bar(range(len(names)), ppl, color=[f"C{i}" for i in range(len(names))])
-    bx.bar_label(bars, fmt="%.2f")
-    bx.set_xticks(range(len(names)), [LABELS.get(n, n).replace(", ", "\n").replace(" + ", "\n+ ") for n in names],
-                  fontsize=8)
-    bx.set_ylabel("perplexity")
-    bx.set_ylim(min(ppl) * 0.9, max(ppl) * 1.05)
+    bx.bar_label(bars, labels=[f"{v:.2f}\n{ppt[n]:.2f}x" for v, n in zip(ppl, names)], fontsize=8)
+    short = {"backbone_window": "windows", "lora": "LoRA\nalone", "backbone_sliding_matched":
+             f"sliding\nstride {results['eval']['stride_matched']}", "backbone_sliding":
+             f"sliding\nstride {results['eval']['stride']}", "hmt": "HMT\n(frozen)", "hmt_lora": "HMT\n+ LoRA"}
+    bx.set_xticks(range(len(names)), [short.get(n, n) for n in names], fontsize=8)
+    bx.set_ylabel("perplexity (label: value, backbone positions per token)")
+    bx.set_ylim(min(ppl) * 0.9, max(ppl) * 1.06)
     bx.set_title(f"Held-out perplexity ({results['eval']['tokens_scored']:,} tokens)")
-    fig.suptitle("Python 3.11 docs (Debian python3.11-doc): small Llama, frozen, window "
-                 f"{seg}; recall_query={results['settings']['recall_query']!r}", fontsize=10)
+    pre = results["backbone"]
+    curve = pre["validation_curve"]
+    cx.plot([c["step"] for c in curve], [c["validation_loss"] for c in curve], marker=".", label="validation")
+    cx.plot([c["step"] for c in curve[1:]], [c["train_loss"] for c in curve[1:]], label="training (mean since last check)")
+    cx.set_xlabel("pretraining step")
+    cx.set_ylabel("loss (nats / token)")
+    cx.set_ylim(min(c["validation_loss"] for c in curve) * 0.95, curve[min(1, len(curve) - 1)]["validation_loss"] * 1.1)
+    cx.set_title(f"Backbone pretraining ({pre['pretrain_steps_run']} steps: {pre['stopped']})")
+    cx.legend(fontsize=8)
+    fig.suptitle("Python 3.11 docs (Debian python3.11-doc): small Llama pretrained on "
+                 f"{seg}-token windows; recall_query={results['settings']['recall_query']!r}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def print_table(results: dict) -> None:
+def _table_rows(results: dict) -> list[tuple[str, float, float, float, Optional[float], float]]:
     methods = results["methods"]
     window = methods["backbone_window"]["perplexity"]
-    header = f"{'method':<32} | {'loss':>7} | {'ppl':>8} | {'vs windows':>10} | {'compute':>8}"
+    matched = methods.get("backbone_sliding_matched", {}).get("perplexity")
+    return [(label(name, results), res["loss"], res["perplexity"], res["perplexity"] / window - 1,
+             res["perplexity"] / matched - 1 if matched else None, results["positions_per_token"][name])
+            for name, res in methods.items()]
+
+
+def print_table(results: dict) -> None:
+    header = f"{'method':<62} | {'loss':>7} | {'ppl':>8} | {'vs windows':>10} | {'vs sliding@HMT':>14} | {'pos/tok':>7}"
     print(f"\nHeld-out: {results['eval']['documents']} documents, {results['eval']['tokens_scored']:,} targets each method")
     print(header)
     print("-" * len(header))
-    for name, res in methods.items():
-        rel = 100 * (res["perplexity"] / window - 1)
-        print(f"{LABELS.get(name, name):<32} | {res['loss']:7.4f} | {res['perplexity']:8.3f} | {rel:+9.1f}% | "
-              f"{results['relative_compute'][name]:7.2f}x")
+    for name, loss, ppl, vs_w, vs_m, ppt in _table_rows(results):
+        m = f"{100 * vs_m:+13.1f}%" if vs_m is not None else f"{'-':>14}"
+        print(f"{name:<62} | {loss:7.4f} | {ppl:8.3f} | {100 * vs_w:+9.1f}% | {m} | {ppt:6.2f}x")
     print(flush=True)
 
 
 def markdown_table(results: dict) -> str:
-    """The results table and the headline comparisons as Markdown (for BENCHMARKS.md)."""
-    methods = results["methods"]
-    window = methods["backbone_window"]["perplexity"]
-    sliding = methods["backbone_sliding"]["perplexity"]
+    """The results table as Markdown (for BENCHMARKS.md)."""
     lines = [
         f"Held-out: {results['eval']['documents']} documents, {results['eval']['tokens_scored']:,} scored tokens per "
         f"method (the same tokens for all); recall_query={results['eval']['recall_query']!r}.",
         "",
-        "| method | loss (nats/token) | perplexity | vs independent windows | vs sliding window | backbone positions per token |",
+        "| method | loss (nats/token) | perplexity | vs independent windows | vs sliding window at HMT's compute "
+        "| backbone positions per token |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, res in methods.items():
-        lines.append(
-            f"| {LABELS.get(name, name)} | {res['loss']:.4f} | {res['perplexity']:.3f} | "
-            f"{100 * (res['perplexity'] / window - 1):+.1f}% | {100 * (res['perplexity'] / sliding - 1):+.1f}% | "
-            f"{results['relative_compute'][name]:.2f}x |"
-        )
+    for name, loss, ppl, vs_w, vs_m, ppt in _table_rows(results):
+        m = f"{100 * vs_m:+.1f}%" if vs_m is not None else "-"
+        lines.append(f"| {name} | {loss:.4f} | {ppl:.2f} | {100 * vs_w:+.1f}% | {m} | {ppt:.2f}x |")
     return "\n".join(lines)
 
 
@@ -400,12 +624,69 @@ def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def run(settings: QualitySettings, command: str, out_dir: Optional[Path] = None) -> dict:
-    """The whole benchmark; returns the results dictionary (also written as JSON + PNG)."""
+def _load_backbone(backbone_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=torch.float32)
+    base.requires_grad_(False)
+    return base
+
+
+@torch.no_grad()
+def score_windows(model, documents: Sequence[Sequence[int]], window: int) -> dict:
+    """``model`` (any causal LM, here backbone + LoRA) over independent windows of ``window`` tokens, scored as
+    `hmt_adapter.evaluation` scores its ``backbone_window`` baseline (loss by segment of ``window`` tokens)."""
+    from hmt_adapter.evaluation import MethodResult, backbone_window_nll
+
+    model.eval()
+    result = MethodResult()
+    for doc in documents:
+        result.add(backbone_window_nll(model, torch.tensor(doc, dtype=torch.long), window), window)
+    return result.to_dict()
+
+
+def train_and_score(name: str, backbone_dir: str, tokenizer, dataset, docs, settings: QualitySettings, strides,
+                    work_dir: str, start: float) -> tuple[dict, dict]:
+    """Train one method (``hmt``, ``hmt_lora`` or ``lora``) and score it; the ``hmt`` pass also scores the backbone
+    baselines (its adapter disabled). Returns ({method: scores}, training record)."""
     import peft
 
-    import hmt_adapter  # noqa: F401  (registers the HMT adapter type with PEFT)
     from hmt_adapter.evaluation import evaluate_long_documents
+
+    base = _load_backbone(backbone_dir)
+    seg = settings.segment_length
+    if name == "lora":
+        model, collator = lora_only_model(base, settings), window_collator(tokenizer.pad_token_id, seg)
+    else:
+        model, collator = peft.get_peft_model(base, hmt_config(settings, lora=name == "hmt_lora")), None
+    trainable, total = model.get_nb_trainable_parameters()
+    _step(f"{name}: {trainable:,} trainable of {total:,}; SFTTrainer {settings.hmt_steps} steps x {settings.hmt_batch} "
+          f"pieces" + (f" cut into {seg}-token windows" if collator else ""), start)
+    t0 = time.perf_counter()
+    trainer = train_adapter(model, tokenizer, dataset, settings, os.path.join(work_dir, f"trainer-{name}"), collator)
+    train_s = time.perf_counter() - t0
+    log = [r for r in trainer.state.log_history if "loss" in r]
+    _step(f"{name} trained ({train_s:.0f}s, last logged loss {log[-1]['loss'] if log else float('nan'):.3f}); "
+          f"scoring {len(docs)} held-out documents", start)
+    t0 = time.perf_counter()
+    if name == "lora":
+        scores = {"lora": score_windows(model, docs, seg)}
+    elif name == "hmt_lora":
+        scores = {"hmt_lora": evaluate_long_documents(model, docs, methods=("hmt",)).to_dict()["methods"]["hmt"]}
+    else:
+        first = evaluate_long_documents(model, docs, stride=strides["equal_width"]).to_dict()["methods"]
+        matched = evaluate_long_documents(model, docs, stride=strides["matched"], methods=("backbone_sliding",))
+        scores = {**first, "backbone_sliding_matched": matched.to_dict()["methods"]["backbone_sliding"]}
+    record = {"trainable_parameters": trainable, "total_parameters": total, "seconds": train_s,
+              "eval_seconds": time.perf_counter() - t0, "log": log}
+    if name == "lora":
+        record["lora_target_modules"] = sorted(model.peft_config["default"].target_modules)
+    return scores, record
+
+
+def run(settings: QualitySettings, command: str, out_dir: Optional[Path] = None) -> dict:
+    """The whole benchmark; returns the results dictionary (also written as JSON + PNG)."""
+    import hmt_adapter  # noqa: F401  (registers the HMT adapter type with PEFT)
 
     start = time.perf_counter()
     random.seed(settings.seed)
@@ -414,75 +695,67 @@ def run(settings: QualitySettings, command: str, out_dir: Optional[Path] = None)
     if not paths:
         raise SystemExit(missing_corpus_message(settings.corpus_dir))
     train_paths, heldout_paths = split_documents(paths, settings.heldout_fraction)
+    fit_paths, val_paths = split_validation(train_paths, settings.validation_fraction)
     train_texts = read_documents(settings.corpus_dir, train_paths)
     heldout_texts = read_documents(settings.corpus_dir, heldout_paths)
-    _step(f"corpus {settings.corpus_dir}: {len(paths)} documents, {len(train_paths)} train / {len(heldout_paths)} "
-          f"held-out", start)
+    _step(f"corpus {settings.corpus_dir}: {len(paths)} documents, {len(train_paths)} train ({len(val_paths)} of them "
+          f"validation) / {len(heldout_paths)} held-out", start)
 
     tokenizer = train_tokenizer(train_texts, settings.vocab_size)
-    train_tokens = _encode(tokenizer, train_texts)
+    train_tokens = dict(zip(train_paths, _encode(tokenizer, train_texts)))
+    fit_tokens = [train_tokens[p] for p in fit_paths]
     heldout_tokens = _encode(tokenizer, heldout_texts)
-    stream = torch.tensor([t for doc in train_tokens for t in doc], dtype=torch.long)
-    _step(f"tokenizer: vocab {len(tokenizer)}; train {stream.numel():,} tokens "
-          f"({sum(map(len, train_texts)) / stream.numel():.2f} chars/token), held-out "
-          f"{sum(map(len, heldout_tokens)):,} tokens", start)
+    stream = torch.tensor([t for doc in fit_tokens for t in doc], dtype=torch.long)
+    val_stream = torch.tensor([t for p in val_paths for t in train_tokens[p]], dtype=torch.long)
+    validation = validation_windows(val_stream, settings.segment_length, settings.pretrain_eval_windows)
+    _step(f"tokenizer: vocab {len(tokenizer)}; pretraining stream {stream.numel():,} tokens "
+          f"({sum(map(len, train_texts)) / sum(map(len, train_tokens.values())):.2f} chars/token), validation "
+          f"{val_stream.numel():,}, held-out {sum(map(len, heldout_tokens)):,} tokens", start)
 
     backbone = build_backbone(settings, len(tokenizer))
     n_params = sum(p.numel() for p in backbone.parameters())
-    _step(f"pretraining a {n_params:,}-parameter Llama on {settings.segment_length}-token windows "
-          f"({settings.pretrain_steps} steps x {settings.pretrain_batch})", start)
+    _step(f"pretraining a {n_params:,}-parameter Llama on {settings.segment_length}-token windows (batch "
+          f"{settings.pretrain_batch}, at most {settings.pretrain_steps} steps, plateau rule every "
+          f"{settings.pretrain_eval_every})", start)
     t0 = time.perf_counter()
-    losses = pretrain_backbone(backbone, stream, settings)
+    pre = pretrain_backbone(backbone, stream, validation, settings)
     pretrain_s = time.perf_counter() - t0
-    _step(f"backbone trained: final loss {sum(losses[-20:]) / len(losses[-20:]):.3f} ({pretrain_s:.0f}s)", start)
+    curve = pre["validation_curve"]
+    _step(f"backbone trained: {pre['steps']} steps ({pre['stopped']}), validation loss {curve[-1]['validation_loss']:.3f} "
+          f"({pretrain_s:.0f}s, {pretrain_s / max(1, pre['steps']):.2f} s/step)", start)
 
+    docs = eval_documents(heldout_tokens, settings.segment_length, settings.eval_min_segments,
+                          settings.eval_max_segments, settings.eval_max_documents)
+    hmt_cfg = hmt_config(settings, lora=False)
+    seg = settings.segment_length
+    hmt_ppt = positions_per_token(docs, lambda t: hmt_positions(t, hmt_cfg))
+    strides = {"equal_width": settings.stride or seg // 2, "matched": matching_stride(docs, seg, hmt_ppt)}
+    ppt = {
+        "backbone_window": positions_per_token(docs, lambda t: window_positions(t, seg)),
+        "lora": positions_per_token(docs, lambda t: window_positions(t, seg)),
+        "backbone_sliding_matched": positions_per_token(docs, lambda t: sliding_positions(t, seg, strides["matched"])),
+        "backbone_sliding": positions_per_token(docs, lambda t: sliding_positions(t, seg, strides["equal_width"])),
+        "hmt": hmt_ppt,
+        "hmt_lora": hmt_ppt,
+    }
+    _step(f"HMT runs {hmt_ppt:.3f} backbone positions per scored token on these documents (nominal "
+          f"{nominal_hmt_positions_per_token(hmt_cfg):.3f}); sliding-window strides {strides}", start)
+
+    methods: dict[str, dict] = {}
+    training: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         backbone_dir = os.path.join(tmp, "backbone")
         backbone.save_pretrained(backbone_dir)
-        dataset, sft_available = sft_dataset(train_tokens, settings)
-        docs = eval_documents(heldout_tokens, settings.segment_length, settings.eval_min_segments,
-                              settings.eval_max_segments, settings.eval_max_documents)
-        stride = settings.stride or settings.segment_length // 2
+        dataset, sft_available = sft_dataset(fit_tokens, settings)
+        for name in ("hmt",) + (("hmt_lora", "lora") if settings.lora else ()):
+            scores, training[name] = train_and_score(name, backbone_dir, tokenizer, dataset, docs, settings, strides,
+                                                     tmp, start)
+            methods.update(scores)
 
-        variants = [("hmt", False)] + ([("hmt_lora", True)] if settings.lora else [])
-        methods: dict[str, dict] = {}
-        training: dict[str, dict] = {}
-        eval_meta: dict[str, Any] = {}
-        for name, lora in variants:
-            from transformers import AutoModelForCausalLM
-
-            base = AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=torch.float32)
-            base.requires_grad_(False)
-            model = peft.get_peft_model(base, hmt_config(settings, lora))
-            trainable, total = model.get_nb_trainable_parameters()
-            _step(f"{name}: {trainable:,} trainable of {total:,}; SFTTrainer {settings.hmt_steps} steps x "
-                  f"{settings.hmt_batch} on {len(dataset)} of {sft_available} pieces of 2-{settings.train_segments} segments", start)
-            t0 = time.perf_counter()
-            trainer = train_hmt(model, tokenizer, dataset, settings, os.path.join(tmp, f"trainer-{name}"))
-            train_s = time.perf_counter() - t0
-            log = [r for r in trainer.state.log_history if "loss" in r]
-            training[name] = {"trainable_parameters": trainable, "total_parameters": total, "seconds": train_s,
-                              "log": log}
-            _step(f"{name} trained ({train_s:.0f}s, last logged loss {log[-1]['loss'] if log else float('nan'):.3f}); "
-                  f"evaluating {len(docs)} held-out documents", start)
-            t0 = time.perf_counter()
-            wanted = ("hmt", "backbone_window", "backbone_sliding") if name == "hmt" else ("hmt",)
-            result = evaluate_long_documents(model, docs, stride=stride, methods=wanted).to_dict()
-            eval_s = time.perf_counter() - t0
-            methods[name] = result["methods"]["hmt"]
-            for baseline in wanted[1:]:
-                methods[baseline] = result["methods"][baseline]
-            training[name]["eval_seconds"] = eval_s
-            eval_meta = {k: result[k] for k in ("segment_length", "window", "stride", "recall_query", "use_recall")}
-            del model, base, trainer
-
-    order = [m for m in ("backbone_window", "backbone_sliding", "hmt", "hmt_lora") if m in methods]
-    methods = {m: methods[m] for m in order}
+    methods = {m: methods[m] for m in ORDER if m in methods}
     counts = {m: r["num_targets"] for m, r in methods.items()}
     if len(set(counts.values())) != 1:
         raise RuntimeError(f"Methods scored different numbers of targets: {counts}")
-    seg, num_s = settings.segment_length, settings.num_sensory
-    hmt_positions = (seg + num_s + 2 + math.ceil(seg * 0.5) + 2) / seg  # segment pass + summary-query pass
     results = {
         "benchmark": "long-document LM quality on the Python 3.11 docs (Debian python3.11-doc *.rst.txt)",
         "command": command,
@@ -490,12 +763,16 @@ def run(settings: QualitySettings, command: str, out_dir: Optional[Path] = None)
             "dir": settings.corpus_dir,
             "documents": len(paths),
             "train_documents": len(train_paths),
+            "validation_documents": len(val_paths),
             "heldout_documents": len(heldout_paths),
             "train_characters": sum(map(len, train_texts)),
             "heldout_characters": sum(map(len, heldout_texts)),
-            "train_tokens": stream.numel(),
+            "pretrain_tokens": stream.numel(),
+            "validation_tokens": val_stream.numel(),
             "heldout_tokens": sum(map(len, heldout_tokens)),
-            "split": f"SHA-256 of the relative path, first 8 bytes / 2^64 < {settings.heldout_fraction} -> held-out",
+            "split": f"SHA-256 of the relative path, first 8 bytes / 2^64 < {settings.heldout_fraction} -> held-out; "
+                     f"of the rest, SHA-256 of 'validation:' + path < {settings.validation_fraction} -> validation "
+                     f"(pretraining's stopping rule only; not pretrained on, not in SFT)",
             "sft_pieces_available": sft_available,
             "sft_pieces_used": len(dataset),
         },
@@ -503,27 +780,34 @@ def run(settings: QualitySettings, command: str, out_dir: Optional[Path] = None)
             "documents": len(docs),
             "tokens_scored": counts["backbone_window"],
             "document_tokens": sum(map(len, docs)),
-            **eval_meta,
+            "segment_length": seg,
+            "window": seg,
+            "stride": strides["equal_width"],
+            "stride_matched": strides["matched"],
+            "recall_query": settings.recall_query,
+            "width": "every backbone baseline and LoRA alone read windows of segment_length tokens (the backbone's "
+                     "pretraining window), the number of new tokens HMT reads per segment pass; HMT's pass also holds "
+                     f"2 memory slots and {settings.num_sensory} sensory tokens",
             "note": "recall_query='segment' (the paper's): the memory read at a segment's start is chosen with the "
                     "first half of that segment (lookahead through the recall weights; values are past memories "
                     "only)" if settings.recall_query == "segment" else "recall_query='previous': strictly causal",
         },
         "methods": methods,
-        "relative_compute": {  # backbone positions per scored token, relative to independent windows
-            "backbone_window": 1.0,
-            "backbone_sliding": seg / stride,
-            "hmt": hmt_positions,
-            "hmt_lora": hmt_positions,
-        },
-        "backbone": {"parameters": n_params, "pretrain_seconds": pretrain_s,
-                     "pretrain_final_loss": sum(losses[-20:]) / len(losses[-20:]),
-                     "pretrain_loss_curve": losses[:: max(1, len(losses) // 50)]},
+        "positions_per_token": {m: ppt[m] for m in methods},  # backbone positions run per scored token
+        "positions_per_token_note": "counted over the scored documents: segment + summary passes for HMT (real "
+                                    "positions), the windows' total width for the sliding windows, T - 1 for windows",
+        "hmt_nominal_positions_per_token": nominal_hmt_positions_per_token(hmt_cfg),
+        "comparisons": comparisons(methods),
+        "backbone": {"parameters": n_params, "pretrain_seconds": pretrain_s, "pretrain_steps_run": pre["steps"],
+                     "stopped": pre["stopped"], "validation_curve": curve,
+                     "final_validation_loss": curve[-1]["validation_loss"],
+                     "pretrain_final_loss": sum(pre["losses"][-20:]) / max(1, len(pre["losses"][-20:])),
+                     "pretrain_loss_curve": pre["losses"][:: max(1, len(pre["losses"]) // 100)]},
         "training": training,
         "settings": asdict(settings),
         "versions": versions(),
         "wall_seconds": time.perf_counter() - start,
     }
-    results["relative_compute"] = {m: results["relative_compute"][m] for m in methods}
     out_dir = out_dir or C.OUTPUT
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{settings.output_name}.json").write_text(json.dumps(results, indent=2))
@@ -546,7 +830,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-query", choices=("segment", "previous"), default=None)
     p.add_argument("--table-from", metavar="JSON", default=None,
                    help="print the Markdown table of an existing results file and exit")
-    p.add_argument("--lora", action="store_true", help="also train and score HMT + LoRA (adds ~8 min on 2 cores)")
+    p.add_argument("--plot-from", metavar="JSON", default=None,
+                   help="redraw the PNG next to an existing results file (same name, .png) and exit")
+    p.add_argument("--no-lora", action="store_true", help="skip HMT + LoRA and LoRA alone (the two LoRA rows)")
     C.add_output_arguments(p)
     return p
 
@@ -556,12 +842,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.table_from:
         print(markdown_table(json.loads(Path(args.table_from).read_text())))
         return 0
+    if args.plot_from:
+        write_plot(json.loads(Path(args.plot_from).read_text()), Path(args.plot_from).with_suffix(".png"))
+        return 0
     overrides: dict[str, Any] = {"corpus_dir": args.corpus_dir, "seed": args.seed}
     for key in ("threads", "pretrain_steps", "hmt_steps", "recall_query"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    if args.lora:
-        overrides["lora"] = True
+    if args.no_lora:
+        overrides["lora"] = False
     settings = quick_settings(**overrides) if args.quick else QualitySettings(**overrides)
     if not list_documents(settings.corpus_dir):
         print(missing_corpus_message(settings.corpus_dir), file=sys.stderr)
