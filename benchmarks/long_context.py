@@ -382,6 +382,7 @@ def _summary(rows: list[dict[str, Any]]) -> str:
 def plot(payload: dict[str, Any], out_dir: Path) -> None:
     """Needle heatmaps (accuracy by length x depth, one per method) and accuracy-by-length curves per task."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -398,6 +399,9 @@ def plot(payload: dict[str, Any], out_dir: Path) -> None:
             if r["method"] == method:
                 grid[depths.index(r["depth"]), lengths.index(r["context_tokens"])] = r["accuracy"]
         ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        for (i, j), value in np.ndenumerate(grid.numpy()):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{int(100 * d)}%" for d in depths])
         ax.set_title(method, fontsize=9)
