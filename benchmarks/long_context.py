@@ -392,8 +392,12 @@ def plot(payload: dict[str, Any], out_dir: Path) -> None:
     needle = [r for r in rows if r["task"] == "needle"]
     lengths = sorted({r["context_tokens"] for r in needle})
     depths = sorted({r["depth"] for r in needle})
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.4), squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    ncols = min(4, len(methods))
+    nrows = -(-len(methods) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(methods):]:
+        ax.axis("off")
+    for ax, method in zip(axes.flat, methods):
         grid = torch.full((len(depths), len(lengths)), float("nan"))
         for r in needle:
             if r["method"] == method:
@@ -406,7 +410,8 @@ def plot(payload: dict[str, Any], out_dir: Path) -> None:
         ax.set_yticks(range(len(depths)), [f"{int(100 * d)}%" for d in depths])
         ax.set_title(method, fontsize=9)
         ax.set_xlabel("context tokens")
-    axes[0][0].set_ylabel("needle depth")
+    for row in axes:
+        row[0].set_ylabel("needle depth")
     fig.suptitle(f"needle accuracy (chance {100 * payload['chance']['needle']:.0f}%)")
     fig.tight_layout()
     fig.savefig(out_dir / "long_context_needle.png", dpi=110)
@@ -469,8 +474,13 @@ def plot_from(paths: list[str], out_dir: Path) -> None:
     import json
 
     payloads = [json.loads(Path(p).read_text()) for p in paths]
-    merged = {"chance": payloads[0]["chance"], "results": [r for p in payloads for r in p["results"]]}
-    plot(merged, out_dir)
+    rows, seen = [], set()
+    for payload in payloads:  # a method run again with other settings (e.g. more steps) gets its own panel
+        names = {r["method"] for r in payload["results"]}
+        rename = {m: f"{m} ({payload['settings']['hmt_steps']} steps)" for m in names & seen}
+        rows += [dict(r, method=rename.get(r["method"], r["method"])) for r in payload["results"]]
+        seen |= names
+    plot({"chance": payloads[0]["chance"], "results": rows}, out_dir)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
