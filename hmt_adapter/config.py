@@ -74,7 +74,7 @@ class HMTConfig(PeftConfig):
             "paper's [m ; sensory ; x ; m]: the memory just read, again) or 'learned' ([m ; sensory ; x ; w]: a "
             "learned write token w, the same for every segment). With a frozen backbone 'learned' lets the write "
             "position act as a fixed question to the segment while m carries what was remembered; it is what made "
-            "a frozen small backbone retrieve beyond its window in BENCHMARKS.md (the paper's layout stayed at chance)."
+            "a frozen small backbone retrieve beyond its window in BENCHMARKS.md (the paper's layout learned far slower)."
         },
     )
     recall_query: Literal["segment", "previous"] = field(

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 CARD_NAME = "README.md"
 SETTINGS = (
     "segment_length", "num_sensory", "recall_window", "recall_dim", "summary_fraction", "recall_query",
-    "memory_projection", "use_recall", "bptt_depth", "loss_scope", "lora_r", "lora_alpha", "lora_target_modules",
+    "memory_projection", "write_token", "use_recall", "bptt_depth", "loss_scope", "lora_r", "lora_alpha", "lora_target_modules",
 )
 TAGS = ("hmt", "hmt-adapter", "long-context", "memory")
 WHERE_PLACEHOLDER = "path/or/hub-id/of/this/adapter"
