@@ -43,6 +43,8 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hmt": ({}, {}),
     "hmt_write": ({"write_token": "learned"}, {}),
     "hmt_write_lora": ({"write_token": "learned", "lora_r": 8, "lora_alpha": 32}, {}),
+    # the same with the LoRA weights at a backbone-sized learning rate (the memory parameters keep hmt_lr)
+    "hmt_write_lora_slow": ({"write_token": "learned", "lora_r": 8, "lora_alpha": 32}, {"lora_lr": 1e-4}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
     "hmt_write_no_sensory": ({"write_token": "learned", "num_sensory": 0}, {}),
     "hmt_write_no_projection": ({"write_token": "learned", "memory_projection": False}, {}),
@@ -80,6 +82,7 @@ class Settings:
     hmt_batch: int = 16
     hmt_lr: float = 1e-2
     hmt_max_grad_norm: float = 0.0  # 0: no clipping (Adam's per-parameter scaling already bounds the steps)
+    lora_lr: float = 0.0  # learning rate of the LoRA part of HMT + LoRA (0: the same as hmt_lr)
     hmt_schedule: str = "constant_with_warmup"
     evidence: str = "beyond"  # where training puts the supporting fact: "beyond" the window, or "anywhere"
     curriculum: bool = True  # the longest training input grows from 2 segments to the maximum over the first half
@@ -246,7 +249,14 @@ def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str)
         completion_only_loss=True, gradient_checkpointing=False, logging_steps=max(1, s.hmt_steps // 10),
         save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=s.seed, disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    optimizers = (None, None)
+    if s.lora_lr > 0:  # two parameter groups: LoRA (hmt_lora_*) at lora_lr, the memory parameters at hmt_lr
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in trainable if "hmt_lora_" in n], "lr": s.lora_lr},
+                  {"params": [p for n, p in trainable if "hmt_lora_" not in n], "lr": s.hmt_lr}]
+        optimizers = (torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0), None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         optimizers=optimizers)
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return model.eval(), losses
