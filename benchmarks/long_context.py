@@ -443,7 +443,7 @@ def plot(payload: dict[str, Any], out_dir: Path) -> None:
         ax.set_title(task)
         ax.set_xlabel("context tokens")
     axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(out_dir / "long_context_by_length.png", dpi=110)
     plt.close(fig)
