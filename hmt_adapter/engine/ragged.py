@@ -95,7 +95,7 @@ class RaggedStreams:
             state.kv = None
         if opened:
             self._open(opened)
-        self._window = self._sliding_window(self.kv)
+        self._sliding = self._sliding_window(self.kv)
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------
     def _sliding_window(self, kv: Any) -> Optional[int]:
@@ -218,7 +218,7 @@ class RaggedStreams:
             state.pending = torch.cat([state.pending, tokens[rows].unsqueeze(1)], dim=1)
             state.tokens_seen += 1
             state.kv_tokens = state.pending.shape[1]
-        if self._window is not None and self.valid.shape[1] + 2 > self._window:
+        if self._sliding is not None and self.valid.shape[1] + 2 > self._sliding:
             self._compact()  # a sliding layer would drop the oldest slots: move every row's slots left first
         embeds = runner.bb.embed(tokens.unsqueeze(1))
         mask = _step_mask(runner, self.valid, embeds)

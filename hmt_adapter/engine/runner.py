@@ -95,8 +95,12 @@ class HMTRunner:
             x: (B, L, d) the segment's token embeddings (full segments; a short last segment is never continued).
             e_raw: (B, d) last-layer hidden state at the segment's write slot.
         """
+        return self.write(state, x, *self.encode_memory(e_raw))
+
+    def encode_memory(self, e_raw: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The write slot's hidden state (B, d) -> memory embedding e_n (B, d) and its recall key (B, h) (or None)."""
         e = to_memory_space(e_raw, self.params)
-        return self.write(state, x, e, recall_key(e, self.params))
+        return e, recall_key(e, self.params)
 
     def write(self, state: MemoryState, x: torch.Tensor, e: torch.Tensor, key: Optional[torch.Tensor]) -> MemoryState:
         """`advance` with the memory embedding e_n (B, d) and its recall key (B, h) (or None) already computed

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from ..loss import token_log_probs
-from ..memory import recall, recall_key, to_memory_space
+from ..memory import recall
 
 if TYPE_CHECKING:
     from .runner import HMTRunner
@@ -96,8 +96,8 @@ def segment_step(
     if values is not None:
         memory, weights = recall(query, values, keys, params)
     hidden_x, e_raw = runner.segment_pass(memory, sensory, x, x_len)
-    e = to_memory_space(e_raw, params)
-    out = StepOutput(memory=e, key=recall_key(e, params), weights=weights, loss_sum=hidden_x.new_zeros((), dtype=torch.float32))
+    e, key = runner.encode_memory(e_raw)
+    out = StepOutput(memory=e, key=key, weights=weights, loss_sum=hidden_x.new_zeros((), dtype=torch.float32))
     _head_outputs(runner, hidden_x, head, out)
     return out
 
