@@ -77,6 +77,15 @@ class HMTConfig(PeftConfig):
             "a frozen small backbone retrieve beyond its window in BENCHMARKS.md (the paper's layout learned far slower)."
         },
     )
+    memory_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "Gate the recalled memory with a learned scalar g, zero at init: segment n >= 1 reads "
+            "m_0 + tanh(g) (recall - m_0), so training starts from what every segment reads at segment 0 and the "
+            "recalled memory enters only as far as it helps (the zero-init gate of LLaMA-Adapter, PEFT's "
+            "adaption_prompt, applied to HMT's read slot). Only with use_recall."
+        },
+    )
     recall_query: Literal["segment", "previous"] = field(
         default="segment",
         metadata={
@@ -178,6 +187,10 @@ class HMTConfig(PeftConfig):
                 )
         if not isinstance(self.use_recall, bool):
             raise TypeError(f"HMTConfig.use_recall must be a bool, got {self.use_recall!r}.")
+        if not isinstance(self.memory_gate, bool):
+            raise TypeError(f"HMTConfig.memory_gate must be a bool, got {self.memory_gate!r}.")
+        if self.memory_gate and not self.use_recall:
+            raise ValueError("HMTConfig.memory_gate gates the recalled memory: it needs use_recall=True.")
         if not isinstance(self.memory_projection, bool):
             raise TypeError(f"HMTConfig.memory_projection must be a bool, got {self.memory_projection!r}.")
         if self.lora_r < 0:

@@ -19,7 +19,7 @@ def check_adapter_weights(directory: str, embedding_dim: Optional[int]) -> None:
     """Fully read ``directory/adapter_model.safetensors`` (if present) and check its keys and widths.
 
     Raises `ValueError` naming the file when it cannot be read (corrupt or truncated), when a key is not an
-    HMT/LoRA adapter weight, or when an HMT tensor's last dimension is not ``embedding_dim``.
+    HMT/LoRA adapter weight, or when an HMT tensor's last dimension is not ``embedding_dim`` (scalars, like the memory gate, have none).
     """
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
@@ -40,7 +40,7 @@ def check_adapter_weights(directory: str, embedding_dim: Optional[int]) -> None:
                 f"{KEY_PREFIX!r} and containing {ADAPTER_KEY_MARKER!r}; HMT's LoRA weights are '.hmt_lora_A/B'). "
                 f"Point to a directory written by save_pretrained of an HMT adapter."
             )
-        if embedding_dim is not None and LORA_KEY_MARKER not in key and tensor.shape[-1] != embedding_dim:
+        if embedding_dim is not None and LORA_KEY_MARKER not in key and tensor.dim() and tensor.shape[-1] != embedding_dim:
             raise ValueError(
                 f"{path!r}: {key!r} has shape {tuple(tensor.shape)}, but adapter_config.json says "
                 f"base_embedding_dim={embedding_dim}. The files do not belong together: save the adapter again."

@@ -56,6 +56,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         hmt_recall_k:      d -> h key projection W_k, no bias (only with ``use_recall``).
         hmt_memory_proj:   d -> d projection of memory embeddings, initialised to the identity
                            (only with ``memory_projection``).
+        hmt_memory_gate:   ()     gate g on the recalled memory, zero at init (only with ``memory_gate``).
 
     ``forward`` is the wrapped embedding's forward, unchanged.
     """
@@ -67,6 +68,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         "hmt_recall_q",
         "hmt_recall_k",
         "hmt_memory_proj",
+        "hmt_memory_gate",
     )
     other_param_names = ()
 
@@ -80,6 +82,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         self.hmt_recall_q = nn.ModuleDict()
         self.hmt_recall_k = nn.ModuleDict()
         self.hmt_memory_proj = nn.ModuleDict()
+        self.hmt_memory_gate = nn.ParameterDict()
         self._disable_adapters = False
         self.merged_adapters = []
         self.update_layer(adapter_name, config)
@@ -130,6 +133,8 @@ class HMTLayer(nn.Module, HMTTunerLayer):
                 self.hmt_recall_k[adapter_name] = nn.Linear(d, config.recall_dim, bias=False, **factory)
                 nn.init.normal_(self.hmt_recall_q[adapter_name].weight, std=config.init_std)
                 nn.init.normal_(self.hmt_recall_k[adapter_name].weight, std=config.init_std)
+                if config.memory_gate:  # zero: segment n >= 1 starts by reading m_0, as segment 0 does
+                    self.hmt_memory_gate[adapter_name] = nn.Parameter(torch.zeros((), **factory))
             if config.memory_projection:
                 proj = nn.Linear(d, d, bias=False, **factory)
                 if proj.weight.device.type != "meta":

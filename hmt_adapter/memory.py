@@ -29,6 +29,7 @@ class HMTParams:
     w_q: Optional[torch.Tensor]  # (h, d)
     w_k: Optional[torch.Tensor]  # (h, d)
     memory_proj: Optional[torch.Tensor]  # (d, d)
+    memory_gate: Optional[torch.Tensor]  # () gate g on the recalled memory (memory_gate=True), else None
     embed_norm: torch.Tensor  # () typical norm of an input-embedding row
 
     @classmethod
@@ -45,6 +46,7 @@ class HMTParams:
             w_q=get(layer.hmt_recall_q, True),
             w_k=get(layer.hmt_recall_k, True),
             memory_proj=get(layer.hmt_memory_proj, True) if config.memory_projection else None,
+            memory_gate=get(layer.hmt_memory_gate, False) if config.memory_gate else None,
             embed_norm=layer.embedding_row_norm(),
         )
 
@@ -115,7 +117,7 @@ def recall_key(memory: torch.Tensor, params: HMTParams) -> Optional[torch.Tensor
 def recall(
     query: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, params: HMTParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Memory recall: ``softmax((W_q q)(W_k M)^T / sqrt(h)) M``.
+    """Memory recall: ``softmax((W_q q)(W_k M)^T / sqrt(h)) M``, gated to ``m_0 + tanh(g) (. - m_0)`` with a memory gate.
 
     Pure (no observers are called here, so the segment step compiles whole; callers pass the weights to
     `notify_recall`).
@@ -131,7 +133,11 @@ def recall(
     q = F.linear(query.to(params.dtype), params.w_q)  # (B, h)
     scores = torch.einsum("bh,bnh->bn", q, keys) / math.sqrt(q.shape[-1])
     weights = scores.softmax(dim=-1)
-    return torch.einsum("bn,bnd->bd", weights, values), weights
+    memory = torch.einsum("bn,bnd->bd", weights, values)
+    if params.memory_gate is not None:
+        m0 = params.memory_init.to(memory.dtype)
+        memory = m0 + torch.tanh(params.memory_gate.to(memory.dtype)) * (memory - m0)
+    return memory, weights
 
 
 def notify_recall(weights: Optional[torch.Tensor]) -> None:

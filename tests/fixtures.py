@@ -162,4 +162,6 @@ def perturbed_hmt_model(segment_length: int = 8, recall_query: str = "segment", 
                 param.add_(0.5 * torch.randn(param.shape, generator=gen))
             elif "hmt_write_token" in name:  # far from m_0, so using the wrong one shows
                 param.copy_(torch.randn(param.shape, generator=gen))
+            elif "hmt_memory_gate" in name:  # open (zero at init would hide every recall)
+                param.fill_(0.8)
     return model

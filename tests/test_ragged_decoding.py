@@ -89,9 +89,9 @@ def test_rows_rolling_over_at_different_steps_equal_each_row_alone(recall_query:
             torch.testing.assert_close(out.logits[t][i], alone.logits[t][0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("write_token", ["memory", "learned"])
-def test_ragged_batch_with_previous_query_is_the_teacher_forced_forward(write_token: str) -> None:
-    model = fixtures.perturbed_hmt_model(recall_query="previous", write_token=write_token)
+@pytest.mark.parametrize("write_token,gate", [("memory", False), ("learned", False), ("learned", True)])
+def test_ragged_batch_with_previous_query_is_the_teacher_forced_forward(write_token: str, gate: bool) -> None:
+    model = fixtures.perturbed_hmt_model(recall_query="previous", write_token=write_token, memory_gate=gate)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(4, 128, (n,), generator=gen) for n in (6, 11, 17)]
     batch, mask = left_padded(prompts)

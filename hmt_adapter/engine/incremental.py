@@ -27,6 +27,8 @@ STATE_CONFIG_FIELDS = (
     "recall_dim",
     "summary_fraction",
     "memory_projection",
+    "memory_gate",
+    "write_token",
     "recall_query",
     "use_recall",
     "base_embedding_dim",
