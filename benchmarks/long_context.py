@@ -23,6 +23,8 @@ length) to ``--output-dir`` (default benchmarks/output; ``--update-results``: be
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import random
 import shlex
 import sys
@@ -35,6 +37,7 @@ from typing import Any, Optional
 import torch
 
 from benchmarks import _common as C
+from benchmarks import corpora as K
 from benchmarks import long_context_tasks as T
 from benchmarks import quality as Q
 
@@ -45,6 +48,12 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hmt_write_lora": ({"write_token": "learned", "lora_r": 8, "lora_alpha": 32}, {}),
     # the same with the LoRA weights at a backbone-sized learning rate (the memory parameters keep hmt_lr)
     "hmt_write_lora_slow": ({"write_token": "learned", "lora_r": 8, "lora_alpha": 32}, {"lora_lr": 1e-4}),
+    # a zero-initialised gate on the recalled memory (segments start by reading m_0, as segment 0 does)
+    "hmt_write_gate": ({"write_token": "learned", "memory_gate": True}, {}),
+    # the training facts spread over every segment, a quarter of them inside the last one (do no harm)
+    "hmt_write_spread": ({"write_token": "learned"}, {"placement": "segment", "in_window_fraction": 0.25}),
+    "hmt_write_gate_spread": ({"write_token": "learned", "memory_gate": True},
+                              {"placement": "segment", "in_window_fraction": 0.25}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
     "hmt_write_no_sensory": ({"write_token": "learned", "num_sensory": 0}, {}),
     "hmt_write_no_projection": ({"write_token": "learned", "memory_projection": False}, {}),
@@ -59,8 +68,10 @@ METHODS = (*METHOD_SPECS, "sliding_window")
 class Settings:
     """Every knob; defaults are the full protocol, `quick` scales it down."""
 
-    corpus_dir: str = Q.CORPUS_DIR
+    corpus: str = "python-docs"  # a name of benchmarks.corpora.CORPORA, or a directory of *.rst.txt files
+    corpus_dir: str = ""  # read the named corpus from here instead of its installed location
     seed: int = 0
+    backbone_cache: str = ""  # directory: reuse a pretrained backbone + tokenizer of the same corpus/seed/settings
     threads: int = 2
     vocab_size: int = 4096
     hidden_size: int = 192
@@ -86,6 +97,9 @@ class Settings:
     hmt_schedule: str = "constant_with_warmup"
     evidence: str = "beyond"  # where training puts the supporting fact: "beyond" the window, or "anywhere"
     curriculum: bool = True  # the longest training input grows from 2 segments to the maximum over the first half
+    min_train_segments: int = 2  # shortest training input (segments)
+    placement: str = "depth"  # "depth": the fact at a uniform token depth; "segment": in a uniformly drawn segment
+    in_window_fraction: float = 0.0  # share of training episodes with the fact inside the last segment (do no harm)
     train_tasks: tuple = ("needle",)
     max_train_segments: int = 16
     answer_only_loss: bool = True
@@ -119,10 +133,12 @@ def episode_ids(tokenizer: Any, example: dict[str, Any]) -> tuple[list[int], int
 
 
 def random_episode(tokenizer, stream, vocab, length: int, rng: random.Random, tasks=("needle", "needle", "facts_qa1",
-                   "facts_qa2"), max_depth: float = 1.0) -> dict[str, Any]:
-    """One training episode of a task drawn from ``tasks``, its supporting fact at a depth in [0, max_depth)."""
+                   "facts_qa2"), max_depth: float = 1.0, depth: Optional[float] = None) -> dict[str, Any]:
+    """One training episode of a task drawn from ``tasks``, its supporting fact at ``depth`` (default: a uniform
+    depth in [0, max_depth))."""
     task = rng.choice(tasks)
-    depth = rng.random() * max_depth
+    if depth is None:
+        depth = rng.random() * max_depth
     if task == "needle":
         return T.needle_example(tokenizer, stream, vocab, length, depth, rng)
     return T.facts_example(tokenizer, stream, vocab, length, depth, rng, kind=task.split("_")[1])
@@ -200,21 +216,48 @@ def evidence_max_depth(s: Settings, length: int, num_sensory: int, evidence: str
     return max(0.0, length - s.segment_length - num_sensory - 12) / length
 
 
+def fact_depth(s: Settings, segments: int, num_sensory: int, rng: random.Random) -> tuple[float, bool]:
+    """(relative depth of a training episode's supporting fact, whether it lies inside the last segment).
+
+    With probability ``in_window_fraction`` the fact is put inside the last segment (the backbone's own window:
+    training that HMT does not break what the backbone already answers). Otherwise it lies beyond the window
+    (``evidence="beyond"``) or anywhere, at a uniform token depth (``placement="depth"``) or in a uniformly drawn
+    segment (``placement="segment"``: a fact in segment 0 is no likelier than in any other segment).
+    """
+    length = segments * s.segment_length - 1
+    if s.in_window_fraction > 0 and rng.random() < s.in_window_fraction:
+        last = s.segment_length - 24  # room for the fact (~7 tokens) and the question (~12) inside the last segment
+        return 1.0 - rng.random() * last / length, True
+    if s.placement == "depth":
+        return rng.random() * evidence_max_depth(s, length, num_sensory, s.evidence), False
+    if s.placement != "segment":
+        raise ValueError(f"placement must be 'depth' or 'segment', got {s.placement!r}.")
+    beyond = s.evidence == "beyond"
+    segment = rng.randrange(segments - 1 if beyond else segments)
+    end = (segment + 1) * s.segment_length
+    if beyond and segment == segments - 2:
+        end -= num_sensory + 8  # the last segment's sensory memory is inside its window
+    start = segment * s.segment_length
+    return (start + rng.random() * max(1, end - start - 8)) / length, False
+
+
 def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
-    """Episodes of 2..max_train_segments segments of ``s.train_tasks``, answer-only loss by default."""
+    """Episodes of min..max_train_segments segments of ``s.train_tasks``, answer-only loss by default."""
     from datasets import Dataset
 
     rng = random.Random(s.seed + 21)
     rows = {"input_ids": [], "completion_mask": []}
     total = s.hmt_steps * s.hmt_batch
+    low = s.min_train_segments
     for i in range(total):
         longest = s.max_train_segments
-        if s.curriculum:  # read in order (train_hmt samples sequentially): 2 segments first, the maximum by half-way
-            longest = 2 + round((s.max_train_segments - 2) * min(1.0, 2 * i / total))
-        length = rng.randint(2, longest) * s.segment_length - 1
-        max_depth = evidence_max_depth(s, length, num_sensory, s.evidence)
+        if s.curriculum:  # read in order (train_hmt samples sequentially): short first, the maximum by half-way
+            longest = low + round((s.max_train_segments - low) * min(1.0, 2 * i / total))
+        segments = rng.randint(low, longest)
+        length = segments * s.segment_length - 1
+        depth, _ = fact_depth(s, segments, num_sensory, rng)
         ids, answer_at = episode_ids(tokenizer, random_episode(tokenizer, stream, vocab, length, rng, s.train_tasks,
-                                                               max_depth))
+                                                               depth=depth))
         rows["input_ids"].append(ids)
         mask = [0] * answer_at + [1] * (len(ids) - answer_at) if s.answer_only_loss else [1] * len(ids)
         rows["completion_mask"].append(mask)
@@ -299,24 +342,53 @@ class Prepared:
     pretraining: dict
 
 
+def corpus_of(s: Settings) -> K.Corpus:
+    return K.get(s.corpus, s.corpus_dir or None)
+
+
+def _backbone_key(s: Settings) -> str:
+    """What the pretrained backbone and tokenizer depend on, as a short hash (the cache's folder name)."""
+    import hashlib
+
+    fields = ("corpus", "seed", "vocab_size", "hidden_size", "num_layers", "num_heads", "segment_length",
+              "pretrain_steps", "pretrain_batch", "pretrain_lr", "episode_fraction", "answer_weight",
+              "pretrain_check_every", "pretrain_min_steps", "target_in_window")
+    spec = json.dumps({f: getattr(s, f) for f in fields}, sort_keys=True)
+    return f"{s.corpus}-seed{s.seed}-" + hashlib.sha256(spec.encode()).hexdigest()[:10]
+
+
 def prepare(s: Settings, log) -> Prepared:
     """Tokenizer trained on the corpus's training documents, and the backbone pretrained on short windows
-    (with in-window episodes) until it answers in-window needles, then frozen."""
-    paths = Q.list_documents(s.corpus_dir)
-    train_paths, heldout_paths = Q.split_documents(paths, 0.15)
-    train_texts, heldout_texts = Q.read_documents(s.corpus_dir, train_paths), Q.read_documents(s.corpus_dir, heldout_paths)
-    tokenizer = Q.train_tokenizer(train_texts + [T.task_sentences()], s.vocab_size)
+    (with in-window episodes) until it answers in-window needles, then frozen. With ``backbone_cache`` the
+    tokenizer and backbone of an earlier run with the same corpus, seed and pretraining settings are reused."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    train_texts, heldout_texts = K.split(corpus_of(s).documents(), 0.15)
+    cached = Path(s.backbone_cache) / _backbone_key(s) if s.backbone_cache else None
+    if cached is not None and (cached / "pretraining.json").is_file():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(cached / "tokenizer")
+        backbone = AutoModelForCausalLM.from_pretrained(cached / "backbone")
+        pre = json.loads((cached / "pretraining.json").read_text())
+        log(f"backbone and tokenizer reused from {cached}")
+    else:
+        tokenizer = Q.train_tokenizer(train_texts + [T.task_sentences()], s.vocab_size)
     vocab = T.Vocab.of(tokenizer)
     encode = lambda texts: [t for doc in tokenizer(texts, add_special_tokens=False).input_ids for t in doc]  # noqa: E731
     train_stream, heldout_stream = torch.tensor(encode(train_texts)), encode(heldout_texts)
-    log(f"corpus: {len(train_paths)} training / {len(heldout_paths)} held-out documents, "
+    log(f"corpus {s.corpus}: {len(train_texts)} training / {len(heldout_texts)} held-out documents, "
         f"{train_stream.numel():,} / {len(heldout_stream):,} tokens; answers: {len(vocab.keys)} keys, "
         f"{len(vocab.places)} places")
-
-    backbone = C.llama(len(tokenizer), s.hidden_size, s.num_layers, s.num_heads, (s.hidden_size * 8 // 3 + 31) // 32 * 32,
-                       4 * s.segment_length, True, seed=s.seed, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    pre = pretrain(backbone, tokenizer, train_stream, vocab, s, log)
-    log(f"backbone pretrained on {s.segment_length}-token windows for {pre['steps']} steps")
+    if cached is None or not (cached / "pretraining.json").is_file():
+        backbone = C.llama(len(tokenizer), s.hidden_size, s.num_layers, s.num_heads,
+                           (s.hidden_size * 8 // 3 + 31) // 32 * 32, 4 * s.segment_length, True, seed=s.seed,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        pre = pretrain(backbone, tokenizer, train_stream, vocab, s, log)
+        log(f"backbone pretrained on {s.segment_length}-token windows for {pre['steps']} steps")
+        if cached is not None:
+            backbone.save_pretrained(cached / "backbone")
+            tokenizer.save_pretrained(cached / "tokenizer")
+            (cached / "pretraining.json").write_text(json.dumps(pre))
+    backbone.eval().requires_grad_(False)
     return Prepared(tokenizer, vocab, train_stream, heldout_stream, backbone, pre)
 
 
@@ -351,7 +423,7 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
                      T.make_examples(t, tokenizer, heldout_stream, vocab, s.segment_length - 2, s.examples, s.seed + 5))
 
     results: list[dict[str, Any]] = []
-    train_logs = {}
+    train_logs, gates = {}, {}
     window = s.segment_length + s.num_sensory
     backbone_lm = WindowLM(pretrained=backbone, tokenizer=tokenizer, batch_size=1, max_length=window)
     in_window_rows = aggregate("backbone_in_window", evaluate(backbone_lm, in_window, task_dir))
@@ -363,17 +435,24 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
     for method in [m for m in s.methods if m != "sliding_window"]:
         ms = method_settings(method, s)
         dataset = train_dataset(tokenizer, stream_list, vocab, ms, hmt_config(method, s).num_sensory)
+        torch.manual_seed(s.seed + 31)  # HMT's initial weights: the same whether the backbone was cached or not
         with tempfile.TemporaryDirectory() as work:
             model, losses = train_hmt(backbone, tokenizer, dataset, method, ms, work)
         train_logs[method] = losses
+        model.save_pretrained(out_dir / "adapters" / method)  # for the recall diagnostics (memory_probe --adapter)
+        gate = [p for n, p in model.named_parameters() if "hmt_memory_gate" in n]
+        if gate:
+            gates[method] = math.tanh(gate[0].item())
         rows = aggregate(method, evaluate(HMTLM(pretrained=model, tokenizer=tokenizer, batch_size=1), names, task_dir))
         results += rows
         log(f"{method}: loss {losses[0]:.2f} -> {losses[-1]:.2f}; {_summary(rows)}")
         backbone = model.unload()  # the bare (frozen) backbone again for the next variant
 
+    for r in results + in_window_rows:
+        r.update(corpus=s.corpus, seed=s.seed)
     payload = {"command": command, "machine": C.machine_info("cpu"), "settings": asdict(s), "chance": chance,
                "backbone_in_window": in_window_rows, "pretraining": pre, "hmt_train_loss": train_logs,
-               "results": results, "seconds": time.perf_counter() - start}
+               "memory_gate": gates, "results": results, "seconds": time.perf_counter() - start}
     path = C.write_json(out_dir / "long_context.json", payload)
     plot(payload, out_dir)
     log(f"wrote {path} and long_context_*.png")
@@ -452,7 +531,18 @@ def plot(payload: dict[str, Any], out_dir: Path) -> None:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.long_context", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small model, lengths 512-8192, 10 examples each (minutes)")
-    p.add_argument("--corpus-dir", default=Q.CORPUS_DIR)
+    p.add_argument("--corpus", default="python-docs",
+                   help=f"one of {sorted(K.CORPORA)} (see benchmarks/corpora.py for the install command of each)")
+    p.add_argument("--corpus-dir", default=None, help="read the corpus from this directory instead")
+    p.add_argument("--backbone-cache", default=None, metavar="DIR",
+                   help="reuse (or store) the pretrained backbone and tokenizer of this corpus/seed/settings here")
+    p.add_argument("--placement", choices=("depth", "segment"), default=None,
+                   help="training facts at a uniform token depth, or in a uniformly drawn segment")
+    p.add_argument("--in-window-fraction", type=float, default=None,
+                   help="share of HMT training episodes with the fact inside the last segment")
+    p.add_argument("--min-train-segments", type=int, default=None)
+    p.add_argument("--needle-lengths", type=int, nargs="+", default=None)
+    p.add_argument("--facts-lengths", type=int, nargs="+", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     p.add_argument("--hmt-steps", type=int, default=None)
@@ -475,14 +565,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
                    help="draw the PNGs from these result files (their rows side by side) instead of running")
+    p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                   help="merge these runs' long_context.json (corpora x seeds) into one result with worst/mean rows")
     C.add_output_arguments(p)
     return p
 
 
 def plot_from(paths: list[str], out_dir: Path) -> None:
     """The heatmaps and curves of several runs' ``long_context.json`` files together (same tasks, same examples)."""
-    import json
-
     payloads = [json.loads(Path(p).read_text()) for p in paths]
     rows, seen = [], set()
     for payload in payloads:  # a method run again with other settings (e.g. more steps) gets its own panel
@@ -493,26 +583,98 @@ def plot_from(paths: list[str], out_dir: Path) -> None:
     plot({"chance": payloads[0]["chance"], "results": rows}, out_dir)
 
 
+def run_accuracy(rows: list[dict[str, Any]], task: str, length: int, depth: Optional[float] = None) -> float:
+    """Accuracy of one run's rows of ``task`` at ``length`` (all depths, or one)."""
+    picked = [r for r in rows if r["task"] == task and r["context_tokens"] == length
+              and (depth is None or r["depth"] == depth)]
+    return sum(r["accuracy"] * r["n"] for r in picked) / max(1, sum(r["n"] for r in picked))
+
+
+def combine(paths: list[str], out_dir: Path) -> dict[str, Any]:
+    """Several runs (one ``long_context.json`` per corpus and seed) as one result file: every row with its
+    ``corpus`` and ``seed``, and per corpus and method the worst and the mean run at every needle length (the
+    worst run is the one with the lowest mean needle accuracy over lengths). Writes ``long_context.json``,
+    ``long_context_summary.md`` and, per corpus, the needle heatmaps of the worst run of every method."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for run in runs for r in run["results"]]
+    summary: dict[str, dict[str, Any]] = {}
+    lines = ["| corpus | method | runs (seeds) | needle 1k | 4k | 16k | 64k | depth 100% (in window) | facts qa1 1k | 4k |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for corpus in sorted({r["corpus"] for r in rows}):
+        for method in dict.fromkeys(r["method"] for r in rows if r["corpus"] == corpus):
+            seeds = sorted({r["seed"] for r in rows if r["corpus"] == corpus and r["method"] == method})
+            per_seed = {sd: [r for r in rows if r["corpus"] == corpus and r["method"] == method and r["seed"] == sd]
+                        for sd in seeds}
+            lengths = sorted({r["context_tokens"] for r in rows if r["task"] == "needle"})
+            score = {sd: sum(run_accuracy(rs, "needle", n) for n in lengths) / len(lengths) for sd, rs in per_seed.items()}
+            worst = min(seeds, key=lambda sd: score[sd])
+            cells = {}
+            for n in lengths:
+                accs = [run_accuracy(per_seed[sd], "needle", n) for sd in seeds]
+                cells[n] = {"mean": sum(accs) / len(accs), "worst": min(accs), "runs": accs}
+            in_window = {n: min(run_accuracy(per_seed[sd], "needle", n, 1.0) for sd in seeds) for n in lengths}
+            facts = {n: [run_accuracy(per_seed[sd], "facts_qa1", n) for sd in seeds]
+                     for n in sorted({r["context_tokens"] for r in rows if r["task"] == "facts_qa1"})}
+            summary.setdefault(corpus, {})[method] = {"seeds": seeds, "worst_seed": worst, "needle": cells,
+                                                      "worst_depth100": in_window, "facts_qa1": facts}
+            fmt = lambda c: f"{100 * c['mean']:.0f} (worst {100 * c['worst']:.0f})"  # noqa: E731
+            lines.append(f"| {corpus} | {method} | {len(seeds)} ({', '.join(map(str, seeds))}) | "
+                         + " | ".join(fmt(cells[n]) if n in cells else "" for n in (1024, 4096, 16384, 65536))
+                         + " | " + " / ".join(f"{100 * v:.0f}" for v in in_window.values())
+                         + " | " + " | ".join(f"{100 * sum(facts[n]) / len(facts[n]):.0f}" if n in facts else ""
+                                              for n in (1024, 4096)) + " |")
+    payload = {"runs": [{"command": run["command"], "corpus": run["settings"]["corpus"], "seed": run["settings"]["seed"],
+                         "seconds": run["seconds"], "hmt_train_loss": run["hmt_train_loss"],
+                         "memory_gate": run.get("memory_gate", {}), "backbone_in_window": run["backbone_in_window"],
+                         "settings": run["settings"]} for run in runs],
+               "chance": runs[0]["chance"], "summary": summary, "results": rows}
+    C.write_json(out_dir / "long_context.json", payload)
+    (out_dir / "long_context_summary.md").write_text(
+        "Needle accuracy, % (mean over runs, worst run in brackets); depth 100% = the needle inside the last "
+        "segment, worst run per length.\n\n" + "\n".join(lines) + "\n")
+    for corpus, methods in summary.items():  # the heatmap of each method's worst run on this corpus
+        worst_rows = [r for r in rows if r["corpus"] == corpus and r["seed"] == methods[r["method"]]["worst_seed"]]
+        worst_rows = [dict(r, method=f"{r['method']} (worst: seed {r['seed']})") for r in worst_rows]
+        sub = out_dir / f"worst-{corpus}"
+        sub.mkdir(parents=True, exist_ok=True)
+        plot({"chance": runs[0]["chance"], "results": worst_rows}, sub)
+        for name in ("long_context_needle.png", "long_context_by_length.png"):
+            (sub / name).replace(out_dir / name.replace("long_context_", f"long_context_{corpus}_worst_"))
+        sub.rmdir()
+    return payload
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     if args.plot_from:
         plot_from(args.plot_from, C.output_dir(args))
         return 0
-    overrides: dict[str, Any] = {"corpus_dir": args.corpus_dir, "seed": args.seed}
-    for key in ("threads", "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr",
+    if args.combine:
+        combine(args.combine, C.output_dir(args))
+        return 0
+    overrides: dict[str, Any] = {"corpus": args.corpus, "seed": args.seed}
+    for key in ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", "min_train_segments", "threads", "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr",
                 "episode_fraction", "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence",
                 "examples", "examples_longest"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.methods:
         overrides["methods"] = tuple(args.methods)
+    for key in ("needle_lengths", "facts_lengths"):
+        if getattr(args, key):
+            overrides[key] = tuple(getattr(args, key))
     if args.all_token_loss:
         overrides["answer_only_loss"] = False
     if args.no_curriculum:
         overrides["curriculum"] = False
     s = quick(**overrides) if args.quick else replace(Settings(), **overrides)
-    if not Q.list_documents(s.corpus_dir):
-        print(Q.missing_corpus_message(s.corpus_dir), file=sys.stderr)
+    try:
+        corpus = corpus_of(s)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if not corpus.documents():
+        print(corpus.missing_message(), file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, s.threads))
     import datasets

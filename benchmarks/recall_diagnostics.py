@@ -1,0 +1,195 @@
+"""Where does a trained adapter's recall look, and does the memory of the needle's segment hold the key?
+
+    PYTHONPATH=. python -m benchmarks.recall_diagnostics --run-dir benchmarks/output/lc-austen-s0 \\
+        --backbone-cache benchmarks/output/backbones --methods hmt_write hmt_write_gate_spread
+
+reads the ``long_context.json`` and ``adapters/<method>/`` that `benchmarks.long_context` wrote into ``--run-dir``,
+reloads that run's frozen backbone and tokenizer from ``--backbone-cache`` (the same corpus, seed and pretraining
+settings), and for needle examples of ``--length`` tokens (the needle planted in every segment in turn, on
+held-out text) measures, per method:
+
+* **recall at the question**: the recall weights of the LAST segment (the one that asks the question) over the
+  cached memories, through `hmt_adapter.memory.observe_recall`: the weight on the needle's segment, the rank of that
+  segment, and where the largest weight falls (by segment index), against the uniform weight ``1 / N``;
+* **key in memory**: a linear probe (multinomial logistic regression, trained on half of the examples, scored on
+  the other half) from the memory embedding ``e_j`` of the needle's segment ``j`` to the key, against the same
+  probe on the memory of a segment without the needle (chance 1 / keys);
+* **answer**: whether the model's argmax over the key candidates is right, by needle segment.
+
+Writes ``recall_diagnostics.json`` and ``recall_diagnostics.png`` (recall weight on the needle's segment and probe
+accuracy, by the needle's segment, one line per method) into ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from benchmarks import _common as C
+from benchmarks import long_context as LC
+from benchmarks import long_context_tasks as T
+
+
+def needle_start(ids: list[int], marker: list[int]) -> int:
+    """Index of the first token of ``marker`` (the needle's opening words) in ``ids``."""
+    for i in range(len(ids) - len(marker) + 1):
+        if ids[i : i + len(marker)] == marker:
+            return i
+    raise ValueError("needle not found in the tokenized context")
+
+
+@torch.no_grad()
+def inspect(model, tokenizer, examples: list[dict[str, Any]], segment_length: int) -> list[dict[str, Any]]:
+    """Per example: needle segment, recall weights of the last segment, memories, answer correctness."""
+    from hmt_adapter.memory import observe_recall
+    from hmt_adapter.streaming import HMTStreamer
+
+    marker = tokenizer(" The secret word is", add_special_tokens=False).input_ids
+    out = []
+    for e in examples:
+        ids = tokenizer(e["context"], add_special_tokens=False).input_ids
+        segment = needle_start(ids, marker) // segment_length
+        weights: list[torch.Tensor] = []
+        with observe_recall(weights.append):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        streamer = HMTStreamer(model)
+        state = streamer.init_state(1)
+        _, state = streamer.feed(torch.tensor([ids]), state, return_logits=False)
+        memories = torch.stack([v[0] for v in state.cache.values])  # (segments written, d)
+        cands = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in e["choices"]]
+        guess = max(range(len(cands)), key=lambda i: logits[cands[i]].item())
+        out.append({"segment": segment, "segments": -(-len(ids) // segment_length), "answer": e["answer"],
+                    "correct": guess == e["answer"], "last_recall": weights[-1][0] if weights else None,
+                    "memories": memories})
+    return out
+
+
+def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, seed: int = 0) -> float:
+    """Held-out accuracy of a multinomial logistic regression (half train, half test) on standardised features."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=gen)
+    train, test = order[: len(order) // 2], order[len(order) // 2 :]
+    mean, std = features[train].mean(0), features[train].std(0).clamp_min(1e-6)
+    x = (features - mean) / std
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    optim = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(x[train] @ w + b, labels[train]) + 1e-3 * w.pow(2).sum()
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    return ((x[test] @ w + b).argmax(-1) == labels[test]).float().mean().item()
+
+
+def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
+    by_segment: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_segment.setdefault(r["segment"], []).append(r)
+    per_segment = []
+    for seg, rs in sorted(by_segment.items()):
+        recalls = [r["last_recall"] for r in rs if r["last_recall"] is not None and seg < len(r["last_recall"])]
+        weight = [float(w[seg]) for w in recalls]
+        rank1 = [int(w.argmax()) == seg for w in recalls]
+        per_segment.append({"segment": seg, "n": len(rs), "accuracy": sum(r["correct"] for r in rs) / len(rs),
+                            "recall_weight": sum(weight) / len(weight) if weight else None,
+                            "uniform_weight": sum(1 / len(w) for w in recalls) / len(recalls) if recalls else None,
+                            "recall_top1": sum(rank1) / len(rank1) if rank1 else None})
+    argmax_segments = [int(r["last_recall"].argmax()) for r in rows if r["last_recall"] is not None]
+    # memory of the needle's segment vs memory of a segment without the needle (the one after it, or before)
+    labels = torch.tensor([r["answer"] for r in rows])
+    own = torch.stack([r["memories"][r["segment"]] for r in rows if r["segment"] < len(r["memories"])])
+    other = torch.stack([r["memories"][r["segment"] - 1 if r["segment"] > 0 else 1] for r in rows])
+    return {
+        "per_segment": per_segment,
+        "recall_argmax_histogram": {str(s): argmax_segments.count(s) for s in sorted(set(argmax_segments))},
+        "probe_needle_segment": probe_accuracy(own, labels[: len(own)], keys),
+        "probe_other_segment": probe_accuracy(other, labels, keys),
+        "chance": 1 / keys,
+        "accuracy": sum(r["correct"] for r in rows) / len(rows),
+    }
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method, res in payload["methods"].items():
+        segs = [p["segment"] for p in res["per_segment"]]
+        axes[0].plot(segs, [p["recall_weight"] or 0 for p in res["per_segment"]], marker="o", label=method)
+        axes[1].plot(segs, [p["accuracy"] for p in res["per_segment"]], marker="o", label=method)
+    uniform = next(iter(payload["methods"].values()))["per_segment"]
+    axes[0].plot([p["segment"] for p in uniform], [p["uniform_weight"] or 0 for p in uniform], "k--", lw=1,
+                 label="uniform")
+    axes[0].set_title("last segment's recall weight on the needle's memory")
+    axes[1].set_title("needle accuracy by the needle's segment")
+    for ax in axes:
+        ax.set_xlabel("segment holding the needle")
+        ax.set_ylim(0, 1.02)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{payload['corpus']} seed {payload['seed']}, {payload['length']} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.recall_diagnostics", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", required=True, help="an --output-dir of benchmarks.long_context (with adapters/)")
+    p.add_argument("--backbone-cache", required=True, help="the --backbone-cache that run used")
+    p.add_argument("--methods", nargs="+", default=None, help="adapters to inspect (default: all in adapters/)")
+    p.add_argument("--length", type=int, default=1024, help="context tokens of the examples")
+    p.add_argument("--per-segment", type=int, default=12, help="examples with the needle in each segment")
+    p.add_argument("--threads", type=int, default=1)
+    C.add_output_arguments(p)
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "long_context.json").is_file():
+        print(f"{run_dir}/long_context.json not found: pass the --output-dir of a long_context run.", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    import peft
+
+    import hmt_adapter  # noqa: F401  (registers HMT with PEFT)
+
+    run = json.loads((run_dir / "long_context.json").read_text())
+    s = LC.Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in run["settings"].items()})
+    s = LC.replace(s, backbone_cache=args.backbone_cache)
+    prep = LC.prepare(s, lambda msg: print(msg, file=sys.stderr))
+    segments = args.length // s.segment_length
+    rng = random.Random(7)
+    examples = []
+    for seg in range(segments):
+        for _ in range(args.per_segment):  # needle at a random place inside segment `seg`
+            depth = (seg + 0.1 + 0.6 * rng.random()) / segments
+            examples.append(T.needle_example(prep.tokenizer, prep.heldout_stream, prep.vocab, args.length, depth, rng))
+    methods = args.methods or sorted(d.name for d in (run_dir / "adapters").iterdir())
+    results = {}
+    for method in methods:
+        model = peft.PeftModel.from_pretrained(prep.backbone, run_dir / "adapters" / method).eval()
+        rows = inspect(model, prep.tokenizer, examples, s.segment_length)
+        results[method] = summarise(rows, len(prep.vocab.keys))
+        print(f"{method}: accuracy {results[method]['accuracy']:.2f}, probe (needle segment) "
+              f"{results[method]['probe_needle_segment']:.2f} vs other {results[method]['probe_other_segment']:.2f}; "
+              f"recall argmax by segment {results[method]['recall_argmax_histogram']}", flush=True)
+        prep.backbone = model.unload()
+    payload = {"command": C.command_line("benchmarks.recall_diagnostics"), "corpus": s.corpus, "seed": s.seed,
+               "length": args.length, "run_dir": str(run_dir), "methods": results}
+    out = C.output_dir(args)
+    C.write_json(out / "recall_diagnostics.json", payload)
+    plot(payload, out / "recall_diagnostics.png")
+    print(f"wrote {out / 'recall_diagnostics.json'} and recall_diagnostics.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
