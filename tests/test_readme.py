@@ -1,13 +1,18 @@
-"""What README.md shows a user must be true: its API block runs as written, its figures are computed here."""
+"""What README.md shows a user must be true: its API block runs as written, its figures are computed here, and
+a long prompt does not make the tokenizer log a length warning."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import re
 from pathlib import Path
 
 import peft
+import pytest
 import torch
+from transformers import pipeline
 
 from hmt_adapter import HMTConfig
 from hmt_adapter.testing import tiny_causal_lm, tiny_tokenizer
@@ -25,6 +30,9 @@ def readme_api_block() -> str:
     return match.group(1)
 
 
+LENGTH_WARNING = "Token indices sequence length is longer than the specified maximum sequence length"
+
+
 class Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -32,6 +40,23 @@ class Records(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+    def length_warnings(self) -> list[str]:
+        return [m for m in self.messages if LENGTH_WARNING in m]
+
+
+@contextlib.contextmanager
+def transformers_log():
+    """Collect what transformers logs at WARNING and above (its default verbosity, whatever the environment set)."""
+    handler, logger = Records(), logging.getLogger("transformers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_readme_api_block_runs_as_written_on_a_tiny_local_backbone(tmp_path, monkeypatch) -> None:
@@ -43,20 +68,55 @@ def test_readme_api_block_runs_as_written_on_a_tiny_local_backbone(tmp_path, mon
     tiny_causal_lm("llama", max_position_embeddings=2048).save_pretrained(local)
     tiny_tokenizer(model_max_length=2048).save_pretrained(local)
     monkeypatch.chdir(tmp_path)  # the block saves "smollm-hmt" in the working directory
-    handler = Records()
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)  # transformers' default verbosity, whatever the environment set
     namespace: dict = {}
-    try:
+    with transformers_log() as log:
         exec(compile(code.replace(HUB_ID, str(local)), "README.md", "exec"), namespace)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     batch, new_ids = namespace["batch"], namespace["new_ids"]
     assert batch.input_ids.shape[1] > 2 * 1024  # a text longer than the backbone's window, read in segments
     assert torch.isfinite(namespace["out"].loss)
     assert isinstance(namespace["model"], peft.PeftModel) and (tmp_path / "smollm-hmt" / "adapter_model.safetensors").is_file()
     assert new_ids.shape[0] == 1 and new_ids.shape[1] > batch.input_ids.shape[1]
-    assert not [m for m in handler.messages if "Token indices sequence length" in m], handler.messages
+    assert not log.length_warnings()
+
+
+# ---- a long prompt and the tokenizer's length limit -------------------------------------------------------------
+LONG_PROMPT = " ".join(["the cat sees the dog ."] * 100) + " what does the cat see ?"  # 605 tokens
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the examples run their work under `if __name__ == "__main__"` only
+    return module
+
+
+def test_long_prompt_through_the_generation_example_and_the_pipeline_logs_no_length_warning() -> None:
+    example = load_example("generate_long")
+    tokenizer, model = example.load_tokenizer(), example.load_model()
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    with transformers_log() as log:  # transformers logs the warning once per tokenizer: nothing may tokenize before
+        out = generator(LONG_PROMPT, max_new_tokens=2, do_sample=False, return_full_text=False)
+        assert len(tokenizer(LONG_PROMPT).input_ids) > model.get_base_model().config.max_position_embeddings
+    assert isinstance(out[0]["generated_text"], str)
+    assert not log.length_warnings()
+    assert "model_max_length=int(1e30)" in README and "model_max_length=int(1e30)" in Path(example.__file__).read_text()
+
+
+def test_the_package_tiny_tokenizer_has_no_length_limit() -> None:
+    with transformers_log() as log:
+        tiny_tokenizer()(LONG_PROMPT)
+    assert not log.length_warnings()
+    with transformers_log() as log:  # the limit a caller asks for is kept (and the check above can fail)
+        tiny_tokenizer(model_max_length=512)(LONG_PROMPT)
+    assert log.length_warnings()
+
+
+def test_lm_eval_hmt_model_lifts_the_tokenizer_limit() -> None:
+    pytest.importorskip("lm_eval")
+    from hmt_adapter.lm_eval import HMTLM
+
+    model = peft.get_peft_model(tiny_causal_lm("llama"), HMTConfig(segment_length=8, num_sensory=2, recall_dim=8))
+    lm = HMTLM(pretrained=model.eval(), tokenizer=tiny_tokenizer(model_max_length=64), batch_size=1)
+    with transformers_log() as log:
+        ids = lm.tok_encode(LONG_PROMPT)
+    assert len(ids) > 64 and not log.length_warnings()
