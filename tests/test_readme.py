@@ -12,8 +12,9 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from transformers import pipeline
+from transformers import AutoModelForCausalLM, pipeline
 
+import fixtures
 from hmt_adapter import HMTConfig
 from hmt_adapter.testing import tiny_causal_lm, tiny_tokenizer
 
@@ -120,3 +121,30 @@ def test_lm_eval_hmt_model_lifts_the_tokenizer_limit() -> None:
     with transformers_log() as log:
         ids = lm.tok_encode(LONG_PROMPT)
     assert len(ids) > 64 and not log.length_warnings()
+
+
+# ---- the adapter's size, as README.md states it -------------------------------------------------------------------
+def readme_api_config() -> HMTConfig:
+    """The HMTConfig the README's API block builds."""
+    match = re.search(r"hmt_adapter\.HMTConfig\((.*)\)", readme_api_block())
+    assert match is not None
+    return eval(f"dict({match.group(1)})", {}, {})  # noqa: S307 - the README's own literal keyword arguments
+
+
+def adapter_and_backbone_size(name: str, kwargs: dict) -> tuple[int, int]:
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(fixtures.real_config(name))
+    backbone = sum(p.numel() for p in base.parameters())
+    model = peft.get_peft_model(base, HMTConfig(**kwargs))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), backbone
+
+
+def test_readme_adapter_size_figures_are_the_api_configs_real_counts() -> None:
+    kwargs = readme_api_config()
+    text = " ".join(README.split())  # the paragraph's line breaks do not matter
+    small, smollm = adapter_and_backbone_size(HUB_ID, kwargs)
+    assert f"gives {small:,} on SmolLM-135M (d = 576): {100 * small / smollm:.2f}% of its {smollm:,} parameters" in text
+    assert f"`print_trainable_parameters()` shows {100 * small / (smollm + small):.2f}%" in text
+    large, llama = adapter_and_backbone_size("meta-llama/Llama-2-7b-hf", kwargs)
+    assert f"on Llama-2-7B (d = 4096): {large:,}, {100 * large / llama:.2f}%" in text
+    assert "0.5-2%" not in text  # the old claim, which the README's own configuration did not meet on SmolLM
