@@ -148,3 +148,12 @@ def test_readme_adapter_size_figures_are_the_api_configs_real_counts() -> None:
     large, llama = adapter_and_backbone_size("meta-llama/Llama-2-7b-hf", kwargs)
     assert f"on Llama-2-7B (d = 4096): {large:,}, {100 * large / llama:.2f}%" in text
     assert "0.5-2%" not in text  # the old claim, which the README's own configuration did not meet on SmolLM
+
+
+# ---- benchmark commands a reader can type --------------------------------------------------------------------------
+def test_benchmark_commands_name_no_absolute_output_folder() -> None:
+    docs = [REPO / "BENCHMARKS.md", *sorted((REPO / "benchmarks" / "results").glob("*.md"))]
+    absolute = re.compile(r"--output[-_]dir[\s=]+/[^\s`]*")
+    found = [f"{doc.name}: {m.group(0)!r}" for doc in docs for m in absolute.finditer(doc.read_text(encoding="utf-8"))]
+    assert not found, found
+    assert "--output-dir benchmarks/output/" in (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
