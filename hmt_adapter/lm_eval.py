@@ -33,6 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from peft import PeftModel
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from .config import HMTConfig
 
@@ -92,7 +93,8 @@ class HMTLM(EncodingCache, HFLM):
     Args: as `HFLM` (``pretrained``, ``peft``, ``tokenizer``, ``batch_size``, ``dtype``, ``device``, ...), except
     that ``max_length`` is refused (HMT has no context limit) and ``batch_size="auto"`` is refused (its probe
     allocates a batch of ``max_length`` tokens). Long contexts are tokenized once for all their choices
-    (`EncodingCache`).
+    (`EncodingCache`). The tokenizer's ``model_max_length`` is set to transformers' "no limit" (``int(1e30)``), so
+    long contexts do not log "Token indices sequence length is longer than the specified maximum sequence length".
     """
 
     def __init__(self, pretrained: Any, peft: str | None = None, max_length: int | None = None,
@@ -105,6 +107,7 @@ class HMTLM(EncodingCache, HFLM):
             raise ValueError("The 'hmt' lm-eval model needs an HMT adapter: model_args 'pretrained=BASE,peft=ADAPTER_DIR'.")
         super().__init__(pretrained=pretrained, peft=peft, batch_size=batch_size, **kwargs)
         self.hmt_config = hmt_config_of(self.model)
+        self.tokenizer.model_max_length = VERY_LARGE_INTEGER  # contexts of any length: no length warning
 
     @property
     def max_length(self) -> int:

@@ -17,6 +17,7 @@ from .generation import generate as hmt_generate
 from .layer import HMTLayer, HMTTunerLayer
 from .lora import HMTLoraLinear, lora_target_names
 from .memory import HMTParams
+from .model_card import describe_backbone_for_card
 
 _UNSUPPORTED_WITH_HMT = ("past_key_values", "position_ids", "cache_position")
 
@@ -54,6 +55,7 @@ class HMTModel(BaseTuner):
         if peft_config.lora_r > 0:
             targets += lora_target_names(self.model, peft_config.lora_target_modules)
         peft_config.target_modules = targets
+        describe_backbone_for_card(peft_config, self.model)
         return peft_config
 
     def _create_and_replace(

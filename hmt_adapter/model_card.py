@@ -19,6 +19,41 @@ SETTINGS = (
 )
 TAGS = ("hmt", "hmt-adapter", "long-context", "memory")
 WHERE_PLACEHOLDER = "path/or/hub-id/of/this/adapter"
+BASE_PLACEHOLDER = "path/of/the/backbone"
+#: Attribute of an `HMTConfig` (not a config field, not saved) holding the description of the backbone it is attached to.
+BACKBONE_ATTR = "_hmt_backbone_description"
+
+
+def backbone_description(model: Any) -> str:
+    """What a backbone is, for a reader: its class, width and depth, e.g. ``LlamaForCausalLM (hidden 64, 2 layers)``."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sizes = []
+    hidden = getattr(text, "hidden_size", None)
+    if hidden is None and hasattr(model, "get_input_embeddings"):
+        hidden = model.get_input_embeddings().weight.shape[1]
+    if hidden is not None:
+        sizes.append(f"hidden {hidden}")
+    layers = getattr(text, "num_hidden_layers", None)
+    if layers is not None:
+        sizes.append(f"{layers} layer" + ("s" if layers != 1 else ""))
+    return type(model).__name__ + (f" ({', '.join(sizes)})" if sizes else "")
+
+
+def describe_backbone_for_card(config: Any, model: Any) -> None:
+    """Remember ``model``'s description on ``config`` for the card's title (a backbone built locally has no name)."""
+    setattr(config, BACKBONE_ATTR, backbone_description(model))
+
+
+def card_title(config: Any) -> str:
+    """``HMT adapter for <base model>``; for a backbone built locally, what it is (class, width, depth)."""
+    if config.base_model_name_or_path:
+        return f"HMT adapter for {config.base_model_name_or_path}"
+    described = getattr(config, BACKBONE_ATTR, None)
+    if described:
+        return f"HMT adapter for a local {described}"
+    width = getattr(config, "base_embedding_dim", None)
+    return "HMT adapter for a locally built backbone" + (f" (embedding width {width})" if width else "")
 
 
 def _usage(base: str, where: str) -> str:
@@ -40,11 +75,11 @@ def card_text(config: Any, where: str, training: Optional[str] = None,
     """The Markdown body of the card for ``config`` (``where``: the directory or Hub id to load from)."""
     from . import __version__
 
-    base = config.base_model_name_or_path or "<base model: not recorded, the backbone was built locally>"
+    base = config.base_model_name_or_path or BASE_PLACEHOLDER
     lora = f" and LoRA (r={config.lora_r}, alpha={config.lora_alpha}) on the backbone" if config.lora_r > 0 else ""
     rows = "\n".join(f"| `{name}` | `{getattr(config, name)!r}` |" for name in SETTINGS)
     parts = [
-        f"# HMT adapter for {base}",
+        f"# {card_title(config)}",
         "",
         f"A [Hierarchical Memory Transformer](https://arxiv.org/abs/2405.06067) (HMT) adapter made with hmt-adapter "
         f"{__version__}: the backbone reads inputs of any length segment by segment ({config.segment_length} tokens "
@@ -53,6 +88,8 @@ def card_text(config: Any, where: str, training: Optional[str] = None,
         "",
         "## How to use",
         "",
+        *([] if config.base_model_name_or_path else [
+            "The backbone was built locally and its path was not recorded: load it from where it was saved.", ""]),
         _usage(base, where),
         "",
         "## HMT settings",

@@ -39,6 +39,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 __all__ = [
     "SUPPORTED_TINY_MODEL_TYPES",
@@ -285,7 +286,7 @@ CHAT_TEMPLATE: str = (
 def tiny_tokenizer(
     vocab: list[str] | None = None,
     padding_side: str = "right",
-    model_max_length: int = TINY_MAX_POSITIONS,
+    model_max_length: int = VERY_LARGE_INTEGER,
 ) -> PreTrainedTokenizerFast:
     """Build a word-level fast tokenizer entirely offline with the ``tokenizers`` library.
 
@@ -294,7 +295,11 @@ def tiny_tokenizer(
     128 tokens). Duplicates and words that collide with special tokens are dropped.
     Text is lower-cased, split with the ``Whitespace`` pre-tokenizer
     (``\\w+|[^\\w\\s]+``), unknown words map to ``<unk>``; no bos/eos is added
-    automatically. A minimal :data:`CHAT_TEMPLATE` is attached. With a custom
+    automatically. A minimal :data:`CHAT_TEMPLATE` is attached. ``model_max_length``
+    defaults to transformers' "no limit" (``VERY_LARGE_INTEGER``, ``int(1e30)``): HMT
+    reads texts of any length, and a smaller limit only makes the tokenizer log
+    "Token indices sequence length is longer than the specified maximum sequence
+    length" (pass e.g. ``model_max_length=512`` to mimic a backbone's window). With a custom
     ``vocab`` longer than 124 words, build the model with a matching
     ``vocab_size`` (``len(tokenizer)``).
 

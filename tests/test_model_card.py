@@ -46,3 +46,20 @@ def test_training_and_results_can_be_recorded(tmp_path) -> None:
 def test_saving_the_config_alone_writes_no_card(tmp_path) -> None:
     HMTConfig(segment_length=8).save_pretrained(tmp_path)
     assert not (tmp_path / "README.md").exists()
+
+
+def test_card_of_a_locally_built_backbone_has_a_readable_title(tmp_path) -> None:
+    model = peft.get_peft_model(tiny_causal_lm("llama"), HMTConfig(segment_length=8, recall_dim=8))
+    model.save_pretrained(tmp_path / "llama")
+    card = ModelCard.load(tmp_path / "llama" / "README.md").text.lstrip()
+    assert card.splitlines()[0] == "# HMT adapter for a local LlamaForCausalLM (hidden 64, 2 layers)"
+    assert 'AutoModelForCausalLM.from_pretrained("path/of/the/backbone")' in card
+    gpt2 = peft.get_peft_model(tiny_causal_lm("gpt2", n_layer=3), HMTConfig(segment_length=8, recall_dim=8))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    assert ModelCard.load(tmp_path / "gpt2" / "README.md").text.lstrip().startswith("# HMT adapter for a local GPT2LMHeadModel (hidden 64, 3 layers)\n")
+    # A card written again from the saved config alone (no backbone at hand) still says what it can.
+    config = HMTConfig.from_pretrained(str(tmp_path / "llama"))
+    (tmp_path / "again").mkdir()
+    write_model_card(str(tmp_path / "again"), config)
+    assert ModelCard.load(tmp_path / "again" / "README.md").text.lstrip().startswith(
+        "# HMT adapter for a locally built backbone (embedding width 64)\n")

@@ -1,4 +1,5 @@
-"""The paper's "0.5-2% extra parameters" with default settings, on real configs built on the meta device."""
+"""The paper's "0.5-2% extra parameters" with default settings, on real configs built on the meta device, and the
+README's formula for the adapter's size, checked against the parameters that exist for every switch that changes it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,22 @@ from transformers import AutoModelForCausalLM
 
 import hmt_adapter  # noqa: F401
 from hmt_adapter import HMTConfig
+from hmt_adapter.lora import HMTLoraLinear
+from hmt_adapter.testing import tiny_causal_lm
 import fixtures
+
+
+def readme_formula(d: int, config: HMTConfig) -> int:
+    """README.md: d (m_0) + d + 2·h·d (s, W_q, W_k; none with use_recall=False) + d² (memory_projection=True)
+    + d (w, write_token="learned"), plus r·(in + out) per LoRA-wrapped linear layer."""
+    count = d
+    if config.use_recall:
+        count += d + 2 * config.recall_dim * d
+    if config.memory_projection:
+        count += d * d
+    if config.write_token == "learned":
+        count += d
+    return count
 
 
 def extra_parameter_percent(name: str) -> tuple[int, int, float]:
@@ -32,3 +48,18 @@ def test_extra_parameters_within_paper_range(name: str, width: int) -> None:
     h = HMTConfig().recall_dim
     assert hmt == 2 * width + 2 * h * width + width * width  # m_0, s, W_q, W_k, memory projection
     assert 0.5 <= percent <= 2.0
+
+
+@pytest.mark.parametrize("use_recall", [True, False])
+@pytest.mark.parametrize("memory_projection", [True, False])
+@pytest.mark.parametrize("write_token", ["memory", "learned"])
+@pytest.mark.parametrize("lora_r", [0, 2])
+def test_readme_formula_counts_every_trainable_parameter(use_recall, memory_projection, write_token, lora_r) -> None:
+    config = HMTConfig(segment_length=8, num_sensory=2, recall_dim=24, use_recall=use_recall,
+                       memory_projection=memory_projection, write_token=write_token, lora_r=lora_r)
+    model = peft.get_peft_model(tiny_causal_lm("llama"), config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = [m for m in model.modules() if isinstance(m, HMTLoraLinear)]
+    assert bool(lora) == (lora_r > 0)
+    in_out = sum(m.base_layer.in_features + m.base_layer.out_features for m in lora)
+    assert trainable == readme_formula(64, config) + lora_r * in_out
