@@ -134,6 +134,54 @@ def chunk_token_ids(
     return chunks
 
 
+def curriculum_order(
+    lengths: Sequence[int], segment_length: int, min_segments: int = 2, ramp_fraction: float = 0.5, seed: int = 0
+) -> list[int]:
+    """An order of the rows for a curriculum over input lengths: short inputs first, all lengths by ``ramp_fraction``.
+
+    Row ``i`` of the order is drawn at random among the rows not yet used whose segment count (``ceil(length /
+    segment_length)``) is at most the limit at ``i``, which grows linearly from ``min_segments`` at the start to the
+    longest row at ``ramp_fraction`` of the order (the shortest unused row when none fits). Train on it with
+    ``SFTConfig(train_sampling_strategy="sequential")`` (one epoch) so the trainer reads the rows in this order.
+    Memory that must carry a fact across many segments is learned first on inputs where it spans few.
+
+    Args:
+        lengths: token count of every row.
+        segment_length: the adapter's ``segment_length``.
+        min_segments: the longest input allowed at the start (in segments).
+        ramp_fraction: share of the order after which every length is allowed, in (0, 1].
+        seed: the random draw among allowed rows.
+
+    Returns:
+        a permutation of ``range(len(lengths))``.
+    """
+    import random
+
+    if segment_length < 1 or min_segments < 1:
+        raise ValueError(f"segment_length and min_segments must be >= 1, got {segment_length} and {min_segments}.")
+    if not 0.0 < ramp_fraction <= 1.0:
+        raise ValueError(f"ramp_fraction must be in (0, 1], got {ramp_fraction}.")
+    segments = [max(1, -(-int(n) // segment_length)) for n in lengths]
+    if not segments:
+        return []
+    longest, total = max(segments), len(segments)
+    by_count: dict[int, list[int]] = {}
+    rng = random.Random(seed)
+    for i in rng.sample(range(total), total):  # shuffled within each segment count
+        by_count.setdefault(segments[i], []).append(i)
+    order: list[int] = []
+    for step in range(total):
+        limit = min_segments + (longest - min_segments) * min(1.0, step / (ramp_fraction * total))
+        allowed = [c for c, rows in by_count.items() if rows and c <= limit]
+        if not allowed:
+            allowed = [min(c for c, rows in by_count.items() if rows)]
+        # a count is drawn in proportion to its unused rows, so lengths mix as the data's distribution allows
+        weights = [len(by_count[c]) for c in allowed]
+        count = rng.choices(allowed, weights=weights)[0]
+        order.append(by_count[count].pop())
+    return order
+
+
 # ---- two-stage training --------------------------------------------------------------------------------
 @dataclass
 class Stage1Load:
