@@ -54,6 +54,10 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hmt_write_spread": ({"write_token": "learned"}, {"placement": "segment", "in_window_fraction": 0.25}),
     "hmt_write_gate_spread": ({"write_token": "learned", "memory_gate": True},
                               {"placement": "segment", "in_window_fraction": 0.25}),
+    # the same with clipped gradients and a cosine decay of the learning rate (a constant 1e-2 spiked and collapsed)
+    "hmt_write_gate_spread_stable": ({"write_token": "learned", "memory_gate": True},
+                                     {"placement": "segment", "in_window_fraction": 0.25, "hmt_max_grad_norm": 1.0,
+                                      "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
     "hmt_write_no_sensory": ({"write_token": "learned", "num_sensory": 0}, {}),
     "hmt_write_no_projection": ({"write_token": "learned", "memory_projection": False}, {}),
@@ -447,6 +451,7 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
         results += rows
         log(f"{method}: loss {losses[0]:.2f} -> {losses[-1]:.2f}; {_summary(rows)}")
         backbone = model.unload()  # the bare (frozen) backbone again for the next variant
+        _write_partial(out_dir, s, results, train_logs)  # a run stopped later keeps what it measured
 
     for r in results + in_window_rows:
         r.update(corpus=s.corpus, seed=s.seed)
@@ -457,6 +462,12 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
     plot(payload, out_dir)
     log(f"wrote {path} and long_context_*.png")
     return payload
+
+
+def _write_partial(out_dir: Path, s: Settings, results: list[dict[str, Any]], train_logs: dict) -> None:
+    rows = [dict(r, corpus=s.corpus, seed=s.seed) for r in results]
+    C.write_json(out_dir / "long_context_partial.json", {"settings": asdict(s), "results": rows,
+                                                          "hmt_train_loss": train_logs})
 
 
 def _summary(rows: list[dict[str, Any]]) -> str:
