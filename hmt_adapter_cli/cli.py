@@ -187,6 +187,9 @@ def _documents(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
 
     if not args.data_files and not args.dataset_name:
         raise ValueError("no data: pass --data-files FILE (local .json/.jsonl/.txt/.parquet/.csv) or --dataset-name ID (Hub).")
+    for path in (p.strip() for p in (args.data_files or "").split(",") if p.strip()):
+        if not os.path.isfile(path):
+            raise ValueError(f"--data-files: {path!r} not found.")
     data = DataArguments(
         dataset_name=args.dataset_name, dataset_config=args.dataset_config, data_files=args.data_files,
         text_field=args.text_field, max_train_documents=args.max_documents,
@@ -200,9 +203,6 @@ def _documents(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
 def cmd_eval(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.adapter):
         raise ValueError(f"--adapter: {args.adapter!r} is not a directory (expected one written by save_pretrained).")
-    for path in (p.strip() for p in (args.data_files or "").split(",") if p.strip()):
-        if not os.path.isfile(path):
-            raise ValueError(f"--data-files: {path!r} not found.")
     from tqdm import tqdm
 
     from hmt_adapter.evaluation import METHODS, evaluate_long_documents
