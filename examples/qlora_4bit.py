@@ -27,7 +27,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-length", type=int, default=16)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--max-steps", type=int, default=5)
-    p.add_argument("--output-dir", default="outputs/qlora-4bit")
+    p.add_argument("--output-dir", default="outputs/qlora-4bit",
+                   help="Where the adapter (and tiny-base/, the offline base model) go (default: %(default)s, in the "
+                   "working directory).")
     return p
 
 

@@ -27,7 +27,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-files", default=None, help="Local .jsonl/.json/.parquet with a 'text' column.")
     p.add_argument("--segment-length", type=int, default=16)
     p.add_argument("--max-steps", type=int, default=10)
-    p.add_argument("--output-dir", default="outputs/sft-peft-config")
+    p.add_argument("--output-dir", default="outputs/sft-peft-config",
+                   help="Where the adapter goes (default: %(default)s, in the working directory).")
     return p
 
 

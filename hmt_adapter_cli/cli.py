@@ -6,7 +6,10 @@
     hmt-adapter lm-eval --model hmt --model_args pretrained=BASE,peft=ADAPTER --tasks ...   (lm-eval's arguments)
     hmt-adapter --version
 
-This module is the place where the package prints, draws progress bars and writes plots (house rule 1).
+This module is the place where the package prints, draws progress bars and writes plots (house rule 1). It imports
+no framework at module level: help and mistakes in arguments are answered before torch, transformers, TRL or PEFT
+are imported (each command imports them when its work starts). Every flag takes both spellings, ``--data-files``
+and ``--data_files``, as HF's and TRL's parsers do.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+from .arguments import OneLineParser, normalize_flags
 from .quiet import silence_third_party_notices
 
 
 def make_parser() -> argparse.ArgumentParser:
     """The top-level parser; ``train`` and ``demo`` forward their remaining arguments to their own parsers."""
-    parser = argparse.ArgumentParser(
-        prog="hmt-adapter", description="Hierarchical Memory Transformer (HMT) adapters for Hugging Face causal LMs."
+    parser = OneLineParser(
+        prog="hmt-adapter", description="Hierarchical Memory Transformer (HMT) adapters for Hugging Face causal LMs. "
+        "Flags take both spellings: --data-files or --data_files.",
     )
     parser.add_argument("--version", action="version", version=f"hmt-adapter {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,8 +37,11 @@ def make_parser() -> argparse.ArgumentParser:
         description="hmt-adapter train RECIPE.yaml [--any_recipe_or_SFTConfig_field value ...]",
     )
     train.add_argument("recipe", nargs="?", help="Recipe YAML file (see recipes/).")
-    evaluate = sub.add_parser("eval", help="Long-document perplexity: adapter vs the backbone alone.")
+    evaluate = sub.add_parser("eval", help="Long-document perplexity: adapter vs the backbone alone.",
+                              description="Long-document perplexity: adapter vs the backbone alone. Flags take both "
+                              "spellings (--data-files or --data_files).")
     _add_eval_arguments(evaluate)
+    parser.eval_parser = evaluate  # main() parses `eval` with it directly, so its errors name `hmt-adapter eval`
     sub.add_parser("demo", help="Offline demo: HMT gives a short-window model long memory.", add_help=False)
     sub.add_parser("lm-eval", help="lm-evaluation-harness with the 'hmt' model (takes lm-eval's arguments).",
                    add_help=False)
@@ -60,7 +68,8 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-in-4bit", action="store_true")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available).")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-    p.add_argument("--output-dir", default="hmt-eval-output", help="Where results.json and loss.png go (default: %(default)s).")
+    p.add_argument("--output-dir", default="hmt-eval-output",
+                   help="Where results.json and loss.png go (default: %(default)s, in the working directory).")
     p.add_argument("--no-plot", action="store_true", help="Skip the PNG plot.")
 
 
@@ -80,10 +89,12 @@ TRAIN_USAGE = "usage: hmt-adapter train RECIPE.yaml [--field value ...]   (recip
 def _train_help(show_all: bool) -> str:
     """The recipe and HMT fields with their help and defaults first; SFTConfig's fields only with --help-all."""
     import dataclasses
+    import textwrap
 
-    from .recipes import RECIPE_DATACLASSES
+    from .arguments import PATH_RULE, RECIPE_DATACLASSES
 
-    lines = [TRAIN_USAGE, ""]
+    lines = [TRAIN_USAGE, "", *textwrap.wrap(f"Paths: {PATH_RULE}", 110, subsequent_indent="  "),
+             "Flags take both spellings: --segment_length or --segment-length.", ""]
     for dc in RECIPE_DATACLASSES:
         lines.append(f"{dc.__name__}: {(dc.__doc__ or '').strip().splitlines()[0]}")
         for f in dataclasses.fields(dc):
@@ -112,9 +123,16 @@ def cmd_train(argv: Sequence[str]) -> int:
         raise ValueError(f"no recipe given. {TRAIN_USAGE}")
     if not os.path.isfile(argv[0]):
         raise ValueError(f"recipe file {argv[0]!r} not found. {TRAIN_USAGE}")
-    from .recipes import main as run
+    from .arguments import check_flag_values
 
-    report = run(list(argv))
+    check_flag_values(argv[1:])  # before the frameworks are imported: a mistyped value answers at once
+    from .recipes import check_hub_access, parse_recipe, run_recipe
+
+    args = parse_recipe(argv[0], argv[1:])
+    check_hub_access(args[0], args[1])
+    if _is_main_process():
+        print(f"hmt-adapter train: writing the adapter to {os.path.abspath(args[4].output_dir)}", flush=True)
+    report = run_recipe(*args)
     if _is_main_process():
         print(f"training processes: {report['world_size']}")
         for stage in ("stage1", "stage2"):
@@ -139,12 +157,19 @@ def _load_for_eval(args: argparse.Namespace):
     from transformers import AutoTokenizer
 
     from hmt_adapter.config import HMTConfig
+    from hmt_adapter_cli.hub import HubSource, check_hub_sources
     from hmt_adapter_cli.recipes import ModelArguments, load_model_and_tokenizer
 
     config = HMTConfig.from_pretrained(args.adapter)
     model_name = args.model or config.base_model_name_or_path
     if not model_name:
         raise ValueError(f"The adapter {args.adapter!r} does not name its base model: pass --model.")
+    sources = [HubSource("--model", model_name, "model", "--model /path/to/model")]
+    if args.tokenizer:
+        sources.append(HubSource("--tokenizer", args.tokenizer, "model", "--tokenizer /path/to/tokenizer"))
+    if args.dataset_name and not args.data_files:
+        sources.append(HubSource("--dataset-name", args.dataset_name, "dataset", "--data-files /path/to/docs.jsonl"))
+    check_hub_sources(sources)
     model_args = ModelArguments(model_name_or_path=model_name, model_dtype=args.dtype, load_in_4bit=args.load_in_4bit)
     base, tokenizer = load_model_and_tokenizer(model_args)
     tokenizer_path = args.tokenizer or (args.adapter if os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")) else None)
@@ -176,12 +201,12 @@ def _documents(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.adapter):
+        raise ValueError(f"--adapter: {args.adapter!r} is not a directory (expected one written by save_pretrained).")
     from tqdm import tqdm
 
     from hmt_adapter.evaluation import METHODS, evaluate_long_documents
 
-    if not os.path.isdir(args.adapter):
-        raise ValueError(f"--adapter: {args.adapter!r} is not a directory (expected one written by save_pretrained).")
     if args.threads:
         import torch
 
@@ -189,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load_for_eval(args)
     docs = _documents(args, tokenizer)
     if not docs:
-        raise ValueError("No document with at least 2 tokens to evaluate.")
+        raise ValueError(f"No document with at least 2 tokens to evaluate in {args.data_files or args.dataset_name!r}.")
     methods = [m for m in METHODS if not (args.no_sliding and m == "backbone_sliding")]
     result = evaluate_long_documents(
         model, docs, window=args.window, stride=args.stride, methods=methods,
@@ -198,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = result.to_dict()
     out.update(adapter=args.adapter, num_tokens=sum(len(d) for d in docs))
     os.makedirs(args.output_dir, exist_ok=True)
-    results = os.path.join(args.output_dir, "results.json")
+    results = os.path.abspath(os.path.join(args.output_dir, "results.json"))
     with open(results, "w") as f:
         json.dump(out, f, indent=2)
     for name, m in out["methods"].items():
@@ -206,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"results: {results}")
     if not args.no_plot:
         plot_eval(out, os.path.join(args.output_dir, "loss.png"))
-        print(f"plot: {os.path.join(args.output_dir, 'loss.png')}")
+        print(f"plot: {os.path.abspath(os.path.join(args.output_dir, 'loss.png'))}")
     return 0
 
 
@@ -262,7 +287,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .lm_eval_cli import main as lm_eval_main
 
             return lm_eval_main(argv[1:])
-        return cmd_eval(parser.parse_args(argv))
+        if command == "eval":
+            return cmd_eval(parser.eval_parser.parse_args(normalize_flags(argv[1:])))
+        parser.parse_args(argv)  # --help, --version, no or an unknown command: argparse answers and exits
+        return 2
     except (ValueError, TypeError, FileNotFoundError) as exc:  # user errors: one line, not a stack trace
         parser.exit(2, f"hmt-adapter {command}: error: {_one_line(exc)}\n")
 

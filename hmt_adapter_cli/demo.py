@@ -13,7 +13,11 @@ Run it with ``hmt-adapter demo`` (or ``python -m hmt_adapter_cli.demo``). On 2 C
    checks that the outputs are identical, and writes ``results.json`` and ``accuracy.png``.
 
 This module is a command-line entry point, so unlike the rest of `hmt_adapter` it prints (progress and the
-results table). The printing lives in the small ``_print_*`` functions at the end.
+results table). The printing lives in the small ``_print_*`` functions at the end. torch and the other frameworks
+are imported inside the functions that use them, so ``--help`` and argument errors answer at once.
+
+Everything the demo writes goes under ``--output-dir`` (default ``hmt-demo-output`` in the working directory):
+``results.json``, ``accuracy.png``, ``backbone/`` and ``adapter/``.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
-import torch.nn.functional as F
+from .arguments import OneLineParser, normalize_flags
+
+if TYPE_CHECKING:
+    import torch
 
 QUERY_WORD = "?"
 #: Key words: the passkey is one of the first ``num_keys`` of these (chance = 1 / num_keys).
@@ -119,6 +125,8 @@ class PasskeyTask:
 
 def tensor_batch(examples: Sequence[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, T), keys (B,)) from equal-length examples."""
+    import torch
+
     ids = torch.tensor([e[0] for e in examples], dtype=torch.long)
     keys = torch.tensor([e[1] for e in examples], dtype=torch.long)
     return ids, keys
@@ -129,6 +137,7 @@ def tensor_batch(examples: Sequence[tuple[list[int], int]]) -> tuple[torch.Tenso
 # ---------------------------------------------------------------------------------------------------------
 def build_backbone(settings: DemoSettings, vocab_size: int):
     """A tiny Llama (tied embeddings, so its last hidden state lives in the embedding space)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from hmt_adapter.testing import tiny_config
@@ -150,6 +159,9 @@ def build_backbone(settings: DemoSettings, vocab_size: int):
 
 def pretrain_backbone(model, task: PasskeyTask, settings: DemoSettings) -> list[float]:
     """Train the backbone on windows of 4..segment_length tokens; loss on the answer only. Returns losses."""
+    import torch
+    import torch.nn.functional as F
+
     rng = random.Random(settings.seed + 1)
     optim = torch.optim.AdamW(model.parameters(), lr=settings.pretrain_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, settings.pretrain_lr, total_steps=settings.pretrain_steps)
@@ -181,12 +193,14 @@ def eval_sets(task: PasskeyTask, settings: DemoSettings) -> dict[int, tuple[torc
     }
 
 
-@torch.no_grad()
 def answer_logits(model, ids: torch.Tensor, batch: int, window: Optional[int] = None) -> torch.Tensor:
     """Logits (N, V) at the query mark; ``window``: feed only the last ``window`` tokens (the backbone alone)."""
+    import torch
+
     if window is not None:
         ids = ids[:, -window:]
-    out = [model(input_ids=ids[i : i + batch], logits_to_keep=2).logits[:, 0] for i in range(0, len(ids), batch)]
+    with torch.no_grad():
+        out = [model(input_ids=ids[i : i + batch], logits_to_keep=2).logits[:, 0] for i in range(0, len(ids), batch)]
     return torch.cat(out).float()
 
 
@@ -266,6 +280,7 @@ def save_and_reload(peft_model, backbone_dir: Path, adapter_dir: Path, probe: to
 
     Returns (reloaded model, max |difference|, whether the adapter file holds HMT weights only).
     """
+    import torch
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -309,6 +324,11 @@ def write_plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _remove_if_empty(path: Path) -> None:
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
 def _print_step(message: str, start: float) -> None:
     print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
 
@@ -332,11 +352,16 @@ def _print_table(results: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def make_parser() -> argparse.ArgumentParser:
     defaults = DemoSettings()
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hmt-adapter demo",
-        description="Offline demo: a tiny frozen backbone + HMT on passkey retrieval at 1x-8x its window.",
+        description="Offline demo: a tiny frozen backbone + HMT on passkey retrieval at 1x-8x its window. "
+        "Flags take both spellings (--output-dir or --output_dir).",
     )
-    parser.add_argument("--output-dir", default=defaults.output_dir, help="where results, plot and adapter go")
+    parser.add_argument(
+        "--output-dir", default=defaults.output_dir,
+        help="where results.json, accuracy.png, backbone/ and adapter/ go (default: %(default)s, in the working "
+        "directory)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps)
     parser.add_argument("--hmt-steps", type=int, default=defaults.hmt_steps)
@@ -361,11 +386,13 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
 def run_demo(settings: DemoSettings) -> dict:
     """The whole demo; returns the results dictionary (also written to ``output_dir/results.json``)."""
     import peft
+    import torch
 
     from hmt_adapter.testing import tiny_tokenizer
 
     start = time.perf_counter()
     out = Path(settings.output_dir)
+    _print_step(f"writing results.json, accuracy.png, backbone/ and adapter/ to {out.resolve()}", start)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -389,6 +416,7 @@ def run_demo(settings: DemoSettings) -> dict:
                 f"{settings.hmt_steps} steps with TRL SFTTrainer on {min(settings.train_segments)}-"
                 f"{max(settings.train_segments)} segment inputs", start)
     trainer = train_hmt(peft_model, tokenizer, sft_dataset(task, settings), settings, out / "trainer")
+    _remove_if_empty(out / "trainer")  # SFTTrainer creates its output_dir; with save_strategy="no" nothing lands there
     hmt_acc = evaluate(peft_model, sets, settings)
 
     _print_step("saving the adapter and reloading it onto a fresh copy of the backbone", start)
@@ -421,7 +449,11 @@ def run_demo(settings: DemoSettings) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``hmt-adapter demo [--output-dir DIR] [--seed N] ...``; returns the process exit code."""
-    args = make_parser().parse_args(argv)
+    import sys
+
+    args = make_parser().parse_args(normalize_flags(sys.argv[1:] if argv is None else argv))
+    import torch
+
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     results = run_demo(settings_from_args(args))

@@ -24,7 +24,16 @@ Parsing is TRL's `TrlParser`: YAML values become defaults, ``--field value`` fla
 
 ``model_name_or_path`` is a Hub id or a local directory; ``hmt-testing:<model_type>`` builds the tiny offline
 model and tokenizer of `hmt_adapter.testing`. Data come from ``dataset_name`` (Hub) or ``data_files`` (local
-json / jsonl / txt / parquet / csv; relative paths are resolved against the recipe's directory first).
+json / jsonl / txt / parquet / csv). A Hub id that cannot be fetched (offline, or the Hub unreachable, and not in
+the cache) stops the run at once with a one-line error (`hmt_adapter_cli.hub`).
+
+Paths, one rule (`PATH_RULE`, also in ``hmt-adapter train --help``): a relative path written in the recipe is
+relative to the recipe file's folder (``data_files: data/tiny_docs.jsonl`` next to ``tiny-offline.yaml``; the
+same for ``output_dir`` and ``stage1_adapter``, and for ``model_name_or_path``, ``tokenizer_name_or_path``,
+``dataset_name``, ``deepspeed``, ``fsdp_config`` and ``chat_template_path`` when that path exists there, since they
+may also be Hub ids); a path given as a ``--flag`` is relative to the working directory, as in any command. Without
+``output_dir`` (the recipes in recipes/ leave it out) the adapter goes to ``outputs/<recipe name>/`` in the
+working directory.
 
 Everything that prints lives in `hmt_adapter_cli.cli`; the Trainer's own logging follows ``report_to`` /
 ``logging_steps`` / ``disable_tqdm`` as usual.
@@ -36,77 +45,17 @@ import copy
 import dataclasses
 import os
 import sys
-import typing
-from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
-
-from peft import PeftConfig
 
 from hmt_adapter.config import HMTConfig
 
+from .arguments import (  # noqa: F401  (re-exported: the recipe dataclasses live in the light arguments module)
+    PATH_OR_ID_FIELDS, PATH_FIELDS, PATH_RULE, RECIPE_DATACLASSES, DataArguments, HMTArguments, ModelArguments,
+    StageArguments,
+)
+
 TESTING_SCHEME = "hmt-testing:"
 _DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
-
-
-@dataclass
-class ModelArguments:
-    """The backbone (frozen; optionally 4-bit) and its tokenizer."""
-
-    model_name_or_path: str = field(
-        default="", metadata={"help": "Hub id, local directory, or 'hmt-testing:<type>' for the tiny offline model."}
-    )
-    tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Defaults to the model's."})
-    model_dtype: str = field(
-        default="float32", metadata={"help": "Backbone weights dtype: float32, bfloat16, float16 or auto."}
-    )
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the backbone in 4 bits (bitsandbytes nf4)."})
-    bnb_4bit_compute_dtype: str = field(default="bfloat16", metadata={"help": "Compute dtype of the 4-bit layers."})
-    attn_implementation: Optional[str] = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2."})
-
-
-@dataclass
-class DataArguments:
-    """Where the long documents come from and how they are cut for each stage."""
-
-    dataset_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset id, e.g. Salesforce/wikitext."})
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Hub dataset config, e.g. wikitext-103-raw-v1."})
-    data_files: Optional[str] = field(
-        default=None, metadata={"help": "Local file(s), comma-separated: .json/.jsonl/.txt/.parquet/.csv (wins over dataset_name)."}
-    )
-    text_field: str = field(default="text", metadata={"help": "Column holding the document text."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    concatenate_documents: bool = field(
-        default=False,
-        metadata={
-            "help": "Join all rows into one token stream before chunking (for line-per-row corpora such as "
-            "Wikitext-103). False keeps documents apart (PG-19 books): memory never crosses a document."
-        },
-    )
-    max_train_documents: Optional[int] = field(default=None, metadata={"help": "Use only the first N rows."})
-
-
-#: HMTConfig fields that are not recipe settings: the runner sets use_recall per stage; the others are
-#: filled in when the adapter is attached.
-_NOT_RECIPE_FIELDS = ("use_recall", "base_embedding_dim", "target_modules")
-
-
-def _hmt_argument_fields() -> list[tuple[str, Any, Any]]:
-    """(name, type, field) for every recipe-settable field HMTConfig declares itself (not PeftConfig's)."""
-    peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
-    hints = typing.get_type_hints(HMTConfig)
-    out = []
-    for f in dataclasses.fields(HMTConfig):
-        if f.name in peft_fields or f.name in _NOT_RECIPE_FIELDS:
-            continue
-        kind = hints[f.name]
-        if f.name == "lora_target_modules":  # str or list in the API; on the command line: 'all-linear' or 'a,b'
-            kind = str
-        out.append((f.name, kind, field(default=f.default, metadata=dict(f.metadata))))
-    return out
-
-
-HMTArguments = dataclasses.make_dataclass("HMTArguments", _hmt_argument_fields())
-HMTArguments.__doc__ = "The HMT adapter: HMTConfig's own fields, defaults and help (use_recall is set per stage)."
 
 
 def hmt_config(args: Any, use_recall: bool) -> HMTConfig:
@@ -116,24 +65,6 @@ def hmt_config(args: Any, use_recall: bool) -> HMTConfig:
     if isinstance(targets, str) and "," in targets:
         kwargs["lora_target_modules"] = [t.strip() for t in targets.split(",") if t.strip()]
     return HMTConfig(task_type="CAUSAL_LM", use_recall=use_recall, **kwargs)
-
-
-@dataclass
-class StageArguments:
-    """The paper's two stages and its learning-rate schedule."""
-
-    stage1_max_steps: int = field(default=200, metadata={"help": "Stage 1 (no recall) optimizer steps; 0 skips it."})
-    stage1_segments: int = field(default=2, metadata={"help": "Segments per training row in stage 1."})
-    stage2_max_steps: int = field(default=500, metadata={"help": "Stage 2 (recall on) optimizer steps."})
-    stage2_segments: int = field(default=8, metadata={"help": "Segments per training row in stage 2 (the maximum)."})
-    stage1_adapter: Optional[str] = field(
-        default=None, metadata={"help": "Skip stage 1 and start stage 2 from this saved stage-1 adapter."}
-    )
-    lr_decay_steps: int = field(default=100, metadata={"help": "Multiply the LR by lr_decay_factor every N steps."})
-    lr_decay_factor: float = field(default=0.9, metadata={"help": "The step decay factor (paper: 0.9)."})
-
-
-RECIPE_DATACLASSES = (ModelArguments, DataArguments, HMTArguments, StageArguments)
 
 
 # ---- parsing -------------------------------------------------------------------------------------------------
@@ -149,20 +80,32 @@ def make_parser():
     return RecipeParser((*RECIPE_DATACLASSES, SFTConfig), prog="hmt-adapter train")
 
 
-def _resolve_data_files(data_args: DataArguments, recipe_dir: str) -> None:
-    """``data_files`` entries that do not exist as given but exist next to the recipe are taken from there."""
-    if not data_args.data_files:
-        return
-    resolved = []
-    for part in (p.strip() for p in str(data_args.data_files).split(",")):
-        candidate = os.path.join(recipe_dir, part)
-        use_recipe_dir = not os.path.isabs(part) and not os.path.exists(part) and os.path.exists(candidate)
-        resolved.append(candidate if use_recipe_dir else part)
-    data_args.data_files = ",".join(resolved)
+def _recipe_dir_path(value: str, recipe_dir: str, always: bool) -> str:
+    if os.path.isabs(os.path.expanduser(value)):
+        return value
+    candidate = os.path.normpath(os.path.join(recipe_dir, value))
+    return candidate if always or os.path.exists(candidate) else value
 
 
-def _recipe_keys(parser: Any, path: str) -> list[str]:
-    """The keys of the recipe YAML at ``path``; `ValueError` for a missing file, a non-mapping or unknown keys."""
+def _path_overrides(recipe: str, values: dict, given: set) -> list[str]:
+    """``--field value`` flags that apply `PATH_RULE` to the recipe's relative paths (not to flags in ``given``)."""
+    recipe_dir = os.path.dirname(os.path.abspath(recipe))
+    out = []
+    for name in PATH_FIELDS + PATH_OR_ID_FIELDS:
+        value = values.get(name)
+        if name in given or not isinstance(value, str) or not value.strip():
+            continue
+        parts = [p.strip() for p in value.split(",")] if name == "data_files" else [value]
+        resolved = ",".join(_recipe_dir_path(p, recipe_dir, always=name in PATH_FIELDS) for p in parts if p)
+        if resolved != value:
+            out += [f"--{name}", resolved]
+    if "output_dir" not in given and "output_dir" not in values:
+        out += ["--output_dir", os.path.join("outputs", os.path.splitext(os.path.basename(recipe))[0])]
+    return out
+
+
+def _read_recipe(parser: Any, path: str) -> dict:
+    """The recipe YAML at ``path`` as a mapping; `ValueError` for a missing file, a non-mapping or unknown keys."""
     import yaml
 
     if not os.path.isfile(path):
@@ -175,7 +118,7 @@ def _recipe_keys(parser: Any, path: str) -> list[str]:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"Recipe {path!r} has unknown keys {unknown}; see `hmt-adapter train --help` for the valid ones.")
-    return list(values)
+    return values
 
 
 def _has_accelerator() -> bool:
@@ -187,23 +130,24 @@ def _has_accelerator() -> bool:
 def parse_recipe(path: Optional[str], overrides: Sequence[str] = ()) -> tuple:
     """Read a recipe YAML (or None) and command-line ``overrides`` into the dataclasses + `SFTConfig`.
 
-    Raises `ValueError` for a missing file, unknown keys, or HMT values `HMTConfig` refuses (its own message).
-    On a machine without a GPU, ``use_cpu`` defaults to true (SFTConfig would refuse its bf16 default there).
+    Relative paths follow `PATH_RULE`. Raises `ValueError` for a missing recipe or data file, unknown keys, or HMT
+    values `HMTConfig` refuses (its own message). On a machine without a GPU, ``use_cpu`` defaults to true
+    (SFTConfig would refuse its bf16 default there).
     """
     parser = make_parser()
     args = list(overrides)
-    given = {a[2:].split("=", 1)[0] for a in args if a.startswith("--")}
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in args if a.startswith("--")}
     if path is not None:
-        given |= set(_recipe_keys(parser, path))
-        args = ["--config", path, *args]
+        values = _read_recipe(parser, path)
+        args = ["--config", path, *args, *_path_overrides(path, values, given)]
+        given |= set(values)
     if "use_cpu" not in given and not _has_accelerator():
         args += ["--use_cpu", "true"]  # SFTConfig refuses its default bf16 on a machine without a GPU otherwise
     parsed = parser.parse_args_and_config(args=args)
     model_args, data_args, hmt_args = parsed[0], parsed[1], parsed[2]
     if not model_args.model_name_or_path:
         raise ValueError("The recipe must set model_name_or_path (a Hub id, a local directory or hmt-testing:llama).")
-    if path is not None:
-        _resolve_data_files(data_args, os.path.dirname(os.path.abspath(path)))
+    _check_data_files(data_args)
     hmt_config(hmt_args, use_recall=True)  # HMTConfig validates every HMT value now, before anything is loaded
     return parsed
 
@@ -237,28 +181,65 @@ def load_model_and_tokenizer(args: ModelArguments):
     return model, tokenizer
 
 
+def _data_file_list(data_files: Optional[str]) -> list[str]:
+    return [f.strip() for f in str(data_files or "").split(",") if f.strip()]
+
+
+def _is_blank(path: str) -> bool:
+    """Whether the file holds nothing but whitespace (read until its first other byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _no_documents(what: str, text_field: str) -> ValueError:
+    example = '{"%s": "..."}' % text_field
+    return ValueError(
+        f"{what}: add documents (.jsonl: one JSON object per line such as {example}; .txt: the document's text) "
+        f"or use another file."
+    )
+
+
+def _check_data_files(args: DataArguments) -> None:
+    """`ValueError` naming a ``data_files`` entry that is missing or empty, before anything is loaded."""
+    for path in _data_file_list(args.data_files):
+        if not os.path.isfile(path):
+            raise ValueError(f"data file {path!r} not found (a relative path in a recipe is relative to the recipe's "
+                             f"folder; one given as a --flag, to the working directory).")
+        if _is_blank(path):
+            raise _no_documents(f"data file {path!r} is empty", args.text_field)
+
+
 def load_documents(args: DataArguments, split: Optional[str] = None) -> list[str]:
-    """The text of every document (row) of the training data."""
+    """The text of every document (row) of the training data; `ValueError` when there is none."""
     from datasets import load_dataset
 
     split = split or args.train_split
     if args.data_files:
-        files = [f.strip() for f in args.data_files.split(",") if f.strip()]
+        _check_data_files(args)
+        files = _data_file_list(args.data_files)
         exts = {os.path.splitext(f)[1].lower() for f in files}
         if len(exts) != 1 or next(iter(exts)) not in _DATA_BUILDERS:
             raise ValueError(f"data_files must share one extension among {sorted(_DATA_BUILDERS)}, got {files}.")
         builder = _DATA_BUILDERS[exts.pop()]
         extra = {"sample_by": "document"} if builder == "text" else {}
         dataset = load_dataset(builder, data_files=files, split="train", **extra)
+        source = f"data file(s) {', '.join(map(repr, files))}"
     elif args.dataset_name:
         dataset = load_dataset(args.dataset_name, args.dataset_config, split=split)
+        source = f"dataset {args.dataset_name!r} (split {split!r})"
     else:
         raise ValueError("Set data_files (local) or dataset_name (Hub) in the recipe.")
     if args.text_field not in dataset.column_names:
         raise ValueError(f"The data have no column {args.text_field!r} (columns: {dataset.column_names}); set text_field.")
     if args.max_train_documents is not None:
         dataset = dataset.select(range(min(args.max_train_documents, len(dataset))))
-    return [t for t in dataset[args.text_field] if t and t.strip()]
+    texts = [t for t in dataset[args.text_field] if t and t.strip()]
+    if not texts:
+        raise _no_documents(f"{source} has no documents (no row with a non-empty {args.text_field!r})", args.text_field)
+    return texts
 
 
 def tokenize_documents(texts: list[str], tokenizer: Any, concatenate: bool) -> list[list[int]]:
@@ -329,6 +310,20 @@ def train_stage(
     return trainer
 
 
+def check_hub_access(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """One-line `ValueError` when the backbone, tokenizer or dataset is on an unreachable Hub and not cached."""
+    from .hub import HubSource, check_hub_sources
+
+    sources = [HubSource("--model_name_or_path", model_args.model_name_or_path, "model",
+                         "--model_name_or_path /path/to/model")]
+    if model_args.tokenizer_name_or_path:
+        sources.append(HubSource("--tokenizer_name_or_path", model_args.tokenizer_name_or_path, "model",
+                                 "--tokenizer_name_or_path /path/to/tokenizer"))
+    if data_args.dataset_name and not data_args.data_files:
+        sources.append(HubSource("--dataset_name", data_args.dataset_name, "dataset", "--data_files /path/to/docs.jsonl"))
+    check_hub_sources(sources)
+
+
 def run_recipe(model_args: ModelArguments, data_args: DataArguments, hmt_args: Any, stage: StageArguments, sft_args: Any) -> dict:
     """Run both stages; returns the output paths and each stage's logged losses."""
     import peft
@@ -336,6 +331,7 @@ def run_recipe(model_args: ModelArguments, data_args: DataArguments, hmt_args: A
 
     from hmt_adapter.training import load_stage1_weights
 
+    check_hub_access(model_args, data_args)
     sft_args.max_length = None  # rows are chunked to the stage's length here, never truncated by TRL
     model, tokenizer = load_model_and_tokenizer(model_args)
     with sft_args.main_process_first(desc="tokenizing the documents"):
@@ -388,12 +384,24 @@ def _losses(trainer: Any) -> list[float]:
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
+def recipe_and_overrides(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """(recipe path or None, the other flags) of ``RECIPE.yaml [--flag value ...]`` or ``--config RECIPE.yaml ...``."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    for i, token in enumerate(argv):
+        if token == "--config" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+    return None, argv
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """``hmt-adapter train RECIPE.yaml [--flag value ...]`` (also ``python -m hmt_adapter_cli.recipes --config
     RECIPE.yaml``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path = argv.pop(0) if argv and not argv[0].startswith("-") else None
-    return run_recipe(*parse_recipe(path, argv))
+    path, overrides = recipe_and_overrides(sys.argv[1:] if argv is None else argv)
+    return run_recipe(*parse_recipe(path, overrides))
 
 
 if __name__ == "__main__":

@@ -114,7 +114,74 @@ def test_third_party_notices_are_silenced_narrowly(caplog) -> None:
 def test_recipe_run_records_training_in_the_card(tmp_path) -> None:
     proc = cli("train", TINY, "--output_dir", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"hmt-adapter train: writing the adapter to {tmp_path / 'out'}\n")  # said first
     assert "FutureWarning" not in proc.stderr
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Trained with `hmt-adapter train`" in card and "stage 2 (recall): 3 steps on 4-segment rows" in card
     assert "stage2 training loss (first -> last logged)" in card
+
+
+# ---- data with no documents: one line that names the file ----------------------------------------------------
+def _main_error(capsys, *argv: str) -> str:
+    """Run the CLI in this process; it must exit 2 with one stderr line (no traceback). Returns that line."""
+    from hmt_adapter_cli.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "examples/s]" not in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+NO_DOCUMENTS = {"empty.jsonl": "", "blank.txt": "\n  \n\n", "empty-texts.jsonl": '{"text": ""}\n{"text": "  "}\n'}
+
+
+@pytest.mark.parametrize("name", sorted(NO_DOCUMENTS))
+def test_train_on_data_without_documents_is_one_line(tmp_path, capsys, name) -> None:
+    (tmp_path / name).write_text(NO_DOCUMENTS[name])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model_name_or_path: hmt-testing:llama\ndata_files: {name}\nsegment_length: 8\n"
+                      "num_sensory: 2\nrecall_dim: 8\nreport_to: none\n")
+    line = _main_error(capsys, "train", str(recipe), "--output_dir", str(tmp_path / "out"))
+    assert line.startswith("hmt-adapter train: error: ") and str(tmp_path / name) in line
+    assert "add documents" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_on_data_without_documents_is_one_line(adapter_dir, tmp_path, capsys) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    line = _main_error(capsys, "eval", "--adapter", str(adapter_dir), "--model", "hmt-testing:llama",
+                       "--data_files", str(tmp_path / "empty.jsonl"))
+    assert line.startswith("hmt-adapter eval: error: ") and "empty.jsonl' is empty" in line and "add documents" in line
+
+
+# ---- the Hub out of reach: one line at once, not a minute of retries and a traceback -------------------------
+@pytest.mark.parametrize("hub_env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline", "unreachable"])
+def test_train_with_the_hub_out_of_reach_says_how_to_pass_local_paths(tmp_path, hub_env) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(hub_env, HF_HOME=str(tmp_path / "hf-home"))  # an empty cache
+    proc = subprocess.run(
+        [sys.executable, "-m", "hmt_adapter_cli.cli", "train", os.path.join(REPO, "recipes", "smollm-135m.yaml")],
+        cwd=tmp_path, env=dict(env, PYTHONPATH=os.path.abspath(REPO), OMP_NUM_THREADS="1"), capture_output=True,
+        text=True, timeout=300,
+    )
+    assert_one_line_error(proc, "Hugging Face Hub is unreachable", "'HuggingFaceTB/SmolLM-135M'",
+                          "--model_name_or_path /path/to/model", "--data_files /path/to/docs.jsonl")
+    assert "retry" not in proc.stderr.lower() and "Retrying" not in proc.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_eval_with_the_hub_offline_names_its_own_flags(adapter_dir, tmp_path, capsys, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "the cat"}) + "\n")
+    line = _main_error(capsys, "eval", "--adapter", str(adapter_dir), "--model", "HuggingFaceTB/SmolLM-135M",
+                       "--data-files", str(tmp_path / "docs.jsonl"))
+    assert "Hub is unreachable (HF_HUB_OFFLINE is set)" in line and "--model /path/to/model" in line
+    line = _main_error(capsys, "eval", "--adapter", str(adapter_dir), "--model", "/no/such/model",
+                       "--data-files", str(tmp_path / "docs.jsonl"))
+    assert "--model '/no/such/model': no such local path" in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -53,7 +54,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_demo_pipeline_end_to_end_and_reloads_identically(tmp_path, one_thread) -> None:
+def test_demo_pipeline_end_to_end_and_reloads_identically(tmp_path, one_thread, capsys) -> None:
     """The whole demo (pretrain, HMT via SFTTrainer, evaluation, save, reload, plot) with tiny settings."""
     out = tmp_path / "demo"
     settings = DemoSettings(
@@ -73,6 +74,9 @@ def test_demo_pipeline_end_to_end_and_reloads_identically(tmp_path, one_thread) 
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "HMT" and config["segment_length"] == 8
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    # it says where everything goes, first, and leaves nothing else (no empty trainer/ folder)
+    assert f"writing results.json, accuracy.png, backbone/ and adapter/ to {out}" in capsys.readouterr().out.splitlines()[0]
+    assert sorted(os.listdir(out)) == ["accuracy.png", "adapter", "backbone", "results.json"]
 
 
 def test_command_line_arguments_reach_the_settings() -> None:

@@ -58,6 +58,52 @@ def test_hmt_arguments_are_hmtconfig_fields_with_its_defaults_and_help():
     assert not names & {"peft_type", "task_type", "use_recall", "base_embedding_dim", "target_modules"}
 
 
+def test_hmt_fields_read_from_the_source_are_hmtconfigs_own():
+    """`hmt_adapter_cli.arguments` reads HMTConfig's fields from config.py's source (so `train --help` needs no
+    torch): exactly the fields HMTConfig declares beyond PeftConfig's, with their types, defaults and help."""
+    import dataclasses
+    import typing
+
+    from hmt_adapter_cli.arguments import hmt_config_fields
+
+    peft_names = {f.name for f in dataclasses.fields(peft.PeftConfig)}
+    hints = typing.get_type_hints(HMTConfig)
+    own = [f for f in dataclasses.fields(HMTConfig) if f.name not in peft_names]
+    read = hmt_config_fields()
+    assert [name for name, _, _ in read] == [f.name for f in own]
+    for (name, kind, spec), f in zip(read, own):
+        assert kind == hints[name], name
+        assert spec.default == f.default and dict(spec.metadata) == dict(f.metadata), name
+
+
+def test_relative_paths_in_a_recipe_resolve_against_its_folder_and_flags_against_the_working_directory(
+        tmp_path, monkeypatch):
+    recipes, work = tmp_path / "recipes", tmp_path / "work"
+    (recipes / "data").mkdir(parents=True)
+    work.mkdir()
+    (recipes / "data" / "docs.jsonl").write_text('{"text": "the cat"}\n')
+    (work / "mine.jsonl").write_text('{"text": "the dog"}\n')
+    (recipes / "r.yaml").write_text("model_name_or_path: hmt-testing:llama\ndata_files: data/docs.jsonl\n"
+                                    "output_dir: out/run\nstage1_adapter: s1\n")
+    (recipes / "plain.yaml").write_text("model_name_or_path: hmt-testing:llama\ndata_files: data/docs.jsonl\n")
+    monkeypatch.chdir(work)
+    _, data, _, stage, sft = parse_recipe(str(recipes / "r.yaml"))
+    assert data.data_files == str(recipes / "data" / "docs.jsonl")
+    assert sft.output_dir == str(recipes / "out" / "run") and stage.stage1_adapter == str(recipes / "s1")
+    _, data, _, _, sft = parse_recipe(str(recipes / "r.yaml"), ["--data_files", "mine.jsonl", "--output-dir", "here"])
+    assert (data.data_files, sft.output_dir) == ("mine.jsonl", "here")  # flags: the working directory
+    _, _, _, _, sft = parse_recipe(str(recipes / "plain.yaml"))
+    assert sft.output_dir == os.path.join("outputs", "plain")  # no output_dir: outputs/<recipe name>/ here
+
+
+def test_config_flag_form_resolves_paths_as_the_positional_form():
+    from hmt_adapter_cli.recipes import recipe_and_overrides
+
+    assert recipe_and_overrides(["--config", TINY, "--seed", "1"]) == (TINY, ["--seed", "1"])
+    assert recipe_and_overrides([f"--config={TINY}"]) == (TINY, [])
+    assert recipe_and_overrides([TINY, "--seed", "1"]) == (TINY, ["--seed", "1"])
+
+
 def test_bad_hmt_value_reads_as_the_api_error():
     with pytest.raises(ValueError, match=r"^HMTConfig.segment_length must be >= 1, got -4.$"):
         parse_recipe(TINY, ["--segment_length", "-4"])
