@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -19,6 +20,11 @@ from .lora import HMTLoraLinear, lora_target_names
 from .memory import HMTParams
 
 _UNSUPPORTED_WITH_HMT = ("past_key_values", "position_ids", "cache_position")
+
+
+def _names_module(target: str, name: str) -> bool:
+    """Whether a ``target_modules`` entry selects module ``name`` (PEFT's rule: the full name or a suffix)."""
+    return name == target or name.endswith("." + target)
 
 
 class HMTModel(BaseTuner):
@@ -79,6 +85,22 @@ class HMTModel(BaseTuner):
         # HMT wraps the (possibly tied) input embeddings only to hold its own parameters; it never changes the
         # embedding weights, so there is nothing to tie and PEFT's weight-tying warning does not apply.
         return []
+
+    def _check_tied_modules(self, model: nn.Module, peft_config: HMTConfig) -> None:
+        """PEFT's check for adapter targets tied to the input embeddings, without HMT's own embedding target.
+
+        On reload the saved ``target_modules`` name the input embeddings, and PEFT warns on a tied backbone that "no
+        implementation exists to tie the adapters". `HMTLayer` never changes the embedding weights (nor so the LM head
+        tied to them): there is nothing to tie. LoRA's targets are still checked as PEFT checks any tuner's.
+        """
+        targets = peft_config.target_modules
+        if not isinstance(targets, (list, set, tuple)):  # a fresh config: resolved later by _prepare_adapter_config
+            super()._check_tied_modules(model, peft_config)
+            return
+        embedding = self._input_embeddings_name(model)
+        others = copy.copy(peft_config)
+        others.target_modules = [t for t in targets if not _names_module(t, embedding)]
+        super()._check_tied_modules(model, others)
 
     @staticmethod
     def _input_embeddings_name(model: nn.Module) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import warnings
 
 import peft
 import pytest
@@ -140,3 +142,22 @@ def test_hmt_with_lora_round_trip(tmp_path) -> None:
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+
+@pytest.mark.parametrize("lora_r", [0, 2])
+def test_reload_onto_tied_embeddings_raises_no_peft_warning(tmp_path, lora_r: int) -> None:
+    """HMT never changes the (tied) embedding weights: PEFT's "no implementation exists to tie" warning must not fire."""
+    def tied():
+        return T.tiny_causal_lm("llama", tie_word_embeddings=True)
+
+    peft.get_peft_model(tied(), HMTConfig(**CFG, lora_r=lora_r)).save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(tied(), str(tmp_path))
+        loaded.load_adapter(str(tmp_path), "second")
+    from_peft = [w for w in caught if "tie" in str(w.message) or (issubclass(w.category, UserWarning)
+                                                                   and "peft" in w.filename.split(os.sep))]
+    assert not from_peft, [str(w.message)[:200] for w in from_peft]
+    model = loaded.get_base_model()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().base_layer.weight  # still tied
