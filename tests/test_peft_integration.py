@@ -161,3 +161,16 @@ def test_reload_onto_tied_embeddings_raises_no_peft_warning(tmp_path, lora_r: in
     assert not from_peft, [str(w.message)[:200] for w in from_peft]
     model = loaded.get_base_model()
     assert model.get_output_embeddings().weight is model.get_input_embeddings().base_layer.weight  # still tied
+
+
+@pytest.mark.parametrize("overrides", [dict(write_token="learned"), dict(use_recall=False),
+                                       dict(memory_projection=False), dict(lora_r=2, lora_target_modules=["q_proj"])])
+def test_every_config_variant_reloads_with_exactly_its_keys(tmp_path, overrides: dict) -> None:
+    """The load-time key check (HMTLayer/HMTLoraLinear.saved_param_names) agrees with what save_pretrained writes."""
+    model = _trained(peft.get_peft_model(T.tiny_causal_lm("llama"), HMTConfig(**{**CFG, **overrides}))).eval()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(T.tiny_causal_lm("llama"), str(tmp_path)).eval()
+    assert loaded.peft_config["default"].saved_weight_keys == set(load_file(tmp_path / "adapter_model.safetensors"))
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
