@@ -84,7 +84,7 @@ def test_eval_refuses_an_adapter_saved_for_another_backbone(adapter_dir, tmp_pat
     data = tmp_path / "docs.jsonl"
     data.write_text(json.dumps({"text": "the cat sees the dog . " * 4}) + "\n")
     proc = cli("eval", "--adapter", str(adapter_dir), "--model", "hmt-testing:gpt2", "--data-files", str(data),
-               "--no-sliding", "--threads", "1")
+               "--no-sliding", "--threads", "1", cwd=str(tmp_path))
     assert_one_line_error(proc, "saved for LlamaForCausalLM", "loaded onto GPT2LMHeadModel")
 
 
