@@ -198,7 +198,7 @@ class HMTConfig(PeftConfig):
         A corrupt or truncated ``adapter_model.safetensors`` (or one that does not match ``base_embedding_dim``)
         raises `ValueError` here, before PEFT changes the model. The file's keys are kept on the config
         (``saved_weight_keys``, not saved): attaching it to a backbone whose adapter would have other keys raises
-        `ValueError` before anything is attached (`HMTModel._prepare_adapter_config`).
+        `ValueError` before anything is attached (`HMTModel._check_new_adapter_config`).
         """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         directory = str(pretrained_model_name_or_path)

@@ -116,7 +116,7 @@ class HMTModel(BaseTuner):
         _check_saved_adapter_fits(self.model, config, self._input_embeddings_name(self.model), lora)
 
     def _prepare_adapter_config(self, peft_config: HMTConfig, model_config: dict) -> HMTConfig:
-        """Resolve the modules this adapter wraps (checked by `_check_new_adapter_config`), before PEFT changes anything.
+        """Resolve the modules this adapter wraps (checked in `_check_new_adapter_config`) before PEFT changes them.
 
         ``target_modules`` becomes the input-embedding module (HMT's parameters) plus, with ``lora_r > 0``, the
         modules ``lora_target_modules`` selects. ``base_embedding_dim`` records the backbone's embedding width and

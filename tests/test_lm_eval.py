@@ -142,14 +142,13 @@ def saved(tmp_path):
 
 
 def _run_local_task(tmp_path, command: list[str], env: dict) -> None:
-    """Run an lm-eval command line on the ``saved`` fixture's task; returns when its samples are written."""
+    """Run an lm-eval command line (``command``: the program) on the ``saved`` fixture's task, writing samples."""
     args = f"pretrained={tmp_path / 'base'},peft={tmp_path / 'adapter'},dtype=float32"
     proc = subprocess.run(
-        [*command, "--model", "hmt", "--model_args", args,
-         "--batch_size", "2", "--device", "cpu", "--tasks", "hmt_tiny", "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out"),
-         "--log_samples"],
-        capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
-        timeout=600, cwd=tmp_path,
+        [*command, "--model", "hmt", "--model_args", args, "--batch_size", "2", "--device", "cpu",
+         "--tasks", "hmt_tiny", "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out"), "--log_samples"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env=dict(env, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -168,12 +167,14 @@ def _assert_samples_are_the_adapters(tmp_path, model) -> None:
 def test_cli_runs_a_local_task_through_hmt(saved) -> None:
     tmp_path, model = saved
     repo = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
-    _run_local_task(tmp_path, [sys.executable, "-m", "hmt_adapter_cli.cli", "lm-eval"], dict(os.environ, PYTHONPATH=repo))
+    wrapper = [sys.executable, "-m", "hmt_adapter_cli.cli", "lm-eval"]
+    _run_local_task(tmp_path, wrapper, dict(os.environ, PYTHONPATH=repo))
     _assert_samples_are_the_adapters(tmp_path, model)
 
 
 def test_lm_evals_own_command_line_runs_hmt(saved) -> None:
-    """`python -m lm_eval --model hmt`, without our wrapper: the installed hook registers the model (test_autoload.py)."""
+    """`python -m lm_eval --model hmt`, without our wrapper: the installed hook registers the model
+    (test_autoload.py)."""
     tmp_path, model = saved
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HMT_ADAPTER_AUTOLOAD")}
     _run_local_task(tmp_path, [sys.executable, "-m", "lm_eval"], env)

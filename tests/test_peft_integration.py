@@ -147,7 +147,8 @@ def test_hmt_with_lora_round_trip(tmp_path) -> None:
 
 @pytest.mark.parametrize("lora_r", [0, 2])
 def test_reload_onto_tied_embeddings_raises_no_peft_warning(tmp_path, lora_r: int) -> None:
-    """HMT never changes the (tied) embedding weights: PEFT's "no implementation exists to tie" warning must not fire."""
+    """HMT never changes the (tied) embedding weights: PEFT's "no implementation exists to tie" warning must not
+    fire."""
     def tied():
         return T.tiny_causal_lm("llama", tie_word_embeddings=True)
 
