@@ -146,7 +146,8 @@ def _run_local_task(tmp_path, command: list[str], env: dict) -> None:
     args = f"pretrained={tmp_path / 'base'},peft={tmp_path / 'adapter'},dtype=float32"
     proc = subprocess.run(
         [*command, "--model", "hmt", "--model_args", args, "--batch_size", "2", "--device", "cpu",
-         "--tasks", "hmt_tiny", "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out"), "--log_samples"],
+         "--tasks", "hmt_tiny", "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out"),
+         "--log_samples"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env=dict(env, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
     )
