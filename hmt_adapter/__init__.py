@@ -1,7 +1,8 @@
 """hmt-adapter: the Hierarchical Memory Transformer (arXiv 2405.06067) as a PEFT adapter.
 
 Importing this package registers the "HMT" adapter type with PEFT, so `peft.get_peft_model(model,
-HMTConfig(...))`, `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM.from_pretrained` work.
+HMTConfig(...))`, `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM.from_pretrained` work. An installed
+hmt-adapter also imports it whenever `peft` is imported (`_hmt_adapter_autoload`, off with HMT_ADAPTER_AUTOLOAD=0).
 """
 
 from . import _peft_shim

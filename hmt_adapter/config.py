@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -142,6 +142,10 @@ class HMTConfig(PeftConfig):
         },
     )
 
+    #: Keys of the weights file this config was loaded with (set by `from_pretrained` for a local adapter; not a
+    #: field, so never saved). None: unknown (a new adapter, a Hub adapter, a config built by hand).
+    saved_weight_keys: ClassVar[Optional[frozenset[str]]] = None
+
     def __post_init__(self) -> None:
         # HMT adapts causal LMs only; without a task type PEFT would build a plain PeftModel whose forward
         # bypasses the adapter, so the only valid value is also the default.
@@ -205,14 +209,16 @@ class HMTConfig(PeftConfig):
         """Load the config; for a local adapter directory, also check its weights file before anything is attached.
 
         A corrupt or truncated ``adapter_model.safetensors`` (or one that does not match ``base_embedding_dim``)
-        raises `ValueError` here, before PEFT changes the model.
+        raises `ValueError` here, before PEFT changes the model. The file's keys are kept on the config
+        (``saved_weight_keys``, not saved): attaching it to a backbone whose adapter would have other keys raises
+        `ValueError` before anything is attached (`HMTModel._check_new_adapter_config`).
         """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         directory = str(pretrained_model_name_or_path)
         if subfolder:
             directory = os.path.join(directory, subfolder)
         if os.path.isdir(directory):
-            check_adapter_weights(directory, getattr(config, "base_embedding_dim", None))
+            config.saved_weight_keys = check_adapter_weights(directory, getattr(config, "base_embedding_dim", None))
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

@@ -276,7 +276,8 @@ def _assemble(
         label_mask_compact = targets != IGNORE_INDEX  # only the tokens the loss scope scores
         count = label_mask_compact.sum()
         total = torch.stack([r.loss_sum for r, _, _ in results]).sum()
-        denom = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        # No scored label: 0 / 0 = nan, as transformers' causal-LM loss gives (not a silent 0.0).
+        denom = count if num_items_in_batch is None else num_items_in_batch
         loss = total / torch.as_tensor(denom, device=total.device)
         label_mask = batch.to_original(label_mask_compact)
     if fused:

@@ -15,15 +15,17 @@ ADAPTER_KEY_MARKER = ".hmt_"
 LORA_KEY_MARKER = ".hmt_lora_"
 
 
-def check_adapter_weights(directory: str, embedding_dim: Optional[int]) -> None:
+def check_adapter_weights(directory: str, embedding_dim: Optional[int]) -> Optional[frozenset[str]]:
     """Fully read ``directory/adapter_model.safetensors`` (if present) and check its keys and widths.
 
-    Raises `ValueError` naming the file when it cannot be read (corrupt or truncated), when a key is not an
-    HMT/LoRA adapter weight, or when an HMT tensor's last dimension is not ``embedding_dim`` (scalars, like the memory gate, have none).
+    Returns the file's keys (None when there is no such file), which the tuner compares with the keys the adapter
+    will have on the backbone it is loaded onto. Raises `ValueError` naming the file when it cannot be read (corrupt
+    or truncated), when a key is not an HMT/LoRA adapter weight, or when an HMT tensor's last dimension is not
+    ``embedding_dim`` (scalars, like the memory gate, have none).
     """
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
-        return
+        return None
     from safetensors.torch import load_file
 
     try:
@@ -45,3 +47,4 @@ def check_adapter_weights(directory: str, embedding_dim: Optional[int]) -> None:
                 f"{path!r}: {key!r} has shape {tuple(tensor.shape)}, but adapter_config.json says "
                 f"base_embedding_dim={embedding_dim}. The files do not belong together: save the adapter again."
             )
+    return frozenset(tensors)

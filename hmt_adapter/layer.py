@@ -111,6 +111,19 @@ class HMTLayer(nn.Module, HMTTunerLayer):
             return torch.ones((), device="meta")
         return weight.float().norm(dim=-1).mean()
 
+    @staticmethod
+    def saved_param_names(config: HMTConfig) -> list[str]:
+        """Names of the parameters `update_layer` creates for ``config``, as a saved adapter's keys end (no adapter
+        name): ``hmt_memory_init``, ``hmt_recall_q.weight``, ..."""
+        names = ["hmt_memory_init"]
+        if config.write_token == "learned":
+            names.append("hmt_write_token")
+        if config.use_recall:
+            names += ["hmt_summary_token", "hmt_recall_q.weight", "hmt_recall_k.weight"]
+        if config.memory_projection:
+            names.append("hmt_memory_proj.weight")
+        return names
+
     def update_layer(self, adapter_name: str, config: HMTConfig) -> None:
         """Create the parameters of adapter ``adapter_name`` on the embedding's device and dtype (see
         `_adapter_factory`). Under PEFT's ``low_cpu_mem_usage=True`` they are created on the meta device and

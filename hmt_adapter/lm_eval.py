@@ -1,4 +1,6 @@
-"""HMT in lm-evaluation-harness: the model ``hmt``. ``import hmt_adapter.lm_eval`` registers it.
+"""HMT in lm-evaluation-harness: the model ``hmt``. ``import hmt_adapter.lm_eval`` registers it; an installed
+hmt-adapter also registers it whenever lm-eval loads its registry (`_hmt_adapter_autoload`), so lm-eval's own
+``lm_eval --model hmt ...`` works too.
 
 ``hmt`` is lm-eval's `HFLM` with the same ``model_args`` (``pretrained=BASE,peft=ADAPTER_DIR,dtype=...``; batch size
 and device as lm-eval's own flags) that loads an HMT adapter and never truncates a context: `HFLM` cuts every context

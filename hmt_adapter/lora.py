@@ -103,6 +103,11 @@ class HMTLoraLinear(nn.Module, HMTTunerLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
+    @staticmethod
+    def saved_param_names(config: HMTConfig) -> list[str]:
+        """Names of the parameters `update_layer` creates, as a saved adapter's keys end (no adapter name)."""
+        return ["hmt_lora_A.weight", "hmt_lora_B.weight"]
+
     def update_layer(self, adapter_name: str, config: HMTConfig) -> None:
         """Create adapter ``adapter_name``'s LoRA weights (on meta under PEFT's ``low_cpu_mem_usage=True``)."""
         r = config.lora_r

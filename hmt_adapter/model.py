@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -14,12 +15,72 @@ from .config import HMTConfig
 from .engine import HMTRunner
 from .forward import HMTFusedOutput, hmt_forward
 from .generation import generate as hmt_generate
+from .io import KEY_PREFIX
 from .layer import HMTLayer, HMTTunerLayer
 from .lora import HMTLoraLinear, lora_target_names
 from .memory import HMTParams
 from .model_card import describe_backbone_for_card
 
 _UNSUPPORTED_WITH_HMT = ("past_key_values", "position_ids", "cache_position")
+
+
+def _names_module(target: str, name: str) -> bool:
+    """Whether a ``target_modules`` entry selects module ``name`` (PEFT's rule: the full name or a suffix)."""
+    return name == target or name.endswith("." + target)
+
+
+def _check_saved_adapter_fits(model: nn.Module, config: HMTConfig, embedding: str, lora: list[str]) -> None:
+    """Raise `ValueError` unless the saved adapter ``config`` describes has exactly the HMT keys it gets on ``model``.
+
+    PEFT loads adapter weights with ``strict=False`` and only warns about missing keys: an adapter saved on a
+    Llama and loaded onto a GPT-2 of the same width would run with freshly initialised HMT weights. Compared: the
+    weights file's keys when the config was read from a local directory (``saved_weight_keys``), otherwise, for a
+    config that records an attached backbone, its saved ``target_modules`` (module paths or PEFT's suffixes of them).
+    """
+    here = [embedding, *lora]
+    saved = config.saved_weight_keys
+    if saved is not None:
+        expected = {f"{KEY_PREFIX}{embedding}.{name}" for name in HMTLayer.saved_param_names(config)}
+        expected |= {f"{KEY_PREFIX}{m}.{name}" for m in lora for name in HMTLoraLinear.saved_param_names(config)}
+        if saved == expected:
+            return
+        saved_modules = {_module_of(k) for k in saved}
+        odd = sorted(k for k in saved ^ expected if _module_of(k) in saved_modules and _module_of(k) in here)
+        if odd:  # the modules fit, their parameters do not: the config was edited or the files were mixed
+            raise ValueError(
+                f"The adapter's weights and its adapter_config.json do not belong together ({_shown(odd)} in one and "
+                f"not the other): save the adapter again, or restore the adapter_config.json it was saved with."
+            )
+        missing = sorted(set(here) - saved_modules)
+        unexpected = sorted(saved_modules - set(here))
+    elif config.base_embedding_dim is not None and isinstance(config.target_modules, (list, set, tuple)):
+        missing = sorted(m for m in here if not any(_names_module(t, m) for t in config.target_modules))
+        unexpected = sorted(t for t in config.target_modules if not any(_names_module(t, m) for m in here))
+    else:
+        return  # a new adapter: nothing saved to compare
+    if not missing and not unexpected:
+        return
+    saved_for = (config.auto_mapping or {}).get("base_model_class") or "a backbone whose class was not recorded"
+    if config.base_model_name_or_path:
+        saved_for += f" ({config.base_model_name_or_path})"
+    name = getattr(getattr(model, "config", None), "_name_or_path", "")
+    loaded_onto = type(model).__name__ + (f" ({name})" if name else "")
+    parts = ([f"saved weights of {_shown(unexpected)} have no module here"] if unexpected else []) + (
+        [f"{_shown(missing)} would keep untrained weights"] if missing else [])
+    raise ValueError(
+        f"This HMT adapter was saved for {saved_for} but is being loaded onto {loaded_onto}, whose modules do not "
+        f"match its weights: load it onto the backbone it was saved for ({'; '.join(parts)})."
+    )
+
+
+def _module_of(key: str) -> str:
+    """The module path of a saved-adapter key: 'base_model.model.model.embed_tokens.hmt_memory_init' ->
+    'model.embed_tokens'."""
+    return key.removeprefix(KEY_PREFIX).split(".hmt_")[0]
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 class HMTModel(BaseTuner):
@@ -41,20 +102,33 @@ class HMTModel(BaseTuner):
     hmt_compiled_step: Optional[Callable[..., Any]] = None
 
     # ---- injection (PEFT's own `inject_adapter`, through its hooks) ---------------------------------------
+    def _check_new_adapter_config(self, config: HMTConfig) -> None:
+        """Check the config against the backbone: PEFT's first step of `inject_adapter`, before anything changes.
+
+        `check_backbone` (a causal LM, the recorded width, positions); and a saved adapter (a config that records a
+        backbone) whose weights would not all find their module here, or that would leave an HMT parameter of this
+        backbone unloaded, raises `ValueError` naming both backbones (`_check_saved_adapter_fits`).
+        """
+        super()._check_new_adapter_config(config)
+        if not isinstance(config, HMTConfig):
+            raise TypeError(f"HMTModel needs an HMTConfig, got {type(config).__name__}.")
+        check_backbone(self.model, config)
+        lora = lora_target_names(self.model, config.lora_target_modules) if config.lora_r > 0 else []
+        _check_saved_adapter_fits(self.model, config, self._input_embeddings_name(self.model), lora)
+
     def _prepare_adapter_config(self, peft_config: HMTConfig, model_config: dict) -> HMTConfig:
-        """Check the backbone and resolve the modules this adapter wraps, before PEFT changes anything.
+        """Resolve the modules this adapter wraps (checked in `_check_new_adapter_config`) before PEFT changes them.
 
         ``target_modules`` becomes the input-embedding module (HMT's parameters) plus, with ``lora_r > 0``, the
-        modules ``lora_target_modules`` selects. ``base_embedding_dim`` records the backbone's embedding width.
+        modules ``lora_target_modules`` selects. ``base_embedding_dim`` records the backbone's embedding width and
+        PEFT's ``auto_mapping`` its class.
         """
-        if not isinstance(peft_config, HMTConfig):
-            raise TypeError(f"HMTModel needs an HMTConfig, got {type(peft_config).__name__}.")
-        check_backbone(self.model, peft_config)
+        embedding = self._input_embeddings_name(self.model)
+        lora = lora_target_names(self.model, peft_config.lora_target_modules) if peft_config.lora_r > 0 else []
         peft_config.base_embedding_dim = input_embedding_width(self.model)
-        targets = [self._input_embeddings_name(self.model)]
-        if peft_config.lora_r > 0:
-            targets += lora_target_names(self.model, peft_config.lora_target_modules)
-        peft_config.target_modules = targets
+        peft_config.auto_mapping = {"base_model_class": type(self.model).__name__,
+                                    "parent_library": type(self.model).__module__}
+        peft_config.target_modules = [embedding, *lora]
         describe_backbone_for_card(peft_config, self.model)
         return peft_config
 
@@ -81,6 +155,22 @@ class HMTModel(BaseTuner):
         # HMT wraps the (possibly tied) input embeddings only to hold its own parameters; it never changes the
         # embedding weights, so there is nothing to tie and PEFT's weight-tying warning does not apply.
         return []
+
+    def _check_tied_modules(self, model: nn.Module, peft_config: HMTConfig) -> None:
+        """PEFT's check for adapter targets tied to the input embeddings, without HMT's own embedding target.
+
+        On reload the saved ``target_modules`` name the input embeddings, and PEFT warns on a tied backbone that "no
+        implementation exists to tie the adapters". `HMTLayer` never changes the embedding weights (nor so the LM head
+        tied to them): there is nothing to tie. LoRA's targets are still checked as PEFT checks any tuner's.
+        """
+        targets = peft_config.target_modules
+        if not isinstance(targets, (list, set, tuple)):  # a fresh config: resolved later by _prepare_adapter_config
+            super()._check_tied_modules(model, peft_config)
+            return
+        embedding = self._input_embeddings_name(model)
+        others = copy.copy(peft_config)
+        others.target_modules = [t for t in targets if not _names_module(t, embedding)]
+        super()._check_tied_modules(model, others)
 
     @staticmethod
     def _input_embeddings_name(model: nn.Module) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import peft
 import pytest
 import torch
@@ -169,3 +171,77 @@ def test_unsupported_forward_arguments() -> None:
         model(input_ids=ids, logits_to_keep=torch.tensor([25]))
     with pytest.raises(ValueError, match="fused_lm_head"):
         model(input_ids=ids, fused_lm_head=True)
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("how", ["from_pretrained", "config_without_weight_keys", "load_adapter", "auto"])
+def test_adapter_onto_another_architecture_of_the_same_width(tmp_path, how: str) -> None:
+    """Saved on a Llama, loaded onto a GPT-2, both 64 wide: PEFT alone only warns and runs untrained HMT weights."""
+    path = _saved_adapter(tmp_path / "adapter")
+    names = "saved for LlamaForCausalLM.* but is being loaded onto GPT2LMHeadModel"
+    if how == "auto":
+        T.tiny_causal_lm("gpt2").save_pretrained(tmp_path / "gpt2")
+        config_file = tmp_path / "adapter" / "adapter_config.json"
+        config_file.write_text(config_file.read_text().replace('"base_model_name_or_path": null',
+                                                               f'"base_model_name_or_path": "{tmp_path / "gpt2"}"'))
+        with pytest.raises(ValueError, match=names + ".*'model.embed_tokens' have no module here"):
+            peft.AutoPeftModelForCausalLM.from_pretrained(path)
+        return
+    base = T.tiny_causal_lm("gpt2")
+    embedding = base.get_input_embeddings()
+    if how == "load_adapter":  # onto a model that already carries an adapter: that one is left as it was
+        model = peft.get_peft_model(base, HMTConfig(**CFG)).eval()
+        ids = torch.randint(4, 128, (1, 20))
+        before = _logits(model, ids)
+        with pytest.raises(ValueError, match=names):
+            model.load_adapter(path, "other")
+        assert list(model.peft_config) == ["default"] and model.active_adapters == ["default"]
+        assert not any(".other" in n for n, _ in model.named_parameters())
+        assert torch.equal(_logits(model, ids), before)
+        return
+    # a config read by PEFT's base class does not carry the weights' keys: its saved target_modules are compared
+    config = peft.PeftConfig.from_pretrained(path) if how == "config_without_weight_keys" else None
+    with pytest.raises(ValueError, match=names + ".*'transformer.wte' would keep untrained weights"):
+        peft.PeftModel.from_pretrained(base, path, config=config)
+    _assert_untouched(base, embedding)
+
+
+@pytest.mark.parametrize("weight_keys", [True, False])
+def test_lora_adapter_onto_a_deeper_backbone(tmp_path, weight_keys: bool) -> None:
+    """Same class and width, one layer more: that layer's LoRA would stay untrained."""
+    peft.get_peft_model(T.tiny_causal_lm("llama"), HMTConfig(**CFG, lora_r=2)).save_pretrained(tmp_path)
+    base = T.tiny_causal_lm("llama", num_hidden_layers=3)
+    config = None if weight_keys else peft.PeftConfig.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM.*'model.layers.2.mlp.down_proj'.* and 4 more would keep"):
+        peft.PeftModel.from_pretrained(base, str(tmp_path), config=config)
+    _assert_untouched(base, base.get_input_embeddings())
+
+
+def test_adapter_without_a_recorded_class_still_loads_where_it_fits(tmp_path) -> None:
+    """Adapters saved before the backbone class was recorded load onto a matching backbone, and name what they can."""
+    model = peft.get_peft_model(T.tiny_causal_lm("llama"), HMTConfig(**CFG)).eval()
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    text = config_file.read_text()
+    assert '"base_model_class": "LlamaForCausalLM"' in text
+    config_file.write_text(re.sub(r'"auto_mapping": \{[^}]*\}', '"auto_mapping": null', text))
+    ids = torch.randint(4, 128, (1, 20))
+    assert torch.equal(_logits(peft.PeftModel.from_pretrained(T.tiny_causal_lm("llama"), str(tmp_path)), ids),
+                       _logits(model, ids))
+    with pytest.raises(ValueError, match="saved for a backbone whose class was not recorded but is being loaded onto "
+                                         "GPT2LMHeadModel"):
+        peft.PeftModel.from_pretrained(T.tiny_causal_lm("gpt2"), str(tmp_path))
+
+
+def test_config_edited_away_from_its_weights(tmp_path) -> None:
+    path = _saved_adapter(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(config_file.read_text().replace('"write_token": "memory"', '"write_token": "learned"'))
+    base = T.tiny_causal_lm("llama")
+    with pytest.raises(ValueError, match="do not belong together.*hmt_write_token"):
+        peft.PeftModel.from_pretrained(base, path)
+    _assert_untouched(base, base.get_input_embeddings())

@@ -79,6 +79,15 @@ def test_eval_missing_data_file_and_missing_data(adapter_dir, tmp_path) -> None:
     assert_one_line_error(cli("eval", "--adapter", str(tmp_path / "missing")), "--adapter", "not a directory")
 
 
+def test_eval_refuses_an_adapter_saved_for_another_backbone(adapter_dir, tmp_path) -> None:
+    """Saved on a Llama, evaluated on a GPT-2 of the same width: one line naming both, not a perplexity."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": "the cat sees the dog . " * 4}) + "\n")
+    proc = cli("eval", "--adapter", str(adapter_dir), "--model", "hmt-testing:gpt2", "--data-files", str(data),
+               "--no-sliding", "--threads", "1", cwd=str(tmp_path))
+    assert_one_line_error(proc, "saved for LlamaForCausalLM", "loaded onto GPT2LMHeadModel")
+
+
 def test_eval_writes_into_its_output_dir_not_the_current_one(adapter_dir, tmp_path) -> None:
     data = tmp_path / "docs.jsonl"
     data.write_text("\n".join(json.dumps({"text": "the cat sees the dog . " * 4}) for _ in range(2)))

@@ -202,3 +202,20 @@ def test_bf16_backbone() -> None:
     out.loss.backward()
     hmt = [p for n, p in model.named_parameters() if "hmt_" in n]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in hmt)
+
+
+@pytest.mark.parametrize("path", ["logits", "logits_to_keep", "fused_lm_head"])
+def test_all_labels_ignored_gives_nan_like_transformers(path: str) -> None:
+    """With every label -100 there is nothing to average: transformers' loss is nan, so is HMT's on every path."""
+    base = T.tiny_causal_lm("llama")
+    ids = _ids()
+    ignored = torch.full_like(ids, -100)
+    assert torch.isnan(base(input_ids=ids, labels=ignored).loss)  # the behaviour followed
+    kwargs = {"logits": {}, "logits_to_keep": {"logits_to_keep": 1}, "fused_lm_head": {"fused_lm_head": True}}[path]
+    model = _model()
+    assert torch.isnan(model(input_ids=ids, labels=ignored, **kwargs).loss)
+    assert torch.isnan(model(input_ids=ids, shift_labels=ignored, **kwargs).loss)
+    # a batch whose count is given keeps transformers' sum / num_items_in_batch
+    given = base(input_ids=ids, labels=ignored, num_items_in_batch=4).loss.item()
+    assert model(input_ids=ids, labels=ignored, num_items_in_batch=4, **kwargs).loss.item() == given == 0.0
+    assert not torch.isnan(model(input_ids=ids, labels=_labels(ids), **kwargs).loss)

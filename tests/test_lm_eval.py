@@ -141,18 +141,20 @@ def saved(tmp_path):
     return tmp_path, model.eval()
 
 
-def test_cli_runs_a_local_task_through_hmt(saved) -> None:
-    tmp_path, model = saved
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)),
-               OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+def _run_local_task(tmp_path, command: list[str], env: dict) -> None:
+    """Run an lm-eval command line (``command``: the program) on the ``saved`` fixture's task, writing samples."""
     args = f"pretrained={tmp_path / 'base'},peft={tmp_path / 'adapter'},dtype=float32"
     proc = subprocess.run(
-        [sys.executable, "-m", "hmt_adapter_cli.cli", "lm-eval", "--model", "hmt", "--model_args", args,
-         "--batch_size", "2", "--device", "cpu", "--tasks", "hmt_tiny", "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out"),
+        [*command, "--model", "hmt", "--model_args", args, "--batch_size", "2", "--device", "cpu",
+         "--tasks", "hmt_tiny", "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out"),
          "--log_samples"],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env=dict(env, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _assert_samples_are_the_adapters(tmp_path, model) -> None:
     samples = [p for p in (tmp_path / "out").rglob("samples_hmt_tiny_*.jsonl")]
     assert samples
     rows = [json.loads(line) for line in samples[0].read_text().splitlines()]
@@ -161,6 +163,23 @@ def test_cli_runs_a_local_task_through_hmt(saved) -> None:
         logp = float(row["filtered_resps"][0][0])
         expected = reference_loglikelihood(model, tokenizer, row["doc"]["context"], row["doc"]["target"])
         assert logp == pytest.approx(expected, abs=1e-4)
+
+
+def test_cli_runs_a_local_task_through_hmt(saved) -> None:
+    tmp_path, model = saved
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+    wrapper = [sys.executable, "-m", "hmt_adapter_cli.cli", "lm-eval"]
+    _run_local_task(tmp_path, wrapper, dict(os.environ, PYTHONPATH=repo))
+    _assert_samples_are_the_adapters(tmp_path, model)
+
+
+def test_lm_evals_own_command_line_runs_hmt(saved) -> None:
+    """`python -m lm_eval --model hmt`, without our wrapper: the installed hook registers the model
+    (test_autoload.py)."""
+    tmp_path, model = saved
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HMT_ADAPTER_AUTOLOAD")}
+    _run_local_task(tmp_path, [sys.executable, "-m", "lm_eval"], env)
+    _assert_samples_are_the_adapters(tmp_path, model)
 
 
 def test_a_long_context_is_tokenized_once_for_all_its_choices() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import warnings
 
 import peft
 import pytest
@@ -137,6 +139,39 @@ def test_hmt_with_lora_round_trip(tmp_path) -> None:
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert keys and all(("hmt_" in k or "lora_" in k) for k in keys) and any("lora_" in k for k in keys)
     loaded = PeftModel.from_pretrained(T.tiny_causal_lm("llama"), str(tmp_path)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+
+@pytest.mark.parametrize("lora_r", [0, 2])
+def test_reload_onto_tied_embeddings_raises_no_peft_warning(tmp_path, lora_r: int) -> None:
+    """HMT never changes the (tied) embedding weights: PEFT's "no implementation exists to tie" warning must not
+    fire."""
+    def tied():
+        return T.tiny_causal_lm("llama", tie_word_embeddings=True)
+
+    peft.get_peft_model(tied(), HMTConfig(**CFG, lora_r=lora_r)).save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(tied(), str(tmp_path))
+        loaded.load_adapter(str(tmp_path), "second")
+    from_peft = [w for w in caught if "tie" in str(w.message) or (issubclass(w.category, UserWarning)
+                                                                   and "peft" in w.filename.split(os.sep))]
+    assert not from_peft, [str(w.message)[:200] for w in from_peft]
+    model = loaded.get_base_model()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().base_layer.weight  # still tied
+
+
+@pytest.mark.parametrize("overrides", [dict(write_token="learned"), dict(use_recall=False),
+                                       dict(memory_projection=False), dict(lora_r=2, lora_target_modules=["q_proj"])])
+def test_every_config_variant_reloads_with_exactly_its_keys(tmp_path, overrides: dict) -> None:
+    """The load-time key check (HMTLayer/HMTLoraLinear.saved_param_names) agrees with what save_pretrained writes."""
+    model = _trained(peft.get_peft_model(T.tiny_causal_lm("llama"), HMTConfig(**{**CFG, **overrides}))).eval()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(T.tiny_causal_lm("llama"), str(tmp_path)).eval()
+    assert loaded.peft_config["default"].saved_weight_keys == set(load_file(tmp_path / "adapter_model.safetensors"))
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
