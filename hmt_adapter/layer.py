@@ -120,6 +120,8 @@ class HMTLayer(nn.Module, HMTTunerLayer):
             names.append("hmt_write_token")
         if config.use_recall:
             names += ["hmt_summary_token", "hmt_recall_q.weight", "hmt_recall_k.weight"]
+            if config.memory_gate:
+                names.append("hmt_memory_gate")
         if config.memory_projection:
             names.append("hmt_memory_proj.weight")
         return names
