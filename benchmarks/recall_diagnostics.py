@@ -149,20 +149,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--methods", nargs="+", default=None, help="adapters to inspect (default: all in adapters/)")
     p.add_argument("--length", type=int, default=1024, help="context tokens of the examples")
     p.add_argument("--per-segment", type=int, default=12, help="examples with the needle in each segment")
+    p.add_argument("--corpus", default=None, help="with --seed: the run's corpus when it wrote no JSON (--quick runs)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     C.add_output_arguments(p)
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
-    if not (run_dir / "long_context.json").is_file():
-        print(f"{run_dir}/long_context.json not found: pass the --output-dir of a long_context run.", file=sys.stderr)
+    found = [run_dir / n for n in ("long_context.json", "long_context_partial.json") if (run_dir / n).is_file()]
+    if not (run_dir / "adapters").is_dir() or (not found and args.corpus is None):
+        print(f"{run_dir} holds no adapters/ and long_context.json: pass the --output-dir of a long_context run "
+              f"(or --corpus/--seed for a --quick run that stopped before writing its JSON).", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     import peft
 
     import hmt_adapter  # noqa: F401  (registers HMT with PEFT)
 
-    run = json.loads((run_dir / "long_context.json").read_text())
-    s = LC.Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in run["settings"].items()})
+    if found:
+        settings = json.loads(found[0].read_text())["settings"]
+        s = LC.Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    else:
+        s = LC.quick(corpus=args.corpus, seed=args.seed)
     s = LC.replace(s, backbone_cache=args.backbone_cache)
     prep = LC.prepare(s, lambda msg: print(msg, file=sys.stderr))
     segments = args.length // s.segment_length
