@@ -58,6 +58,12 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hmt_write_gate_spread_stable": ({"write_token": "learned", "memory_gate": True},
                                      {"placement": "segment", "in_window_fraction": 0.25, "hmt_max_grad_norm": 1.0,
                                       "hmt_schedule": "cosine"}),
+    # ablations of that recipe: without the gate; without the spread facts (token depth, none in the last segment)
+    "hmt_write_spread_stable": ({"write_token": "learned"},
+                                {"placement": "segment", "in_window_fraction": 0.25, "hmt_max_grad_norm": 1.0,
+                                 "hmt_schedule": "cosine"}),
+    "hmt_write_gate_stable": ({"write_token": "learned", "memory_gate": True},
+                              {"hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
     "hmt_write_no_sensory": ({"write_token": "learned", "num_sensory": 0}, {}),
     "hmt_write_no_projection": ({"write_token": "learned", "memory_projection": False}, {}),
