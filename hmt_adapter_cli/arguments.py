@@ -115,7 +115,14 @@ def hmt_config_fields(path: Optional[str] = None) -> list[tuple[str, Any, Any]]:
     with open(path or _config_source(), encoding="utf-8") as f:
         tree = ast.parse(f.read())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "HMTConfig")
-    return [_field_spec(n) for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+    return [_field_spec(n) for n in cls.body
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and not _is_class_var(n.annotation)]
+
+
+def _is_class_var(annotation: ast.expr) -> bool:
+    """``ClassVar`` / ``ClassVar[...]``: a class attribute, not a dataclass field."""
+    node = annotation.value if isinstance(annotation, ast.Subscript) else annotation
+    return getattr(node, "id", None) == "ClassVar" or getattr(node, "attr", None) == "ClassVar"
 
 
 def _hmt_argument_fields() -> list[tuple[str, Any, Any]]:
