@@ -45,6 +45,16 @@ class DataArguments:
     data_files: Optional[str] = field(
         default=None, metadata={"help": "Local file(s), comma-separated: .json/.jsonl/.txt/.parquet/.csv (wins over dataset_name)."}
     )
+    data_format: Literal["auto", "text", "prompt_completion"] = field(
+        default="auto",
+        metadata={
+            "help": "'prompt_completion': rows with a 'prompt' and a non-empty 'completion' (TRL's prompt-completion "
+            "format, e.g. a long document + question, and its answer), trained with the loss on the completion only, "
+            "each row whole (never chunked or truncated), in ONE stage with recall (stage 1 is skipped). 'text': "
+            "documents in text_field, cut into chunks for the paper's two stages. 'auto': prompt_completion when the "
+            "data have 'prompt' and 'completion' columns, text otherwise."
+        },
+    )
     text_field: str = field(default="text", metadata={"help": "Column holding the document text."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     concatenate_documents: bool = field(
@@ -59,17 +69,45 @@ class DataArguments:
 
 @dataclass
 class StageArguments:
-    """The paper's two stages and its learning-rate schedule."""
+    """The stages: the paper's two on text, one with recall on prompt/completion rows (with its curriculum)."""
 
-    stage1_max_steps: int = field(default=200, metadata={"help": "Stage 1 (no recall) optimizer steps; 0 skips it."})
-    stage1_segments: int = field(default=2, metadata={"help": "Segments per training row in stage 1."})
-    stage2_max_steps: int = field(default=500, metadata={"help": "Stage 2 (recall on) optimizer steps."})
-    stage2_segments: int = field(default=8, metadata={"help": "Segments per training row in stage 2 (the maximum)."})
-    stage1_adapter: Optional[str] = field(
-        default=None, metadata={"help": "Skip stage 1 and start stage 2 from this saved stage-1 adapter."}
+    stage1_max_steps: int = field(
+        default=200, metadata={"help": "Stage 1 (no recall) optimizer steps; 0 skips it. Text data only: "
+                               "prompt/completion data skip stage 1."}
     )
-    lr_decay_steps: int = field(default=100, metadata={"help": "Multiply the LR by lr_decay_factor every N steps."})
-    lr_decay_factor: float = field(default=0.9, metadata={"help": "The step decay factor (paper: 0.9)."})
+    stage1_segments: int = field(default=2, metadata={"help": "Segments per training row in stage 1 (text data)."})
+    stage2_max_steps: int = field(
+        default=500, metadata={"help": "Stage 2 (recall on) optimizer steps; with prompt/completion data, the steps "
+                               "of its one stage."}
+    )
+    stage2_segments: int = field(
+        default=8, metadata={"help": "Segments per training row in stage 2 (text data; the maximum)."}
+    )
+    stage1_adapter: Optional[str] = field(
+        default=None, metadata={"help": "Skip stage 1 and start stage 2 (the recall stage) from this saved stage-1 "
+                                "adapter."}
+    )
+    lr_decay_steps: int = field(
+        default=100, metadata={"help": "Multiply the LR by lr_decay_factor every N steps (text data; prompt/completion "
+                               "data follow SFTConfig's lr_scheduler_type and warmup_steps, e.g. cosine)."}
+    )
+    lr_decay_factor: float = field(default=0.9, metadata={"help": "The step decay factor (paper: 0.9; text data)."})
+    curriculum: bool = field(
+        default=False,
+        metadata={
+            "help": "Prompt/completion data: a curriculum over input lengths (short inputs first). The rows the run "
+            "reads (stage2_max_steps x the global batch; repeated or sampled from the data) are ordered with "
+            "hmt_adapter.training.curriculum_order on their token counts, so the longest input allowed grows from "
+            "curriculum_min_segments segments to the longest over the first curriculum_ramp_fraction of training, "
+            "and read in that order (train_sampling_strategy='sequential')."
+        },
+    )
+    curriculum_min_segments: int = field(
+        default=2, metadata={"help": "The curriculum's longest input at the start, in segments (>= 1)."}
+    )
+    curriculum_ramp_fraction: float = field(
+        default=0.5, metadata={"help": "Share of training after which the curriculum allows every length, in (0, 1]."}
+    )
 
 
 # ---- HMTConfig's fields, read from its source --------------------------------------------------------------

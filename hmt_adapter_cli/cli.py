@@ -33,7 +33,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hmt-adapter {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
-        "train", help="Run a two-stage training recipe (YAML).", add_help=False,
+        "train", help="Run a training recipe (YAML): two stages on text, one on prompt/completion rows.", add_help=False,
         description="hmt-adapter train RECIPE.yaml [--any_recipe_or_SFTConfig_field value ...]",
     )
     train.add_argument("recipe", nargs="?", help="Recipe YAML file (see recipes/).")
@@ -94,7 +94,11 @@ def _train_help(show_all: bool) -> str:
     from .arguments import PATH_RULE, RECIPE_DATACLASSES
 
     lines = [TRAIN_USAGE, "", *textwrap.wrap(f"Paths: {PATH_RULE}", 110, subsequent_indent="  "),
-             "Flags take both spellings: --segment_length or --segment-length.", ""]
+             "Flags take both spellings: --segment_length or --segment-length.",
+             *textwrap.wrap("Data: text documents train the paper's two stages; prompt/completion rows (JSONL with "
+                            "'prompt' and 'completion', e.g. recipes/retrieval-tiny.yaml) train ONE stage with recall "
+                            "(stage 1 is skipped), loss on the completion only, rows never cut (data_format).", 110,
+                            subsequent_indent="  "), ""]
     for dc in RECIPE_DATACLASSES:
         lines.append(f"{dc.__name__}: {(dc.__doc__ or '').strip().splitlines()[0]}")
         for f in dataclasses.fields(dc):
@@ -135,11 +139,12 @@ def cmd_train(argv: Sequence[str]) -> int:
     report = run_recipe(*args)
     if _is_main_process():
         print(f"training processes: {report['world_size']}")
-        for stage in ("stage1", "stage2"):
+        names = {"stage1": "stage1", "stage2": "stage2", "prompt_completion": "prompt/completion, one stage with recall"}
+        for stage, name in names.items():
             if stage in report:
                 losses = report[stage]["losses"]
                 first, last = (f"{losses[0]:.4f}", f"{losses[-1]:.4f}") if losses else ("-", "-")
-                print(f"{stage}: {len(losses)} logged steps, loss {first} -> {last}; adapter in {report[stage]['dir']}")
+                print(f"{name}: {len(losses)} logged steps, loss {first} -> {last}; adapter in {report[stage]['dir']}")
         if "stage2_init" in report:
             print(f"stage 2 started from stage 1 ({report['stage2_init']['loaded']} tensors; fresh recall parameters: "
                   f"{len(report['stage2_init']['fresh_recall_params'])})")

@@ -1,4 +1,5 @@
-"""The recipe runner behind ``hmt-adapter train RECIPE.yaml``: the paper's two-stage HMT training with TRL.
+"""The recipe runner behind ``hmt-adapter train RECIPE.yaml``: HMT training with TRL, in the paper's two stages on text
+documents, or in one stage with recall on prompt/completion rows.
 
 A recipe is a flat YAML file whose keys are the fields of the dataclasses below and of TRL's `SFTConfig`
 (the same keys as command-line flags; flags given after the YAML path override it)::
@@ -17,6 +18,13 @@ attaches HMT with recall, loads the stage-1 weights (`hmt_adapter.training.load_
 chunks of ``stage2_segments`` segments. The learning rate decays by ``lr_decay_factor`` every
 ``lr_decay_steps`` optimizer steps (the paper: x0.9 every 100 steps). The final adapter is saved to
 ``output_dir`` (stage 1's to ``output_dir/stage1``).
+
+Prompt/completion data (rows with ``prompt`` and ``completion``, TRL's prompt-completion format; ``data_format``
+picks it from the columns) train ONE stage with recall instead, with TRL's loss on the completion only, on whole
+rows (never chunked nor truncated), for ``stage2_max_steps`` steps with SFTConfig's own learning-rate schedule
+(``lr_scheduler_type``, ``warmup_steps``), optionally in a curriculum over input lengths (``curriculum``); stage 1
+is skipped. The training itself is `hmt_adapter_cli.prompt_completion.train_prompt_completion`, which the
+long-context benchmark runs too (``recipes/retrieval-tiny.yaml`` is the recipe it measured).
 
 The HMT fields of a recipe are `HMTConfig`'s own fields, with its defaults and help texts (`HMTArguments` is
 derived from it), and are validated by `HMTConfig`, so a bad value reads exactly as in the Python API.
@@ -53,6 +61,7 @@ from .arguments import (  # noqa: F401  (re-exported: the recipe dataclasses liv
     PATH_OR_ID_FIELDS, PATH_FIELDS, PATH_RULE, RECIPE_DATACLASSES, DataArguments, HMTArguments, ModelArguments,
     StageArguments,
 )
+from .prompt_completion import Curriculum, check_rows, logged_losses, resolve_data_format, train_prompt_completion
 
 TESTING_SCHEME = "hmt-testing:"
 _DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
@@ -144,12 +153,21 @@ def parse_recipe(path: Optional[str], overrides: Sequence[str] = ()) -> tuple:
     if "use_cpu" not in given and not _has_accelerator():
         args += ["--use_cpu", "true"]  # SFTConfig refuses its default bf16 on a machine without a GPU otherwise
     parsed = parser.parse_args_and_config(args=args)
-    model_args, data_args, hmt_args = parsed[0], parsed[1], parsed[2]
+    model_args, data_args, hmt_args, stage, sft_args = parsed
     if not model_args.model_name_or_path:
         raise ValueError("The recipe must set model_name_or_path (a Hub id, a local directory or hmt-testing:llama).")
     _check_data_files(data_args)
     hmt_config(hmt_args, use_recall=True)  # HMTConfig validates every HMT value now, before anything is loaded
+    curriculum_of(stage)  # and the curriculum's
+    if "max_length" not in given:  # rows are never truncated; a max_length the recipe sets is checked, not applied
+        sft_args.max_length = None
     return parsed
+
+
+def curriculum_of(stage: StageArguments) -> Optional[Curriculum]:
+    """The recipe's `Curriculum`, or None without ``curriculum: true`` (`ValueError` for a bad value)."""
+    curriculum = Curriculum(stage.curriculum_min_segments, stage.curriculum_ramp_fraction)
+    return curriculum if stage.curriculum else None
 
 
 # ---- model and data ------------------------------------------------------------------------------------------
@@ -212,8 +230,8 @@ def _check_data_files(args: DataArguments) -> None:
             raise _no_documents(f"data file {path!r} is empty", args.text_field)
 
 
-def load_documents(args: DataArguments, split: Optional[str] = None) -> list[str]:
-    """The text of every document (row) of the training data; `ValueError` when there is none."""
+def load_rows(args: DataArguments, split: Optional[str] = None) -> tuple[Any, str]:
+    """(the training data as a `datasets.Dataset`, a phrase naming where they come from)."""
     from datasets import load_dataset
 
     split = split or args.train_split
@@ -232,14 +250,24 @@ def load_documents(args: DataArguments, split: Optional[str] = None) -> list[str
         source = f"dataset {args.dataset_name!r} (split {split!r})"
     else:
         raise ValueError("Set data_files (local) or dataset_name (Hub) in the recipe.")
-    if args.text_field not in dataset.column_names:
-        raise ValueError(f"The data have no column {args.text_field!r} (columns: {dataset.column_names}); set text_field.")
     if args.max_train_documents is not None:
         dataset = dataset.select(range(min(args.max_train_documents, len(dataset))))
+    return dataset, source
+
+
+def documents_of(dataset: Any, source: str, args: DataArguments) -> list[str]:
+    """The non-empty texts of ``args.text_field``; `ValueError` when the column is missing or holds nothing."""
+    if args.text_field not in dataset.column_names:
+        raise ValueError(f"The data have no column {args.text_field!r} (columns: {dataset.column_names}); set text_field.")
     texts = [t for t in dataset[args.text_field] if t and t.strip()]
     if not texts:
         raise _no_documents(f"{source} has no documents (no row with a non-empty {args.text_field!r})", args.text_field)
     return texts
+
+
+def load_documents(args: DataArguments, split: Optional[str] = None) -> list[str]:
+    """The text of every document (row) of the training data; `ValueError` when there is none."""
+    return documents_of(*load_rows(args, split), args)
 
 
 def tokenize_documents(texts: list[str], tokenizer: Any, concatenate: bool) -> list[list[int]]:
@@ -325,24 +353,64 @@ def check_hub_access(model_args: ModelArguments, data_args: DataArguments) -> No
 
 
 def run_recipe(model_args: ModelArguments, data_args: DataArguments, hmt_args: Any, stage: StageArguments, sft_args: Any) -> dict:
-    """Run both stages; returns the output paths and each stage's logged losses."""
+    """Train the adapter: the paper's two stages on text documents, one stage with recall on prompt/completion rows
+    (`data_format`); returns the output paths and each stage's logged losses."""
+    check_hub_access(model_args, data_args)
+    with sft_args.main_process_first(desc="loading the data"):
+        rows, source = load_rows(data_args)
+    if resolve_data_format(rows.column_names, data_args.data_format, source) == "prompt_completion":
+        check_rows(rows, source)
+        return run_prompt_completion(model_args, data_args, hmt_args, stage, sft_args,
+                                     rows.select_columns(["prompt", "completion"]))
+    if stage.curriculum:
+        raise ValueError(f"curriculum orders prompt/completion rows by length, and {source} hold text documents (cut "
+                         f"into equal chunks per stage): set curriculum: false, or train on prompt/completion rows.")
+    return run_two_stages(model_args, data_args, hmt_args, stage, sft_args, documents_of(rows, source, data_args))
+
+
+def run_prompt_completion(model_args: ModelArguments, data_args: DataArguments, hmt_args: Any, stage: StageArguments,
+                          sft_args: Any, rows: Any) -> dict:
+    """One stage with recall on whole prompt/completion rows (no stage 1): `train_prompt_completion`."""
+    import peft
+
+    from hmt_adapter.training import load_stage1_weights
+
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    report: dict[str, Any] = {"output_dir": sft_args.output_dir, "world_size": sft_args.world_size}
+    peft_model = peft.get_peft_model(model, hmt_config(hmt_args, use_recall=True))
+    if stage.stage1_adapter is not None:
+        loaded = load_stage1_weights(peft_model, stage.stage1_adapter)
+        report["stage2_init"] = {"loaded": len(loaded.loaded), "fresh_recall_params": loaded.missing_recall}
+    args = copy.deepcopy(sft_args)
+    args.max_steps = stage.stage2_max_steps
+    trainer = train_prompt_completion(peft_model, rows, tokenizer, args, curriculum=curriculum_of(stage))
+    trainer.save_model(sft_args.output_dir)
+    report["prompt_completion"] = {"dir": sft_args.output_dir, "losses": logged_losses(trainer), "rows": len(rows),
+                                   "curriculum": stage.curriculum}
+    if sft_args.process_index == 0:
+        _record_training(trainer.model, sft_args.output_dir, model_args, data_args, stage, report)
+    return report
+
+
+def run_two_stages(model_args: ModelArguments, data_args: DataArguments, hmt_args: Any, stage: StageArguments,
+                   sft_args: Any, texts: list[str]) -> dict:
+    """The paper's stage 1 (no recall, short chunks) and stage 2 (recall, long chunks) on text documents."""
     import peft
     from peft import get_peft_model_state_dict
 
     from hmt_adapter.training import load_stage1_weights
 
-    check_hub_access(model_args, data_args)
     sft_args.max_length = None  # rows are chunked to the stage's length here, never truncated by TRL
     model, tokenizer = load_model_and_tokenizer(model_args)
     with sft_args.main_process_first(desc="tokenizing the documents"):
-        docs = tokenize_documents(load_documents(data_args), tokenizer, data_args.concatenate_documents)
+        docs = tokenize_documents(texts, tokenizer, data_args.concatenate_documents)
     report: dict[str, Any] = {"output_dir": sft_args.output_dir, "world_size": sft_args.world_size}
     stage1_weights: Any = stage.stage1_adapter
     if stage1_weights is None and stage.stage1_max_steps > 0:
         stage1_dir = os.path.join(sft_args.output_dir, "stage1")
         data = _stage_dataset(docs, stage.stage1_segments, hmt_args.segment_length)
         trainer = train_stage(model, hmt_config(hmt_args, use_recall=False), data, tokenizer, sft_args, stage, stage.stage1_max_steps, stage1_dir)
-        report["stage1"] = {"dir": stage1_dir, "losses": _losses(trainer)}
+        report["stage1"] = {"dir": stage1_dir, "losses": logged_losses(trainer)}
         stage1_weights = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
         model = trainer.model.unload()  # the plain backbone again, for the stage-2 adapter
         del trainer
@@ -352,7 +420,7 @@ def run_recipe(model_args: ModelArguments, data_args: DataArguments, hmt_args: A
         report["stage2_init"] = {"loaded": len(loaded.loaded), "fresh_recall_params": loaded.missing_recall}
     data = _stage_dataset(docs, stage.stage2_segments, hmt_args.segment_length)
     trainer = train_stage(peft_model, None, data, tokenizer, sft_args, stage, stage.stage2_max_steps, sft_args.output_dir)
-    report["stage2"] = {"dir": sft_args.output_dir, "losses": _losses(trainer)}
+    report["stage2"] = {"dir": sft_args.output_dir, "losses": logged_losses(trainer)}
     if sft_args.process_index == 0:
         _record_training(trainer.model, sft_args.output_dir, model_args, data_args, stage, report)
     return report
@@ -369,19 +437,22 @@ def _record_training(model: Any, output_dir: str, model_args: ModelArguments, da
              f"{' in 4 bits (nf4)' if model_args.load_in_4bit else ''}, frozen."]
     if "stage1" in report:
         lines.append(f"- stage 1 (no recall): {stage.stage1_max_steps} steps on {stage.stage1_segments}-segment rows")
-    lines.append(f"- stage 2 (recall): {stage.stage2_max_steps} steps on {stage.stage2_segments}-segment rows"
-                 f"{', initialised from stage 1' if 'stage2_init' in report else ''}")
-    lines.append(f"- learning rate decays x{stage.lr_decay_factor} every {stage.lr_decay_steps} steps")
+    init = ", initialised from stage 1" if "stage2_init" in report else ""
+    if "prompt_completion" in report:
+        lines.append(f"- one stage with recall: {stage.stage2_max_steps} steps on whole prompt/completion rows, loss "
+                     f"on the completion only{init}")
+        if stage.curriculum:
+            lines.append(f"- curriculum over input lengths: from {stage.curriculum_min_segments} segments to the "
+                         f"longest row by {stage.curriculum_ramp_fraction:g} of training, rows read in order")
+    else:
+        lines.append(f"- stage 2 (recall): {stage.stage2_max_steps} steps on {stage.stage2_segments}-segment rows{init}")
+        lines.append(f"- learning rate decays x{stage.lr_decay_factor} every {stage.lr_decay_steps} steps")
     results = {}
-    for name in ("stage1", "stage2"):
+    for name in ("stage1", "stage2", "prompt_completion"):
         losses = report.get(name, {}).get("losses")
         if losses:
             results[f"{name} training loss (first -> last logged)"] = f"{losses[0]:.4f} -> {losses[-1]:.4f}"
     write_model_card(output_dir, config, training="\n".join(lines), results=results)
-
-
-def _losses(trainer: Any) -> list[float]:
-    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
 def recipe_and_overrides(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
