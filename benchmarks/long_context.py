@@ -290,8 +290,13 @@ def method_settings(method: str, s: Settings) -> Settings:
 
 
 def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str):
+    """Train the method's adapter on the episodes with the product's own training code: `hmt-adapter train` on
+    prompt/completion data runs the same `train_prompt_completion`, so the evidence and the recipe cannot drift
+    apart. The episodes already come in curriculum order (`train_dataset`) and are read in that order."""
     import peft
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from hmt_adapter_cli.prompt_completion import logged_losses, train_prompt_completion
 
     model = peft.get_peft_model(backbone, hmt_config(method, s))
     args = SFTConfig(
@@ -302,17 +307,10 @@ def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str)
         completion_only_loss=True, gradient_checkpointing=False, logging_steps=max(1, s.hmt_steps // 10),
         save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=s.seed, disable_tqdm=True,
     )
-    optimizers = (None, None)
-    if s.lora_lr > 0:  # two parameter groups: LoRA (hmt_lora_*) at lora_lr, the memory parameters at hmt_lr
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for n, p in trainable if "hmt_lora_" in n], "lr": s.lora_lr},
-                  {"params": [p for n, p in trainable if "hmt_lora_" not in n], "lr": s.hmt_lr}]
-        optimizers = (torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0), None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         optimizers=optimizers)
-    trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return model.eval(), losses
+    # lora_lr > 0: two parameter groups, LoRA (hmt_lora_*) at lora_lr and the memory parameters at hmt_lr
+    trainer = train_prompt_completion(model, dataset, tokenizer, args,
+                                      lora_learning_rate=s.lora_lr if s.lora_lr > 0 else None)
+    return model.eval(), logged_losses(trainer)
 
 
 def evaluate(lm, task_names: list[str], task_dir: Path) -> list[dict[str, Any]]:
