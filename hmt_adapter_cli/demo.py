@@ -17,7 +17,7 @@ results table). The printing lives in the small ``_print_*`` functions at the en
 are imported inside the functions that use them, so ``--help`` and argument errors answer at once.
 
 Everything the demo writes goes under ``--output-dir`` (default ``hmt-demo-output`` in the working directory):
-``results.json``, ``accuracy.png``, ``backbone/`` and ``adapter/``.
+``results.json``, ``accuracy.png``, ``backbone/`` (the pretrained backbone with its tokenizer) and ``adapter/``.
 """
 
 from __future__ import annotations
@@ -405,6 +405,7 @@ def run_demo(settings: DemoSettings) -> dict:
                 f"of <= {window} tokens ({settings.pretrain_steps} steps)", start)
     losses = pretrain_backbone(backbone, task, settings)
     backbone.save_pretrained(str(out / "backbone"))
+    tokenizer.save_pretrained(str(out / "backbone"))  # a complete model folder: recipes/retrieval-tiny.yaml trains on it
     sets = eval_sets(task, settings)
     base_acc = evaluate(backbone, sets, settings, window=window)
     _print_step(f"backbone trained (final loss {sum(losses[-20:]) / 20:.3f}); accuracy at 1x: "

@@ -77,6 +77,11 @@ def test_demo_pipeline_end_to_end_and_reloads_identically(tmp_path, one_thread, 
     # it says where everything goes, first, and leaves nothing else (no empty trainer/ folder)
     assert f"writing results.json, accuracy.png, backbone/ and adapter/ to {out}" in capsys.readouterr().out.splitlines()[0]
     assert sorted(os.listdir(out)) == ["accuracy.png", "adapter", "backbone", "results.json"]
+    # backbone/ is a complete model folder (with its tokenizer): recipes/retrieval-tiny.yaml trains on it
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(str(out / "backbone"))
+    assert saved.get_vocab() == tiny_tokenizer().get_vocab() and saved.eos_token == "</s>"
 
 
 def test_command_line_arguments_reach_the_settings() -> None:
