@@ -55,6 +55,15 @@ class DataArguments:
             "data have 'prompt' and 'completion' columns, text otherwise."
         },
     )
+    completion_eos: bool = field(
+        default=True,
+        metadata={
+            "help": "Prompt/completion data: score the EOS token TRL appends to every completion (true: the model "
+            "learns to stop after its answer). false: rows end with the completion's own tokens, for a backbone "
+            "that never learned to end an answer with EOS (recipes/retrieval-tiny.yaml: there, learning the EOS "
+            "drowned the retrieval signal and nothing was retrieved beyond the window)."
+        },
+    )
     text_field: str = field(default="text", metadata={"help": "Column holding the document text."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     concatenate_documents: bool = field(

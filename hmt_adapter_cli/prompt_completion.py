@@ -137,6 +137,17 @@ def _two_rate_optimizer(model: Any, lora_learning_rate: float, args: Any):
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
 
 
+def drop_final_eos(dataset: Any, eos_token_id: int) -> Any:
+    """Tokenized rows without the EOS token that ends them (TRL appends one to every completion)."""
+    columns = [c for c in ("input_ids", "labels", "completion_mask", "attention_mask") if c in dataset.column_names]
+
+    def drop(row: dict) -> dict:
+        ends = bool(row["input_ids"]) and row["input_ids"][-1] == eos_token_id
+        return {c: row[c][:-1] if ends else row[c] for c in columns}
+
+    return dataset.map(drop, desc="Dropping the final EOS")
+
+
 def _segment_length(model: Any, peft_config: Any) -> int:
     config = peft_config if peft_config is not None else model.peft_config[model.active_adapter]
     return config.segment_length
@@ -151,6 +162,7 @@ def train_prompt_completion(
     peft_config: Any = None,
     curriculum: Optional[Curriculum] = None,
     lora_learning_rate: Optional[float] = None,
+    completion_eos: bool = True,
 ):
     """Train one HMT stage on whole prompt/completion rows with the loss on the completion; returns the trainer.
 
@@ -165,6 +177,8 @@ def train_prompt_completion(
         curriculum: order the rows the run reads by `curriculum_rows` and read them in order
             (``train_sampling_strategy="sequential"``); None leaves the trainer's sampling as configured.
         lora_learning_rate: a separate learning rate for HMT's LoRA weights (needs a `PeftModel`).
+        completion_eos: False drops the EOS token that ends each tokenized row (TRL appends one to every
+            completion), so only the completion's own tokens are scored.
 
     The trained adapter is ``trainer.model``; saving it is the caller's choice (``trainer.save_model(dir)``).
     """
@@ -190,6 +204,9 @@ def train_prompt_completion(
         optimizers = (_two_rate_optimizer(model, lora_learning_rate, args), None)
     trainer = SFTTrainer(model=model, peft_config=peft_config, args=args, train_dataset=dataset,
                          processing_class=tokenizer, optimizers=optimizers)
+    if not completion_eos:
+        text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds one; TRL set its eos_token
+        trainer.train_dataset = drop_final_eos(trainer.train_dataset, text_tokenizer.eos_token_id)
     check_max_length(trainer.train_dataset, limit)
     if curriculum is not None:
         lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]

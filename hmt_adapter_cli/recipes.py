@@ -64,6 +64,8 @@ from .arguments import (  # noqa: F401  (re-exported: the recipe dataclasses liv
 from .prompt_completion import Curriculum, check_rows, logged_losses, resolve_data_format, train_prompt_completion
 
 TESTING_SCHEME = "hmt-testing:"
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
 _DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -192,8 +194,15 @@ def load_model_and_tokenizer(args: ModelArguments):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, args.bnb_4bit_compute_dtype)
         )
+    tokenizer_name = args.tokenizer_name_or_path or name
+    if os.path.isdir(tokenizer_name) and not any(os.path.isfile(os.path.join(tokenizer_name, f)) for f in _TOKENIZER_FILES):
+        raise ValueError(
+            f"{tokenizer_name!r} holds no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}, ...): set tokenizer_name_or_path "
+            f"to the backbone's tokenizer (an hmt-demo-output/backbone written before the demo saved its tokenizer: "
+            f"run `hmt-adapter demo` again)."
+        )
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or name)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -383,7 +392,8 @@ def run_prompt_completion(model_args: ModelArguments, data_args: DataArguments, 
         report["stage2_init"] = {"loaded": len(loaded.loaded), "fresh_recall_params": loaded.missing_recall}
     args = copy.deepcopy(sft_args)
     args.max_steps = stage.stage2_max_steps
-    trainer = train_prompt_completion(peft_model, rows, tokenizer, args, curriculum=curriculum_of(stage))
+    trainer = train_prompt_completion(peft_model, rows, tokenizer, args, curriculum=curriculum_of(stage),
+                                      completion_eos=data_args.completion_eos)
     trainer.save_model(sft_args.output_dir)
     report["prompt_completion"] = {"dir": sft_args.output_dir, "losses": logged_losses(trainer), "rows": len(rows),
                                    "curriculum": stage.curriculum}

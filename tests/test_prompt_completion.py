@@ -72,6 +72,17 @@ def test_loss_is_on_the_completion_only_and_rows_are_never_cut(tmp_path):
         P.train_prompt_completion(hmt_model(), data, tokenizer, sft_args(tmp_path, max_length=16))
 
 
+def test_without_completion_eos_rows_end_with_the_completion(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = hmt_model()
+    seen = Recorder(model)
+    P.train_prompt_completion(model, rows([20, 12]), tokenizer, sft_args(tmp_path, max_steps=1, max_length=None),
+                              completion_eos=False)
+    moon = tokenizer.convert_tokens_to_ids("moon")
+    assert [row[row != -100].tolist() for row in seen.labels[0]] == [[moon], [moon]]
+    assert sorted((row != tokenizer.pad_token_id).sum().item() for row in seen.input_ids[0]) == [13, 21]
+
+
 def test_tokenized_rows_with_a_completion_mask_score_the_mask_only(tmp_path):
     """The benchmark's format: TRL's completion_only_loss defaults to False for it; the shared code makes it True."""
     ids = [[5 + i % 20 for i in range(30)]] * 2
