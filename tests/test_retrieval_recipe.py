@@ -1,0 +1,122 @@
+"""``recipes/retrieval-tiny.yaml`` from the command line, offline, on a backbone laid out as ``hmt-adapter demo``
+writes it; and the invariants of its data (``recipes/data/passkey.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from hmt_adapter import HMTConfig
+from hmt_adapter.testing import tiny_tokenizer
+
+REPO = os.path.join(os.path.dirname(__file__), os.pardir)
+RECIPE = os.path.abspath(os.path.join(REPO, "recipes", "retrieval-tiny.yaml"))
+DATA = os.path.join(REPO, "recipes", "data")
+
+
+def _passkey():
+    spec = importlib.util.spec_from_file_location("passkey_recipe_data", os.path.join(DATA, "passkey.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+passkey = _passkey()
+
+
+@pytest.fixture
+def demo_layout(tmp_path, monkeypatch):
+    """A working directory holding ``hmt-demo-output/backbone`` as the demo saves it (model + tokenizer), with a
+    smaller, unpretrained backbone: the test checks the recipe runs, not what it learns."""
+    from hmt_adapter_cli.demo import DemoSettings, build_backbone
+
+    tokenizer = tiny_tokenizer()
+    backbone = build_backbone(DemoSettings(hidden_size=32, num_heads=2), len(tokenizer))
+    folder = tmp_path / "hmt-demo-output" / "backbone"
+    backbone.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
+def test_retrieval_recipe_trains_from_the_command_line_offline(demo_layout, capsys):
+    from hmt_adapter_cli.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model runs fastest on one thread
+    try:
+        code = main(["train", RECIPE, "--stage2_max_steps", "3", "--per_device_train_batch_size", "4",
+                     "--logging_steps", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    out = demo_layout / "outputs" / "retrieval-tiny"
+    assert (out / "adapter_model.safetensors").is_file()
+    config = HMTConfig.from_pretrained(str(out))
+    assert config.use_recall and config.write_token == "learned" and config.memory_gate and config.segment_length == 16
+    printed = capsys.readouterr().out
+    assert "prompt/completion, one stage with recall: 3 logged steps" in printed and "stage1" not in printed
+    card = (out / "README.md").read_text()
+    assert "curriculum over input lengths: from 2 segments" in card
+    # the recipe's own report: the adapter against the backbone alone on held-out rows, by length
+    result = passkey.accuracy(str(out), None, examples=4, seed=0)
+    assert set(result) == {"1x", "2x", "4x", "8x", "16x", "8x last"}
+    assert all(0.0 <= r[k] <= 1.0 for r in result.values() for k in ("backbone", "hmt"))
+
+
+@pytest.mark.parametrize("segments, in_last", [(1, True), (2, True), (2, False), (5, False), (8, True), (8, False)])
+def test_rows_fill_whole_segments_with_the_key_where_asked(segments, in_last):
+    tokenizer, task, words = passkey._task()
+    rng = random.Random(segments)
+    for _ in range(50):
+        row = passkey.passkey_row(task, words, segments, in_last, rng)
+        prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
+        (key,) = tokenizer(row["completion"], add_special_tokens=False).input_ids
+        assert len(prompt) + 2 == segments * passkey.SEGMENT_LENGTH  # + the key and TRL's EOS
+        assert prompt[-1] == task.query_id
+        (position,) = [i for i, t in enumerate(prompt) if t in task.key_ids]
+        assert prompt[position] == key
+        last = (segments - 1) * passkey.SEGMENT_LENGTH
+        if in_last:
+            assert position >= last
+        else:  # out of the backbone's window and of the sensory tokens carried into the last segment
+            assert position < last - passkey.NUM_SENSORY
+
+
+def test_training_rows_spread_the_key_and_put_a_quarter_in_the_last_segment():
+    tokenizer, task, _ = passkey._task()
+    rows = passkey.training_rows(800, 8, 0.25, seed=0)
+    in_last, segments_used = 0, set()
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
+        (position,) = [i for i, t in enumerate(prompt) if t in task.key_ids]
+        segment, count = position // passkey.SEGMENT_LENGTH, (len(prompt) + 2) // passkey.SEGMENT_LENGTH
+        in_last += segment == count - 1
+        segments_used.add(segment)
+    assert 0.2 < in_last / len(rows) < 0.3
+    assert segments_used == set(range(8))
+
+
+def test_the_shipped_rows_are_what_the_script_writes(tmp_path):
+    shipped = os.path.join(DATA, "passkey_train.jsonl")
+    assert os.path.getsize(shipped) < 1_000_000
+    passkey.main(["write", "--output", str(tmp_path / "rows.jsonl")])
+    assert (tmp_path / "rows.jsonl").read_text() == open(shipped).read()
+    assert all(set(json.loads(line)) == {"prompt", "completion"} for line in open(shipped))
+
+
+def test_a_backbone_folder_without_its_tokenizer_is_a_one_line_error(demo_layout):
+    from hmt_adapter_cli.recipes import parse_recipe, run_recipe
+
+    folder = demo_layout / "hmt-demo-output" / "backbone"
+    for name in os.listdir(folder):
+        if name.startswith("tokenizer") or name.endswith(".jinja"):
+            os.remove(folder / name)
+    with pytest.raises(ValueError, match=r"holds no tokenizer .* run `hmt-adapter demo` again"):
+        run_recipe(*parse_recipe(RECIPE, ["--stage2_max_steps", "1"]))
