@@ -50,7 +50,9 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("args, expected", [
     (("train", "--help"), ["--segment_length (default: 256)", "New tokens per segment", "--stage2_max_steps",
                            "resolve against the recipe file's folder", "against the working directory",
-                           "outputs/<recipe name>/"]),
+                           "outputs/<recipe name>/", "--data_format (default: 'auto')", "ONE stage with recall",
+                           "stage 1 is skipped", "--curriculum (default: False)", "--curriculum_ramp_fraction",
+                           "--completion_eos (default: True)"]),
     (("lm-eval", "--help"), ["--model hmt", "pretrained=BASE", "peft=ADAPTER_DIR", "recall_query", "usage: lm-eval"]),
     (("demo", "--help"), ["--output-dir", "hmt-demo-output, in the working directory", "--output_dir"]),
     (("eval", "--help"), ["--data-files", "--data_files", "in the working directory"]),
@@ -69,6 +71,9 @@ def test_help_imports_no_framework(tmp_path, args, expected) -> None:
     (("train", TINY, "--write_token", "last"), ["--write_token", "'last'", "'memory', 'learned'"]),
     (("train", TINY, "--lr_decay_factor", "fast"), ["--lr_decay_factor", "invalid float value"]),
     (("train", TINY, "--load_in_4bit", "maybe"), ["--load_in_4bit", "invalid bool value"]),
+    (("train", TINY, "--curriculum", "maybe"), ["--curriculum", "invalid bool value"]),
+    (("train", TINY, "--curriculum_min_segments", "two"), ["--curriculum_min_segments: invalid int value: 'two'"]),
+    (("train", TINY, "--data_format", "qa"), ["--data_format", "'qa'", "'prompt_completion'"]),
     (("train",), ["no recipe given"]),
     # both spellings: the underscore flags reach the parser (the error is about their values, not unknown flags)
     (("demo", "--output_dir", "x", "--hmt_steps", "z"), ["argument --hmt-steps: invalid int value: 'z'"]),

@@ -159,6 +159,12 @@ def test_bad_rows_are_one_line_errors_before_any_training(tmp_path, records, mes
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_curriculum_value_in_a_recipe_is_refused_before_loading(tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "the cat", "completion": " dog"}])
+    with pytest.raises(ValueError, match=r"^curriculum_ramp_fraction must be in \(0, 1\], got 0.0.$"):
+        recipe_args(tmp_path, data, "--curriculum", "true", "--curriculum_ramp_fraction", "0")
+
+
 def test_explicit_prompt_completion_format_needs_its_columns(tmp_path):
     data = write_jsonl(tmp_path / "docs.jsonl", [{"text": "the cat sees the dog"}])
     with pytest.raises(ValueError, match="has no 'prompt' column"):
