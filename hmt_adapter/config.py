@@ -68,22 +68,25 @@ class HMTConfig(PeftConfig):
         },
     )
     write_token: Literal["memory", "learned"] = field(
-        default="memory",
+        default="learned",
         metadata={
-            "help": "What sits at the write position whose hidden state becomes the segment's memory: 'memory' (the "
-            "paper's [m ; sensory ; x ; m]: the memory just read, again) or 'learned' ([m ; sensory ; x ; w]: a "
-            "learned write token w, the same for every segment). With a frozen backbone 'learned' lets the write "
-            "position act as a fixed question to the segment while m carries what was remembered; it is what made "
-            "a frozen small backbone retrieve beyond its window in BENCHMARKS.md (the paper's layout learned far slower)."
+            "help": "What sits at the write position whose hidden state becomes the segment's memory: 'learned' (the "
+            "default: [m ; sensory ; x ; w], a learned write token w, the same for every segment) or 'memory' (the "
+            "paper's [m ; sensory ; x ; m]: the memory just read, again). With a frozen backbone 'learned' lets the "
+            "write position act as a fixed question to the segment while m carries what was remembered: every "
+            "retrieving run in BENCHMARKS.md used it, and the paper's layout stayed at chance or learned to write "
+            "only segment 0 with the same recipe."
         },
     )
     memory_gate: bool = field(
         default=False,
         metadata={
-            "help": "Gate the recalled memory with a learned scalar g, zero at init: segment n >= 1 reads "
+            "help": "Off by default. Gate the recalled memory with a learned scalar g, zero at init: segment n >= 1 reads "
             "m_0 + tanh(g) (recall - m_0), so training starts from what every segment reads at segment 0 and the "
             "recalled memory enters only as far as it helps (the zero-init gate of LLaMA-Adapter, PEFT's "
-            "adaption_prompt, applied to HMT's read slot). Only with use_recall."
+            "adaption_prompt, applied to HMT's read slot). Only with use_recall. Measured in BENCHMARKS.md: a closed "
+            "gate can also keep the memory from starting to learn (it stayed near 0 on one of the runs), so it is "
+            "off by default."
         },
     )
     recall_query: Literal["segment", "previous"] = field(

