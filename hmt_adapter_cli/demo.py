@@ -267,7 +267,10 @@ def train_hmt(peft_model, tokenizer, dataset, settings: DemoSettings, work_dir: 
         data_seed=settings.seed,
         disable_tqdm=True,
     )
+    from transformers.trainer_callback import PrinterCallback
+
     trainer = SFTTrainer(model=peft_model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # the demo reports the loss in its own lines
     trainer.train()
     return trainer
 
@@ -384,7 +387,15 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
 
 
 def run_demo(settings: DemoSettings) -> dict:
-    """The whole demo; returns the results dictionary (also written to ``output_dir/results.json``)."""
+    """The whole demo; returns the results dictionary (also written to ``output_dir/results.json``). The console
+    gets the demo's own lines only (no progress bars or trainer log dicts)."""
+    from .quiet import no_progress_bars
+
+    with no_progress_bars():
+        return _run_demo(settings)
+
+
+def _run_demo(settings: DemoSettings) -> dict:
     import peft
     import torch
 
@@ -418,6 +429,9 @@ def run_demo(settings: DemoSettings) -> dict:
                 f"{max(settings.train_segments)} segment inputs", start)
     trainer = train_hmt(peft_model, tokenizer, sft_dataset(task, settings), settings, out / "trainer")
     _remove_if_empty(out / "trainer")  # SFTTrainer creates its output_dir; with save_strategy="no" nothing lands there
+    logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    if logged:
+        _print_step(f"HMT trained: loss {logged[0]:.3f} -> {logged[-1]:.3f} ({len(logged)} logged steps)", start)
     hmt_acc = evaluate(peft_model, sets, settings)
 
     _print_step("saving the adapter and reloading it onto a fresh copy of the backbone", start)

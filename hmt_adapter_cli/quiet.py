@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from typing import Iterator
 
 BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
@@ -30,3 +32,23 @@ def silence_third_party_notices() -> None:
         logger.addFilter(_DropNotice())
     for pattern in DEPRECATIONS:
         warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Inside the block, datasets' and transformers' progress bars (dataset map passes, weight loading and
+    saving) are off; they are restored after. For commands whose own lines already say what is happening."""
+    import datasets
+    import transformers
+
+    datasets_on = datasets.is_progress_bar_enabled()
+    transformers_on = transformers.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            transformers.utils.logging.enable_progress_bar()

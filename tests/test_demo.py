@@ -75,7 +75,12 @@ def test_demo_pipeline_end_to_end_and_reloads_identically(tmp_path, one_thread, 
     assert config["peft_type"] == "HMT" and config["segment_length"] == 8
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     # it says where everything goes, first, and leaves nothing else (no empty trainer/ folder)
-    assert f"writing results.json, accuracy.png, backbone/ and adapter/ to {out}" in capsys.readouterr().out.splitlines()[0]
+    console = capsys.readouterr()
+    assert f"writing results.json, accuracy.png, backbone/ and adapter/ to {out}" in console.out.splitlines()[0]
+    # a quiet console: the demo's own lines, no trainer log dicts, no progress bars
+    assert not any(line.startswith("{'") for line in console.out.splitlines()), console.out
+    assert "it/s" not in console.err + console.out and "examples/s" not in console.err + console.out, console.err
+    assert any("HMT trained: loss" in line for line in console.out.splitlines())
     assert sorted(os.listdir(out)) == ["accuracy.png", "adapter", "backbone", "results.json"]
     # backbone/ is a complete model folder (with its tokenizer): recipes/retrieval-tiny.yaml trains on it
     from transformers import AutoTokenizer
