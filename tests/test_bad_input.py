@@ -240,7 +240,7 @@ def test_adapter_without_a_recorded_class_still_loads_where_it_fits(tmp_path) ->
 def test_config_edited_away_from_its_weights(tmp_path) -> None:
     path = _saved_adapter(tmp_path)
     config_file = tmp_path / "adapter_config.json"
-    config_file.write_text(config_file.read_text().replace('"write_token": "memory"', '"write_token": "learned"'))
+    config_file.write_text(config_file.read_text().replace('"write_token": "learned"', '"write_token": "memory"'))
     base = T.tiny_causal_lm("llama")
     with pytest.raises(ValueError, match="do not belong together.*hmt_write_token"):
         peft.PeftModel.from_pretrained(base, path)

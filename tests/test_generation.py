@@ -57,7 +57,7 @@ def test_previous_greedy_matches_teacher_forced_forward(prompt_len, write_token,
 
 @pytest.mark.parametrize("prompt_len", [13, 2 * SEG, SEG + 2])
 def test_segment_query_uses_known_prompt_tokens(prompt_len):
-    model = make_model("segment")
+    model = make_model("segment", write_token="memory")  # the reference below writes the paper's [m ; x ; m]
     ids = torch.randint(4, 128, (1, prompt_len))
     out = greedy(model, ids, 2 * SEG + 3)
     ref = known_prefix_reference(model, out, prompt_len)

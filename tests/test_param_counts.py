@@ -48,7 +48,7 @@ def test_extra_parameters_within_paper_range(name: str, width: int) -> None:
     backbone, hmt, percent = extra_parameter_percent(name)
     assert backbone == fixtures.REAL_PARAM_COUNTS[name]
     h = HMTConfig().recall_dim
-    assert hmt == 2 * width + 2 * h * width + width * width  # m_0, s, W_q, W_k, memory projection
+    assert hmt == 3 * width + 2 * h * width + width * width  # m_0, s, w (learned write token), W_q, W_k, projection
     assert 0.5 <= percent <= 2.0
 
 

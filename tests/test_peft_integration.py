@@ -41,9 +41,9 @@ def test_get_peft_model_and_trainable_parameters(capsys) -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("hmt_" in n for n in trainable)
     d, h = 64, 16
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == d + d + 2 * h * d + d * d
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == d + d + d + 2 * h * d + d * d  # m_0, s, w
     model.print_trainable_parameters()
-    assert f"trainable params: {2 * d + 2 * h * d + d * d:,}" in capsys.readouterr().out
+    assert f"trainable params: {3 * d + 2 * h * d + d * d:,}" in capsys.readouterr().out
 
 
 def test_save_writes_adapter_weights_only(tmp_path) -> None:
@@ -55,7 +55,8 @@ def test_save_writes_adapter_weights_only(tmp_path) -> None:
         "adapter_config.json", "adapter_model.safetensors", "README.md"}
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     expected = {f"base_model.model.model.embed_tokens.{n}" for n in (
-        "hmt_memory_init", "hmt_summary_token", "hmt_recall_q.weight", "hmt_recall_k.weight", "hmt_memory_proj.weight")}
+        "hmt_memory_init", "hmt_summary_token", "hmt_write_token", "hmt_recall_q.weight", "hmt_recall_k.weight",
+        "hmt_memory_proj.weight")}
     assert keys == expected
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "HMT"
 

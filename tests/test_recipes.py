@@ -185,7 +185,7 @@ def test_load_stage1_weights(tmp_path):
     assert sorted(k.split(".")[-2 if k.endswith("weight") else -1] for k in result.missing_recall) == [
         "hmt_recall_k", "hmt_recall_q", "hmt_summary_token"
     ]
-    assert len(result.loaded) == 2
+    assert len(result.loaded) == 3  # m_0, the learned write token w, the memory projection
 
 
 def test_load_stage1_weights_rejects_mismatches_before_loading(tmp_path):

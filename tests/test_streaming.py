@@ -114,8 +114,9 @@ def test_finish_releases_held_tokens_like_a_short_last_segment():
 
 
 def test_kv_write_position_equals_segment_pass():
-    """The cached path (prefix, one token at a time, then [m]) gives segment_pass's memory hidden state."""
-    model = make_model("segment")
+    """The cached path (prefix, one token at a time, then [m]) gives segment_pass's memory hidden state (the paper's
+    layout, where the write slot repeats m)."""
+    model = make_model("segment", write_token="memory")
     runner = model.base_model.runner()
     with torch.no_grad():
         x = runner.bb.embed(torch.randint(4, 128, (2, SEG)))
