@@ -244,11 +244,11 @@ def fact_depth(s: Settings, segments: int, num_sensory: int, rng: random.Random)
         raise ValueError(f"placement must be 'depth' or 'segment', got {s.placement!r}.")
     beyond = s.evidence == "beyond"
     segment = rng.randrange(segments - 1 if beyond else segments)
-    end = (segment + 1) * s.segment_length
+    start, end = segment * s.segment_length, (segment + 1) * s.segment_length
     if beyond and segment == segments - 2:
-        end -= num_sensory + 8  # the last segment's sensory memory is inside its window
-    start = segment * s.segment_length
-    return (start + rng.random() * max(1, end - start - 8)) / length, False
+        end -= num_sensory + 8  # the fact (~7 tokens) must end before the last segment's sensory memory
+    # anywhere from the segment's first token on, so a fact may straddle into the next segment (as real text does)
+    return (start + rng.random() * max(1, end - start)) / length, False
 
 
 def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
