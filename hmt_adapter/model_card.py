@@ -1,7 +1,8 @@
 """The model card (README.md) a saved HMT adapter carries.
 
 PEFT writes a blank template card (``base_model: ''`` when the backbone was built locally) that tells a reader
-nothing about HMT and omits the one line they need before `PeftModel.from_pretrained`: ``import hmt_adapter``.
+nothing about HMT and does not say that loading needs ``pip install hmt-adapter`` (which registers HMT with PEFT
+whenever ``peft`` is imported; ``import hmt_adapter`` does the same explicitly).
 `HMTConfig.save_pretrained` calls `write_model_card` right after PEFT's card is written, so every
 ``save_pretrained`` / ``push_to_hub`` of an HMT adapter carries this card; PEFT's metadata (tags, library, versions)
 is kept. `write_model_card` can also be called again with ``training`` and ``results`` notes.
@@ -58,7 +59,7 @@ def card_title(config: Any) -> str:
 
 def _usage(base: str, where: str) -> str:
     return f"""```python
-import hmt_adapter  # registers the "HMT" adapter type with PEFT: needed before loading
+# pip install hmt-adapter: it registers the "HMT" adapter type with PEFT whenever peft is imported
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
