@@ -78,7 +78,8 @@ class _TokenLogProb(torch.autograd.Function):
 
 
 def token_log_probs(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, scale: float = 1.0, extras: bool = False
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, scale: float = 1.0, extras: bool = False,
+    softcap: Optional[float] = None,
 ) -> tuple[torch.Tensor, ...]:
     """Log-probability of each label under the LM head, its entropy and whether it is the argmax.
 
@@ -87,6 +88,8 @@ def token_log_probs(
         head: the LM head (an ``nn.Linear``; a 4-bit head is run as a module, with ordinary autograd).
         labels: (N,) next-token ids.
         scale: logit multiplier of the model (1.0 for most).
+        softcap: the model's ``final_logit_softcapping`` (Gemma-2): logits become ``cap * tanh(logits / cap)``,
+            as in `hmt_adapter.backbone.Backbone.logits`. Such models take the plain autograd path.
 
     Returns:
         log_probs (N,) float32 with gradient; entropy (N,) and is_top1 (N,) without. With ``extras=True`` also
@@ -94,9 +97,11 @@ def token_log_probs(
         gradient: the extra fields TRL's DPOTrainer reads from the fused LM head.
     """
     weight = getattr(head, "weight", None)
-    plain = type(head) is torch.nn.Linear and weight is not None
+    plain = type(head) is torch.nn.Linear and weight is not None and softcap is None
     if not plain:
         logits = head(hidden).float() * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         logp_all = logits.log_softmax(-1)
         logp = logp_all.gather(1, labels.unsqueeze(1)).squeeze(1)
         with torch.no_grad():

@@ -68,6 +68,7 @@ SUPPORTED_TINY_MODEL_TYPES: tuple[str, ...] = (
     "mistral",
     "gpt2",
     "gpt_neox",
+    "gemma2",
 )
 
 TINY_VOCAB_SIZE = 128
@@ -159,6 +160,21 @@ _TINY_BASE: dict[str, tuple[str, dict[str, Any]]] = {
             attention_dropout=0.0,
         ),
     ),
+    "gemma2": (  # final-logit softcapping (and attention softcapping): the LM-head paths must all apply it
+        "gemma2",
+        dict(
+            hidden_size=TINY_HIDDEN,
+            num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=TINY_HEADS,
+            num_key_value_heads=TINY_KV_HEADS,
+            head_dim=TINY_HIDDEN // TINY_HEADS,
+            intermediate_size=TINY_INTERMEDIATE,
+            max_position_embeddings=TINY_MAX_POSITIONS,
+            attention_dropout=0.0,
+            final_logit_softcapping=0.5,
+            attn_implementation="eager",  # transformers has no sdpa path for Gemma-2's attention softcapping
+        ),
+    ),
     "gpt2": (
         "gpt2",
         dict(
@@ -210,10 +226,10 @@ def tiny_config(model_type: str = "llama", **overrides: Any) -> PretrainedConfig
     hf_type, base = _TINY_BASE[model_type]
     kwargs: dict[str, Any] = {
         "vocab_size": TINY_VOCAB_SIZE,
+        "attn_implementation": "sdpa",
         **base,
         **_TOKEN_IDS,
         "dtype": "float32",
-        "attn_implementation": "sdpa",
     }
     kwargs.update(overrides)
     return AutoConfig.for_model(hf_type, **kwargs)

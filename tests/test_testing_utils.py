@@ -21,6 +21,8 @@ def _batch(vocab_size: int = T.TINY_VOCAB_SIZE, batch: int = 2, seq: int = 12):
 @pytest.mark.parametrize("model_type", T.SUPPORTED_TINY_MODEL_TYPES)
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_tiny_models_forward(model_type: str, attn_implementation: str) -> None:
+    if model_type == "gemma2" and attn_implementation == "sdpa":
+        pytest.skip("transformers has no sdpa attention for Gemma-2 (its tiny model defaults to eager)")
     model = T.tiny_causal_lm(model_type, attn_implementation=attn_implementation)
     assert model.dtype == torch.float32
     assert model.config._attn_implementation == attn_implementation

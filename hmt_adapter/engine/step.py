@@ -116,7 +116,8 @@ def _head_outputs(runner: "HMTRunner", hidden_x: torch.Tensor, head: HeadRequest
         logp_all = out.logits[head.score_in_keep].float().log_softmax(-1)
         lp, ent, top = logp_all.gather(1, head.labels.unsqueeze(1)).squeeze(1), None, None
     else:
-        lp, ent, top, *extra = token_log_probs(flat[head.score], bb.head, head.labels, bb.logit_scale, extras=head.fused)
+        lp, ent, top, *extra = token_log_probs(flat[head.score], bb.head, head.labels, bb.logit_scale, extras=head.fused,
+                                            softcap=bb.final_logit_softcapping)
     mask = head.score_mask
     if mask is not None:
         lp = torch.where(mask, lp, torch.zeros_like(lp))
