@@ -95,3 +95,14 @@ def test_gate_needs_recall():
         HMTConfig(memory_gate=True, use_recall=False)
     with pytest.raises(TypeError, match="memory_gate"):
         HMTConfig(memory_gate="yes")
+
+
+def test_a_stream_state_records_every_config_field_that_changes_the_computation():
+    """Derived, not listed: every HMTConfig field except the exempt training-only ones (a new field is included)."""
+    from dataclasses import fields
+
+    from hmt_adapter.engine.incremental import STATE_CONFIG_FIELDS, STATE_EXEMPT_FIELDS
+
+    own = [f.name for f in fields(HMTConfig) if f.name in HMTConfig.__annotations__]
+    assert set(STATE_CONFIG_FIELDS) == set(own) - set(STATE_EXEMPT_FIELDS)
+    assert {"write_token", "memory_gate", "lora_r", "recall_query"} <= set(STATE_CONFIG_FIELDS)

@@ -9,8 +9,9 @@ The memory a segment reads is fixed as soon as its recall query is known (`query
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
+
 
 import torch
 
@@ -19,20 +20,19 @@ from ..memory import MemoryCache
 from .layout import SegmentLayout, query_known, summary_window_start
 from .runner import HMTRunner, MemoryState
 
+#: HMTConfig fields that cannot change how a stream continues: training-only settings and bookkeeping.
+STATE_EXEMPT_FIELDS = ("loss_scope", "bptt_depth", "init_std", "lora_dropout", "target_modules")
+
+
+def _state_config_fields() -> tuple[str, ...]:
+    """Every field HMTConfig itself declares (not PEFT's base config's) except `STATE_EXEMPT_FIELDS`: a field
+    added later is recorded and checked unless it is exempted on purpose."""
+    own = HMTConfig.__annotations__
+    return tuple(f.name for f in fields(HMTConfig) if f.name in own and f.name not in STATE_EXEMPT_FIELDS)
+
+
 #: Config fields a stream state depends on; using it with an adapter that differs in any of them is an error.
-STATE_CONFIG_FIELDS = (
-    "segment_length",
-    "num_sensory",
-    "recall_window",
-    "recall_dim",
-    "summary_fraction",
-    "memory_projection",
-    "memory_gate",
-    "write_token",
-    "recall_query",
-    "use_recall",
-    "base_embedding_dim",
-)
+STATE_CONFIG_FIELDS = _state_config_fields()
 
 
 def config_header(config: HMTConfig) -> dict[str, Any]:
