@@ -59,7 +59,7 @@ def test_retrieval_recipe_trains_from_the_command_line_offline(demo_layout, caps
     out = demo_layout / "outputs" / "retrieval-tiny"
     assert (out / "adapter_model.safetensors").is_file()
     config = HMTConfig.from_pretrained(str(out))
-    assert config.use_recall and config.write_token == "learned" and config.memory_gate and config.segment_length == 16
+    assert config.use_recall and config.write_token == "learned" and not config.memory_gate and config.segment_length == 16
     printed = capsys.readouterr().out
     assert "prompt/completion, one stage with recall: 3 logged steps" in printed and "stage1" not in printed
     card = (out / "README.md").read_text()
