@@ -114,17 +114,10 @@ class HMTLayer(nn.Module, HMTTunerLayer):
     @staticmethod
     def saved_param_names(config: HMTConfig) -> list[str]:
         """Names of the parameters `update_layer` creates for ``config``, as a saved adapter's keys end (no adapter
-        name): ``hmt_memory_init``, ``hmt_recall_q.weight``, ..."""
-        names = ["hmt_memory_init"]
-        if config.write_token == "learned":
-            names.append("hmt_write_token")
-        if config.use_recall:
-            names += ["hmt_summary_token", "hmt_recall_q.weight", "hmt_recall_k.weight"]
-            if config.memory_gate:
-                names.append("hmt_memory_gate")
-        if config.memory_projection:
-            names.append("hmt_memory_proj.weight")
-        return names
+        name): ``hmt_memory_init``, ``hmt_recall_q.weight``, ... Read off a layer built on the meta device, so this
+        cannot drift from `update_layer`."""
+        probe = HMTLayer(nn.Embedding(1, 1, device="meta"), "probe", config)
+        return [name.replace(".probe", "", 1) for name, _ in probe.named_parameters() if name.startswith("hmt_")]
 
     def update_layer(self, adapter_name: str, config: HMTConfig) -> None:
         """Create the parameters of adapter ``adapter_name`` on the embedding's device and dtype (see
