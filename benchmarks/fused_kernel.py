@@ -1,4 +1,4 @@
-"""CPU time of the fused LM-head log-prob kernel (`hmt_adapter.loss.token_log_probs`), forward + backward.
+"""CPU time of the fused LM-head log-prob kernel (`hmt_adapter.engine.lm_head.token_log_probs`), forward + backward.
 
     PYTHONPATH=. python -m benchmarks.fused_kernel                                   # the current kernel
     git show 7b477bc:hmt_adapter/loss.py > /tmp/loss_before.py

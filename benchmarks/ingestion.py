@@ -51,7 +51,7 @@ def run_one(kind: str, length: int) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(4, MODEL["vocab_size"], (1, length))
     if kind == "hmt":
-        from hmt_adapter.streaming import HMTStreamer
+        from hmt_adapter.inference.streaming import HMTStreamer
 
         streamer = HMTStreamer(build())
         start = time.perf_counter()

@@ -9,7 +9,7 @@ Protocol: a BPE tokenizer and a small Llama are trained on SHORT windows (``segm
 corpus's training documents, with in-window episodes of the tasks mixed in (so the backbone can answer when the
 evidence is inside its window); the backbone is then frozen. Each HMT variant is trained with TRL's SFTTrainer on
 episodes of 2..``max_train_segments`` segments (answer-only loss unless ``--all-token-loss``), then every method
-is scored through lm-eval (`hmt_adapter.lm_eval.HMTLM` for HMT; lm-eval's own ``HFLM`` with ``max_length`` = HMT's
+is scored through lm-eval (`hmt_adapter.integrations.lm_eval.HMTLM` for HMT; lm-eval's own ``HFLM`` with ``max_length`` = HMT's
 window for the sliding-window baseline, which keeps the last tokens of the context) on the same held-out examples:
 needle at several lengths and depths, BABILong-style facts (qa1, qa2). Answers are single tokens scored by
 log-likelihood over the candidate set (lm-eval ``multiple_choice``); chance is 1 / candidates.
@@ -403,7 +403,7 @@ def prepare(s: Settings, log) -> Prepared:
 def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
     from lm_eval.models.huggingface import HFLM
 
-    from hmt_adapter.lm_eval import EncodingCache, HMTLM
+    from hmt_adapter.integrations.lm_eval import EncodingCache, HMTLM
 
     class WindowLM(EncodingCache, HFLM):
         """lm-eval's HFLM (the sliding-window baseline), tokenizing each long context once for all its choices."""

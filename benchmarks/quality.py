@@ -20,7 +20,7 @@ Protocol (small scale, CPU):
    before them). The validation documents are a salted-hash subset of the training split, used for nothing else;
 3. the backbone frozen, HMT attached with ``peft.get_peft_model(backbone, HMTConfig(...))``, the HMT parameters
    trained with TRL's ``SFTTrainer`` on training documents cut into pieces of ``train_segments`` segments
-   (`hmt_adapter.training.chunk_token_ids`, ``max_length`` checked with `check_max_length`);
+   (`hmt_adapter.integrations.trl.chunk_token_ids`, ``max_length`` checked with `check_max_length`);
 4. two controls for LoRA (``--no-lora`` skips both): HMT + LoRA (``HMTConfig(lora_r=8, lora_alpha=32)``), and
    LoRA alone (plain ``peft.LoraConfig``, same rank and alpha, on exactly the modules HMT's LoRA wraps). Both train
    with the same SFTTrainer arguments, steps and pieces as HMT; LoRA alone sees each piece cut into independent
@@ -325,7 +325,7 @@ def sft_dataset(train_token_docs: Sequence[Sequence[int]], settings: QualitySett
     seeded sample of ``hmt_steps * hmt_batch`` of them (each seen once). Returns (dataset, pieces available)."""
     from datasets import Dataset
 
-    from hmt_adapter.training import chunk_token_ids
+    from hmt_adapter.integrations.trl import chunk_token_ids
 
     chunks = chunk_token_ids(train_token_docs, settings.train_segments * settings.segment_length,
                              min_tokens=2 * settings.segment_length)
@@ -341,7 +341,7 @@ def lora_only_model(base, settings: QualitySettings):
     ``lora_target_modules="all-linear"``: every linear layer but the LM head), same rank, alpha and dropout (0)."""
     import peft
 
-    from hmt_adapter.lora import lora_target_names
+    from hmt_adapter.tuner.lora import lora_target_names
 
     targets = lora_target_names(base, hmt_config(settings, lora=True).lora_target_modules)
     config = peft.LoraConfig(task_type="CAUSAL_LM", r=settings.lora_r, lora_alpha=settings.lora_alpha,
@@ -389,7 +389,7 @@ def train_adapter(peft_model, tokenizer, dataset, settings: QualitySettings, wor
     Returns the trainer."""
     from trl import SFTConfig, SFTTrainer
 
-    from hmt_adapter.training import check_max_length, check_sft_args
+    from hmt_adapter.integrations.trl import check_max_length, check_sft_args
 
     max_length = settings.train_segments * settings.segment_length
     args = SFTConfig(

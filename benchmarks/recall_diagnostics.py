@@ -9,7 +9,7 @@ settings), and for needle examples of ``--length`` tokens (the needle planted in
 held-out text) measures, per method:
 
 * **recall at the question**: the recall weights of the LAST segment (the one that asks the question) over the
-  cached memories, through `hmt_adapter.memory.observe_recall`: the weight on the needle's segment, the rank of that
+  cached memories, through `hmt_adapter.engine.memory.observe_recall`: the weight on the needle's segment, the rank of that
   segment, and where the largest weight falls (by segment index), against the uniform weight ``1 / N``;
 * **key in memory**: a linear probe (multinomial logistic regression, trained on half of the examples, scored on
   the other half) from the memory embedding ``e_j`` of the needle's segment ``j`` to the key, against the same
@@ -47,8 +47,8 @@ def needle_start(ids: list[int], marker: list[int]) -> int:
 @torch.no_grad()
 def inspect(model, tokenizer, examples: list[dict[str, Any]], segment_length: int) -> list[dict[str, Any]]:
     """Per example: needle segment, recall weights of the last segment, memories, answer correctness."""
-    from hmt_adapter.memory import observe_recall
-    from hmt_adapter.streaming import HMTStreamer
+    from hmt_adapter.engine.memory import observe_recall
+    from hmt_adapter.inference.streaming import HMTStreamer
 
     marker = tokenizer(" The secret word is", add_special_tokens=False).input_ids
     out = []

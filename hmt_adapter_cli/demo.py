@@ -218,7 +218,7 @@ def evaluate(model, sets, settings: DemoSettings, window: Optional[int] = None) 
 # HMT training with TRL
 # ---------------------------------------------------------------------------------------------------------
 def hmt_config(settings: DemoSettings, lora_r: int = 0):
-    from hmt_adapter.config import HMTConfig
+    from hmt_adapter.tuner.config import HMTConfig
 
     return HMTConfig(
         task_type="CAUSAL_LM",

@@ -98,7 +98,7 @@ def test_no_import_circle_in_the_package() -> None:
     for name in modules:
         visit(name)
     engine = {m for m in modules if m.startswith("hmt_adapter.engine")}
-    callers = {"hmt_adapter.forward", "hmt_adapter.streaming", "hmt_adapter.generation", "hmt_adapter.model"}
+    callers = {"hmt_adapter.engine.forward", "hmt_adapter.inference.streaming", "hmt_adapter.inference.generation", "hmt_adapter.tuner.model"}
     for module in engine:
         assert not (modules[module] & callers), f"{module} imports a caller of the engine"
-    assert "hmt_adapter.model" not in modules["hmt_adapter.streaming"] | modules["hmt_adapter.generation"]
+    assert "hmt_adapter.tuner.model" not in modules["hmt_adapter.inference.streaming"] | modules["hmt_adapter.inference.generation"]

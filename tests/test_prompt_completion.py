@@ -13,7 +13,7 @@ from trl import SFTConfig
 
 from hmt_adapter import HMTConfig
 from hmt_adapter.testing import tiny_causal_lm, tiny_tokenizer
-from hmt_adapter.training import curriculum_order
+from hmt_adapter.integrations.trl import curriculum_order
 from hmt_adapter_cli import prompt_completion as P
 from hmt_adapter_cli.recipes import parse_recipe, run_recipe
 

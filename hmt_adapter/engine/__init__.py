@@ -10,11 +10,11 @@
 - `ragged`: several lock-step groups at different positions in their segments, decoded in ONE backbone call per
   token on one masked KV cache (`RaggedStreams`), used by generation.
 
-The full forward (`hmt_adapter.forward`), streaming and generation are callers of this package; it imports none
+The full forward (`hmt_adapter.engine.forward`), streaming and generation are callers of this package; it imports none
 of them.
 """
 
-from .incremental import HMTStreamState, config_header, feed_tokens, flush, new_state
+from .stream import HMTStreamState, config_header, feed_tokens, flush, new_state
 from .layout import SegmentLayout, query_known, summary_window_start
 from .ragged import RaggedStreams
 from .runner import HMTRunner, MemorySource, MemoryState

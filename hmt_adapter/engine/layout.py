@@ -17,11 +17,13 @@ The summary pass that makes a recall query uses the same framing with the summar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 
-from ..config import HMTConfig
+if TYPE_CHECKING:  # the engine reads a config's fields; it never imports the tuner
+    from ..tuner.config import HMTConfig
+
 
 Index = Union[int, torch.Tensor]
 

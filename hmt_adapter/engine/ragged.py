@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .incremental import HMTStreamState, _close, _fix_memory, _queries, _window, select_rows
+from .stream import HMTStreamState, _close, _fix_memory, _queries, _window, select_rows
 from .layout import SegmentLayout
 from .runner import HMTRunner
 

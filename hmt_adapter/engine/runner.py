@@ -9,22 +9,24 @@ between calls. What HMT carries from one segment to the next is an explicit `Mem
     hidden_x, e_raw = runner.segment_pass(memory, state.sensory, x, x_len)
     state = runner.advance(state, x, e_raw)                         # e_n cached, sensory carried, n + 1
 
-The full forward (`hmt_adapter.forward`), streaming and generation (`hmt_adapter.engine.incremental`) drive
+The full forward (`hmt_adapter.engine.forward`), streaming and generation (`hmt_adapter.engine.stream`) drive
 these methods; the token layout of a pass is `SegmentLayout`'s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, TYPE_CHECKING, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..backbone import Backbone
-from ..config import HMTConfig
-from ..memory import HMTParams, MemoryCache, notify_recall, query_space, recall, recall_key, to_memory_space
+from .backbone import Backbone
+from .memory import HMTParams, MemoryCache, notify_recall, query_space, recall, recall_key, to_memory_space
 from .layout import SegmentLayout, frame, read_after
+
+if TYPE_CHECKING:  # the engine reads a config's fields; it never imports the tuner
+    from ..tuner.config import HMTConfig
 
 
 @dataclass

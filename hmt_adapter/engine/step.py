@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ..loss import token_log_probs
-from ..memory import recall
+from .lm_head import token_log_probs
+from .memory import recall
 
 if TYPE_CHECKING:
     from .runner import HMTRunner

@@ -18,6 +18,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..engine.memory import HMTParams
 from .config import HMTConfig
 
 
@@ -110,6 +111,25 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         if weight.device.type == "meta":
             return torch.ones((), device="meta")
         return weight.float().norm(dim=-1).mean()
+
+    def params(self, adapter_name: str, config: HMTConfig) -> HMTParams:
+        """The tensors of adapter ``adapter_name`` the engine runs with (None for the parts ``config`` turns off)."""
+
+        def get(container, is_linear: bool):
+            if adapter_name not in container:
+                return None
+            return container[adapter_name].weight if is_linear else container[adapter_name]
+
+        return HMTParams(
+            memory_init=self.hmt_memory_init[adapter_name],
+            summary_token=get(self.hmt_summary_token, False),
+            write_token=get(self.hmt_write_token, False) if config.write_token == "learned" else None,
+            w_q=get(self.hmt_recall_q, True),
+            w_k=get(self.hmt_recall_k, True),
+            memory_proj=get(self.hmt_memory_proj, True) if config.memory_projection else None,
+            memory_gate=get(self.hmt_memory_gate, False) if config.memory_gate else None,
+            embed_norm=self.embedding_row_norm(),
+        )
 
     @staticmethod
     def saved_param_names(config: HMTConfig) -> list[str]:

@@ -12,7 +12,6 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .config import HMTConfig
 
 
 def _is_causal_lm_class(cls: type) -> bool:
@@ -144,31 +143,3 @@ def max_positions(model: nn.Module) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def check_backbone(model: nn.Module, config: HMTConfig) -> None:
-    """Check that ``config`` fits ``model``; raise `ValueError`/`TypeError` saying what to change."""
-    check_causal_lm(model)
-    width = input_embedding_width(model)
-    out_width = output_hidden_width(model)
-    if out_width != width:
-        raise ValueError(
-            f"HMT needs the backbone's last hidden state in its input-embedding space, but {type(model).__name__} "
-            f"embeds tokens in {width} dims and its LM head reads {out_width} dims."
-        )
-    expected = getattr(config, "base_embedding_dim", None)
-    if expected is not None and expected != width:
-        raise ValueError(
-            f"This HMT adapter was trained on a backbone with {expected}-dim input embeddings, but the model it is "
-            f"being attached to ({type(model).__name__}, {getattr(model.config, '_name_or_path', '') or 'local'}) "
-            f"has {width}-dim embeddings. Load it onto the backbone it was trained with "
-            f"(adapter_config.json: base_model_name_or_path={config.base_model_name_or_path!r})."
-        )
-    limit = max_positions(model)
-    need = max(config.positions_per_segment, config.summary_length + 2)
-    if limit is not None and need > limit:
-        raise ValueError(
-            f"HMT segments need {need} positions (segment_length={config.segment_length} + num_sensory="
-            f"{config.num_sensory} + 2 memory positions) but the backbone has max_position_embeddings={limit}. "
-            f"Lower segment_length to at most {limit - config.num_sensory - 2}."
-        )

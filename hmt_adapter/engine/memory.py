@@ -15,13 +15,11 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import HMTConfig
-from .layer import HMTLayer
-
 
 @dataclass
 class HMTParams:
-    """The parameters of one HMT adapter, resolved from an `HMTLayer` for the duration of a call."""
+    """The parameters of one HMT adapter for the duration of a call (`hmt_adapter.tuner.layer.HMTLayer.params`
+    resolves them from the layer that holds them)."""
 
     memory_init: torch.Tensor  # (d,)
     summary_token: Optional[torch.Tensor]  # (d,)
@@ -31,24 +29,6 @@ class HMTParams:
     memory_proj: Optional[torch.Tensor]  # (d, d)
     memory_gate: Optional[torch.Tensor]  # () gate g on the recalled memory (memory_gate=True), else None
     embed_norm: torch.Tensor  # () typical norm of an input-embedding row
-
-    @classmethod
-    def from_layer(cls, layer: HMTLayer, adapter_name: str, config: HMTConfig) -> "HMTParams":
-        def get(container, is_linear: bool):
-            if adapter_name not in container:
-                return None
-            return container[adapter_name].weight if is_linear else container[adapter_name]
-
-        return cls(
-            memory_init=layer.hmt_memory_init[adapter_name],
-            summary_token=get(layer.hmt_summary_token, False),
-            write_token=get(layer.hmt_write_token, False) if config.write_token == "learned" else None,
-            w_q=get(layer.hmt_recall_q, True),
-            w_k=get(layer.hmt_recall_k, True),
-            memory_proj=get(layer.hmt_memory_proj, True) if config.memory_projection else None,
-            memory_gate=get(layer.hmt_memory_gate, False) if config.memory_gate else None,
-            embed_norm=layer.embedding_row_norm(),
-        )
 
     @property
     def dtype(self) -> torch.dtype:

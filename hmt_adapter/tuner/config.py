@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from . import _peft_shim  # noqa: F401  (adds PeftType.HMT before any config is built)
-from .io import check_adapter_weights
+from .weights import check_adapter_weights
 
 RECALL_QUERIES = ("segment", "previous")
 WRITE_TOKENS = ("memory", "learned")
@@ -155,7 +155,7 @@ class HMTConfig(PeftConfig):
         if self.task_type is None:
             self.task_type = "CAUSAL_LM"
         super().__post_init__()
-        self.peft_type = PeftType.HMT  # registered by hmt_adapter._peft_shim
+        self.peft_type = PeftType.HMT  # registered by hmt_adapter.tuner._peft_shim
         if isinstance(self.lora_target_modules, list):
             self.lora_target_modules = list(self.lora_target_modules)
         self.validate()
@@ -232,6 +232,17 @@ class HMTConfig(PeftConfig):
             from .model_card import write_model_card
 
             write_model_card(save_directory, self)
+
+    #: Fields that cannot change how a stream continues (training-only settings and bookkeeping); every other field
+    #: HMTConfig declares is recorded in a saved stream state and checked when it is used (`stream_state_fields`).
+    STREAM_STATE_EXEMPT: ClassVar[tuple[str, ...]] = ("loss_scope", "bptt_depth", "init_std", "lora_dropout", "target_modules")
+
+    @classmethod
+    def stream_state_fields(cls) -> tuple[str, ...]:
+        """The fields a stream state depends on: every field HMTConfig itself declares (not PEFT's base config's)
+        except `STREAM_STATE_EXEMPT`, so a field added later is recorded and checked unless exempted on purpose."""
+        own = HMTConfig.__annotations__
+        return tuple(f.name for f in fields(cls) if f.name in own and f.name not in cls.STREAM_STATE_EXEMPT)
 
     @property
     def summary_length(self) -> int:

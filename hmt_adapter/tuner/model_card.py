@@ -74,7 +74,7 @@ out = model.generate(input_ids=ids, max_new_tokens=64)
 def card_text(config: Any, where: str, training: Optional[str] = None,
               results: Optional[Mapping[str, object]] = None) -> str:
     """The Markdown body of the card for ``config`` (``where``: the directory or Hub id to load from)."""
-    from . import __version__
+    from .. import __version__
 
     base = config.base_model_name_or_path or BASE_PLACEHOLDER
     lora = f" and LoRA (r={config.lora_r}, alpha={config.lora_alpha}) on the backbone" if config.lora_r > 0 else ""

@@ -10,15 +10,14 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .backbone import Backbone, check_backbone, input_embedding_width
+from ..engine.backbone import Backbone, check_causal_lm, input_embedding_width, max_positions, output_hidden_width
 from .config import HMTConfig
-from .engine import HMTRunner
-from .forward import HMTFusedOutput, hmt_forward
-from .generation import generate as hmt_generate
-from .io import KEY_PREFIX
+from ..engine import HMTRunner
+from ..engine.forward import HMTFusedOutput, hmt_forward
+from ..inference.generation import generate as hmt_generate
+from .weights import KEY_PREFIX
 from .layer import HMTLayer, HMTTunerLayer
 from .lora import HMTLoraLinear, lora_target_names
-from .memory import HMTParams
 from .model_card import describe_backbone_for_card
 
 _UNSUPPORTED_WITH_HMT = ("past_key_values", "position_ids", "cache_position")
@@ -81,6 +80,34 @@ def _module_of(key: str) -> str:
 
 def _shown(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_backbone(model: nn.Module, config: HMTConfig) -> None:
+    """Check that ``config`` fits ``model``; raise `ValueError`/`TypeError` saying what to change."""
+    check_causal_lm(model)
+    width = input_embedding_width(model)
+    out_width = output_hidden_width(model)
+    if out_width != width:
+        raise ValueError(
+            f"HMT needs the backbone's last hidden state in its input-embedding space, but {type(model).__name__} "
+            f"embeds tokens in {width} dims and its LM head reads {out_width} dims."
+        )
+    expected = getattr(config, "base_embedding_dim", None)
+    if expected is not None and expected != width:
+        raise ValueError(
+            f"This HMT adapter was trained on a backbone with {expected}-dim input embeddings, but the model it is "
+            f"being attached to ({type(model).__name__}, {getattr(model.config, '_name_or_path', '') or 'local'}) "
+            f"has {width}-dim embeddings. Load it onto the backbone it was trained with "
+            f"(adapter_config.json: base_model_name_or_path={config.base_model_name_or_path!r})."
+        )
+    limit = max_positions(model)
+    need = max(config.positions_per_segment, config.summary_length + 2)
+    if limit is not None and need > limit:
+        raise ValueError(
+            f"HMT segments need {need} positions (segment_length={config.segment_length} + num_sensory="
+            f"{config.num_sensory} + 2 memory positions) but the backbone has max_position_embeddings={limit}. "
+            f"Lower segment_length to at most {limit - config.num_sensory - 2}."
+        )
 
 
 class HMTModel(BaseTuner):
@@ -208,7 +235,7 @@ class HMTModel(BaseTuner):
     def runner(self) -> HMTRunner:
         """An `HMTRunner` for the active adapter (stateless; build one per call)."""
         config = self.hmt_config
-        params = HMTParams.from_layer(self.hmt_layer(), self.active_adapters[0], config)
+        params = self.hmt_layer().params(self.active_adapters[0], config)
         return HMTRunner(Backbone(self.model), params, config)
 
     def _adapter_enabled(self) -> bool:
@@ -293,7 +320,7 @@ class HMTModel(BaseTuner):
 
     # ---- generation ---------------------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any):
-        """Memory-aware generation; see `hmt_adapter.generation.generate`."""
+        """Memory-aware generation; see `hmt_adapter.inference.generation.generate`."""
         if not self._adapter_enabled():
             return self.model.generate(*args, **kwargs)
         return hmt_generate(self, *args, **kwargs)

@@ -33,9 +33,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .engine import HMTRunner, HMTStreamState, MemoryState, config_header, feed_tokens, flush, new_state
-from .engine.incremental import STATE_CONFIG_FIELDS
-from .memory import MemoryCache
+from ..engine import HMTRunner, HMTStreamState, MemoryState, config_header, feed_tokens, flush, new_state
+from ..engine.memory import MemoryCache
 
 STATE_FORMAT = "hmt-stream-state"
 STATE_VERSION = 1
@@ -189,7 +188,7 @@ def load_state(path: str, model: nn.Module) -> HMTStreamState:
     if header.get("format") != STATE_FORMAT or header.get("version") != STATE_VERSION:
         raise ValueError(f"{path!r} holds an unsupported stream-state format {header.get('format')!r} v{header.get('version')}.")
     saved, current = header["config"], config_header(config)
-    diff = {k: (saved.get(k), current[k]) for k in STATE_CONFIG_FIELDS if saved.get(k) != current[k]}
+    diff = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
     if diff:
         details = ", ".join(f"{k}: saved {a!r} vs adapter {b!r}" for k, (a, b) in diff.items())
         raise ValueError(

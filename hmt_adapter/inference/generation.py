@@ -5,7 +5,7 @@ How a prompt is read and continued (per row, counted on the row's real tokens):
 * The prompt's full segments pass through the memory exactly as in the forward (one `HMTRunner.segment_pass`
   each: memory written, recall cache and sensory memory updated).
 * The prompt's tail (the tokens of the open segment) and the new tokens are decoded with the backbone's KV cache
-  inside the segment (`hmt_adapter.engine.incremental`: the segment's `SegmentLayout` on the KV cache). When the segment holds ``segment_length`` tokens it
+  inside the segment (`hmt_adapter.engine.stream`: the segment's `SegmentLayout` on the KV cache). When the segment holds ``segment_length`` tokens it
   is closed: the write position ``[m]`` is run as one more cached step, its hidden state becomes the segment's
   memory, the sensory tokens are carried, and decoding goes on in a new segment with a new KV cache.
 * Recall query of the segment decoding is in: with ``recall_query="previous"`` it is the end of the previous
@@ -29,7 +29,7 @@ bad_words_ids, ...), ``logits_processor``, ``stopping_criteria``, ``eos_token_id
 padded with ``pad_token_id``), ``num_return_sequences``, ``max_new_tokens`` / ``max_length``, ``streamer``
 (``TextStreamer`` / ``TextIteratorStreamer``; one sequence), ``stop_strings`` (with ``tokenizer=``),
 ``return_dict_in_generate`` with ``output_scores`` / ``output_logits``, beam search (``num_beams``,
-``length_penalty``, ``early_stopping``, ``num_return_sequences``; `hmt_adapter.beam_search`: each beam carries its
+``length_penalty``, ``early_stopping``, ``num_return_sequences``; `hmt_adapter.inference.beam_search`: each beam carries its
 own memory state). Not supported (a `ValueError` says so): beam sampling, group beam search, assisted /
 prompt-lookup / contrastive decoding, ``inputs_embeds``, classifier-free guidance, attentions and hidden states.
 """
@@ -43,9 +43,9 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .segments import check_inputs
-from .engine import feed_tokens, flush, new_state
-from .engine.ragged import RaggedStreams
+from ..engine.inputs import check_inputs
+from ..engine import feed_tokens, flush, new_state
+from ..engine.ragged import RaggedStreams
 
 _UNSUPPORTED_KWARGS = {
     "assistant_model": "assisted decoding",

@@ -1,4 +1,4 @@
-"""HMT in lm-evaluation-harness: the model ``hmt``. ``import hmt_adapter.lm_eval`` registers it; an installed
+"""HMT in lm-evaluation-harness: the model ``hmt``. ``import hmt_adapter.integrations.lm_eval`` registers it; an installed
 hmt-adapter also registers it whenever lm-eval loads its registry (`_hmt_adapter_autoload`), so lm-eval's own
 ``lm_eval --model hmt ...`` works too.
 
@@ -31,13 +31,13 @@ try:
     from lm_eval.models.huggingface import HFLM
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        'hmt_adapter.lm_eval needs lm-evaluation-harness: pip install "hmt-adapter[eval]" (lm-eval>=0.4.13).'
+        'hmt_adapter.integrations.lm_eval needs lm-evaluation-harness: pip install "hmt-adapter[eval]" (lm-eval>=0.4.13).'
     ) from exc
 
 from peft import PeftModel
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
-from .config import HMTConfig
+from ..tuner.config import HMTConfig
 
 #: The context length HMT accepts: no limit (a Python int far beyond any document).
 UNBOUNDED_LENGTH = 1 << 40

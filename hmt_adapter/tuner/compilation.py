@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import segment_step
+from ..engine import segment_step
 from .model import HMTModel
 
 

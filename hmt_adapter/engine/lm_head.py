@@ -89,7 +89,7 @@ def token_log_probs(
         labels: (N,) next-token ids.
         scale: logit multiplier of the model (1.0 for most).
         softcap: the model's ``final_logit_softcapping`` (Gemma-2): logits become ``cap * tanh(logits / cap)``,
-            as in `hmt_adapter.backbone.Backbone.logits`. Such models take the plain autograd path.
+            as in `hmt_adapter.engine.backbone.Backbone.logits`. Such models take the plain autograd path.
 
     Returns:
         log_probs (N,) float32 with gradient; entropy (N,) and is_top1 (N,) without. With ``extras=True`` also

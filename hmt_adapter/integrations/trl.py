@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .config import HMTConfig
+from ..tuner.config import HMTConfig
 
 #: Parameters that exist only with ``use_recall=True``: absent from a stage-1 adapter, by design.
 RECALL_PARAM_NAMES = ("hmt_summary_token", "hmt_recall_q", "hmt_recall_k")
@@ -86,7 +86,7 @@ def check_max_length(
             f"{len(over)} of {len(lengths)} documents are longer than max_length={max_length} tokens (longest: "
             f"{max(over)}) and would be truncated, so HMT would never see their ends. Set max_length=None in "
             f"SFTConfig to train on whole documents (HMT reads any length segment by segment), raise max_length, "
-            f"or split the documents first (hmt_adapter.training.chunk_token_ids)."
+            f"or split the documents first (hmt_adapter.integrations.trl.chunk_token_ids)."
         )
         if on_overflow == "raise":
             raise ValueError(message)

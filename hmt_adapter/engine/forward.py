@@ -19,9 +19,11 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from .engine import HeadRequest, HMTRunner, MemorySource, StepOutput, segment_step, summary_window_start
+from .layout import summary_window_start
+from .runner import HMTRunner, MemorySource
+from .step import HeadRequest, StepOutput, segment_step
 from .memory import notify_recall
-from .segments import IGNORE_INDEX, PackedBatch, check_inputs, pack_batch
+from .inputs import IGNORE_INDEX, PackedBatch, check_inputs, pack_batch
 
 
 @dataclass

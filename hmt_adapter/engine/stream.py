@@ -1,4 +1,4 @@
-"""The segment step, token by token: what streaming (`hmt_adapter.streaming`) and `generate` run.
+"""The segment step, token by token: what streaming (`hmt_adapter.inference.streaming`) and `generate` run.
 
 A segment that arrives whole runs as one `HMTRunner.segment_pass`, exactly as in the forward. A segment that
 arrives in pieces runs the same `SegmentLayout` with the backbone's KV cache: ``prefix`` (memory, sensory and
@@ -9,35 +9,22 @@ The memory a segment reads is fixed as soon as its recall query is known (`query
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
 
 
 import torch
 
-from ..config import HMTConfig
-from ..memory import MemoryCache
+from .memory import MemoryCache
 from .layout import SegmentLayout, query_known, summary_window_start
 from .runner import HMTRunner, MemoryState
 
-#: HMTConfig fields that cannot change how a stream continues: training-only settings and bookkeeping.
-STATE_EXEMPT_FIELDS = ("loss_scope", "bptt_depth", "init_std", "lora_dropout", "target_modules")
+if TYPE_CHECKING:  # the engine reads a config's fields; it never imports the tuner
+    from ..tuner.config import HMTConfig
 
-
-def _state_config_fields() -> tuple[str, ...]:
-    """Every field HMTConfig itself declares (not PEFT's base config's) except `STATE_EXEMPT_FIELDS`: a field
-    added later is recorded and checked unless it is exempted on purpose."""
-    own = HMTConfig.__annotations__
-    return tuple(f.name for f in fields(HMTConfig) if f.name in own and f.name not in STATE_EXEMPT_FIELDS)
-
-
-#: Config fields a stream state depends on; using it with an adapter that differs in any of them is an error.
-STATE_CONFIG_FIELDS = _state_config_fields()
-
-
-def config_header(config: HMTConfig) -> dict[str, Any]:
-    """The config fields (`STATE_CONFIG_FIELDS`) a stream state records and checks."""
-    return {name: getattr(config, name) for name in STATE_CONFIG_FIELDS}
+def config_header(config: "HMTConfig") -> dict[str, Any]:
+    """The config fields a stream state records and checks (`HMTConfig.stream_state_fields`)."""
+    return {name: getattr(config, name) for name in config.stream_state_fields()}
 
 
 @dataclass

@@ -53,7 +53,7 @@ def beam_search(
     pad: Optional[torch.Tensor],
     streamer: Any,
 ) -> Any:
-    """Beam search over ``decoder`` (a `hmt_adapter.generation.Decoder` on ``input_ids`` (B * K, T), each prompt
+    """Beam search over ``decoder`` (a `hmt_adapter.inference.generation.Decoder` on ``input_ids`` (B * K, T), each prompt
     repeated K = num_beams times). Returns (B * num_return_sequences, T + N) sequences (or a dict output)."""
     k = int(cfg.num_beams)
     n_return = int(cfg.num_return_sequences or 1)
