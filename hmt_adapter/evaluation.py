@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .tuner.config import HMTConfig
-from .engine.memory import observe_recall
+from .engine import observe_recall
 
 METHODS = ("hmt", "backbone_window", "backbone_sliding")
 Document = Union[torch.Tensor, Sequence[int]]

@@ -108,7 +108,8 @@ def test_recall_query_causality(recall_query: str) -> None:
     if recall_query == "previous":
         assert torch.equal(a[:, :p], b[:, :p])
     else:
-        assert not torch.allclose(a[:, 2 * L : p], b[:, 2 * L : p])  # the documented lookahead
+        # the documented lookahead: a narrow channel (the recall weights), ~1e-7 with a fresh adapter, below allclose
+        assert not torch.equal(a[:, 2 * L : p], b[:, 2 * L : p])
 
 
 def test_memory_projection_off() -> None:

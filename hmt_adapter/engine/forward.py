@@ -1,15 +1,14 @@
 """The full HMT forward: a whole (padded) batch of any length, segment by segment, as a caller of the engine.
 
 `hmt_forward` packs the batch (padding compacted so segment borders count real tokens), computes every segment's
-recall query in ONE batched summary pass, then runs the engine's step per segment (`HMTRunner.memory_source`, then
-`segment_step`: recall, segment pass, memory write, LM-head outputs; compiled by `hmt_adapter.compile` or not, then
-`HMTRunner.write`), checkpointing each segment when asked, and assembles the Hugging Face outputs: the
+recall query in ONE batched summary pass (`HMTRunner.recall_queries`), then runs each segment through
+`run_segment` (`HMTRunner.memory_source`, `segment_step`: recall, segment pass, memory write, LM-head outputs;
+compiled by `hmt_adapter.compile` or not; checkpointed when asked), and assembles the Hugging Face outputs: the
 causal-LM loss across segment borders, logits (or ``logits_to_keep``), or TRL's fused-LM-head fields.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -19,11 +18,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from .layout import summary_window_start
-from .runner import HMTRunner, MemorySource
-from .step import HeadRequest, StepOutput, segment_step
-from .memory import notify_recall
 from .inputs import IGNORE_INDEX, PackedBatch, check_inputs, pack_batch
+from .runner import HMTRunner
+from .step import HeadRequest, StepOutput, run_segment
 
 
 @dataclass
@@ -46,7 +43,7 @@ class HMTFusedOutput(ModelOutput):
     aux_loss: Optional[torch.Tensor] = None
 
 
-def _keep_slots(
+def _logit_slots(
     length: int, logits_to_keep: Union[int, torch.Tensor], device: torch.device, fused: bool
 ) -> Optional[torch.Tensor]:
     """slot[t] = output index of original position t's logits, -1 if not kept; None when no logits."""
@@ -74,21 +71,19 @@ def _run_segments(
     runner: HMTRunner,
     batch: PackedBatch,
     targets_all: Optional[torch.Tensor],
-    keep: Optional[torch.Tensor],
+    slots: Optional[torch.Tensor],
     fused: bool,
     checkpointing: bool,
     step: Optional[Callable[..., StepOutput]] = None,
 ) -> list[tuple[StepOutput, int, Optional[tuple[torch.Tensor, torch.Tensor]]]]:
-    """Every segment of the batch in order: the one batched summary pass, then read / pass / write per segment.
+    """Every segment of the batch in order: the one batched summary pass, then `run_segment` per segment.
 
     ``step`` is `segment_step` compiled by `hmt_adapter.compile` (None: run it eagerly). A compiled step gets
     static shapes: the short last segment is padded to ``segment_length`` and the LM head runs on every position
     under a mask (see `_head_request`); the growing cache's length is marked dynamic.
     """
-    config = runner.config
-    seg_len = config.segment_length
+    seg_len = runner.config.segment_length
     num_segments = math.ceil(int(batch.lengths.max()) / seg_len)
-    runner.checkpoint_recall = checkpointing
     dense = step is not None
     queries = _summary_queries(runner, batch, num_segments, checkpointing)
     state = runner.start(batch.batch_size, like=batch.embeds)
@@ -98,36 +93,20 @@ def _run_segments(
         width = x.shape[1]
         x_len = (batch.lengths - n * seg_len).clamp(0, width)
         targets = None if targets_all is None else targets_all[:, n * seg_len : (n + 1) * seg_len]
-        keep_idx = _segment_keep(batch, keep, n * seg_len, width, x_len)
+        kept = _segment_logit_positions(batch, slots, n * seg_len, width, x_len)
         source = runner.memory_source(state, queries[n])
-        x_in, sensory = x, state.sensory
+        x_step, sensory = x, state.sensory
         if dense:  # static shapes and strides for the compiled step
-            x_in, targets = _pad_segment(x, targets, seg_len)
+            x_step, targets = _pad_segment(x, targets, seg_len)
             sensory = _fresh(sensory)
             source.query = None if source.query is None else _fresh(source.query)
-        head = _head_request(x_len, x_in.shape[1], targets, keep_idx, fused, dense)
-        args = (runner, step or segment_step, source, sensory, x_in, x_len, head, checkpointing)
-        result = checkpoint(_step, *args, use_reentrant=False) if checkpointing else _step(*args)
-        notify_recall(result.weights)
-        state = runner.write(state, x, result.memory, result.key)
+        head = _head_request(x_len, x_step.shape[1], targets, kept, fused, dense)
+        result, state = run_segment(runner, state, source, x, x_len, head, step=step, checkpointing=checkpointing,
+                                    sensory=sensory, x_step=x_step)
         if dense:
-            _undo_padding(result, keep_idx, width, x_in.shape[1])
-        outputs.append((result, n * seg_len, keep_idx))
+            _undo_padding(result, kept, width, x_step.shape[1])
+        outputs.append((result, n * seg_len, kept))
     return outputs
-
-
-def _step(
-    runner: HMTRunner, step: Callable[..., StepOutput], source: MemorySource, sensory: torch.Tensor,
-    x: torch.Tensor, x_len: torch.Tensor, head: HeadRequest, checkpointing: bool,
-) -> StepOutput:
-    """Stack the cache (inside the checkpoint, so backward recomputes it instead of saving a copy per segment) and
-    run the segment step."""
-    values, keys = source.stacked()
-    if values is not None and step is not segment_step:  # compiled: one graph for every cache length
-        torch._dynamo.decorators.mark_unbacked(values, 1)
-        torch._dynamo.decorators.mark_unbacked(keys, 1)
-    with runner.bb.layer_checkpointing_off() if checkpointing else contextlib.nullcontext():
-        return step(runner, source.memory, source.query, values, keys, sensory, x, x_len, head)
 
 
 def _fresh(t: torch.Tensor) -> torch.Tensor:
@@ -152,7 +131,7 @@ def _pad_segment(
 
 def _head_request(
     x_len: torch.Tensor, width: int, targets: Optional[torch.Tensor],
-    keep_idx: Optional[tuple[torch.Tensor, torch.Tensor]], fused: bool, dense: bool,
+    kept: Optional[tuple[torch.Tensor, torch.Tensor]], fused: bool, dense: bool,
 ) -> HeadRequest:
     """What the LM head computes for a segment of ``width`` positions per row (B = ``x_len.shape[0]``).
 
@@ -162,36 +141,36 @@ def _head_request(
     device = x_len.device
     if dense:
         every = torch.arange(x_len.shape[0] * width, device=device)
-        keep = every if keep_idx is not None else None
+        logits_at = every if kept is not None else None
         if targets is None:
-            return HeadRequest(keep=keep, fused=fused)
+            return HeadRequest(logits_at=logits_at, fused=fused)
         flat = targets.reshape(-1)
         return HeadRequest(
-            keep=keep, score=every, labels=flat.clamp(min=0), score_mask=flat != IGNORE_INDEX, fused=fused,
-            score_in_keep=None if keep is None or fused else every,
+            logits_at=logits_at, score=every, labels=flat.clamp(min=0), score_mask=flat != IGNORE_INDEX, fused=fused,
+            score_from_logits=None if logits_at is None or fused else every,
         )
-    keep = None
-    if keep_idx is not None and keep_idx[0].numel():
-        keep = keep_idx[0] * width + keep_idx[1]
+    logits_at = None
+    if kept is not None and kept[0].numel():
+        logits_at = kept[0] * width + kept[1]
     if targets is None:
-        return HeadRequest(keep=keep, fused=fused)
+        return HeadRequest(logits_at=logits_at, fused=fused)
     valid = targets != IGNORE_INDEX
     score = valid.reshape(-1).nonzero().squeeze(1)
-    score_in_keep = None
-    if keep is not None and not fused and keep.numel() == int(x_len.sum()):
+    score_from_logits = None
+    if logits_at is not None and not fused and logits_at.numel() == int(x_len.sum()):
         # kept logits are a row-major subset of the real positions; all of them (the default): score from them
         real = torch.arange(width, device=device).unsqueeze(0) < x_len.unsqueeze(1)  # (B, l)
-        score_in_keep = valid[real].nonzero().squeeze(1)
-    return HeadRequest(keep=keep, score=score, labels=targets.reshape(-1)[score], score_in_keep=score_in_keep, fused=fused)
+        score_from_logits = valid[real].nonzero().squeeze(1)
+    return HeadRequest(logits_at=logits_at, score=score, labels=targets.reshape(-1)[score], score_from_logits=score_from_logits, fused=fused)
 
 
 def _undo_padding(
-    result: StepOutput, keep_idx: Optional[tuple[torch.Tensor, torch.Tensor]], width: int, padded: int
+    result: StepOutput, kept: Optional[tuple[torch.Tensor, torch.Tensor]], width: int, padded: int
 ) -> None:
     """Bring a dense step's outputs back to the eager form: logits of the kept positions only, per-position
     fields of the segment's ``width`` real columns."""
     if result.logits is not None:
-        rows, cols = keep_idx
+        rows, cols = kept
         if not rows.numel():
             result.logits = None
         elif rows.numel() != result.logits.shape[0]:  # else every position of a full segment is kept, in order
@@ -205,32 +184,16 @@ def _undo_padding(
 def _summary_queries(
     runner: HMTRunner, batch: PackedBatch, num_segments: int, checkpointing: bool
 ) -> list[Optional[torch.Tensor]]:
-    """Recall queries of every segment >= 1 of every row, from ONE batched backbone pass."""
-    config = runner.config
+    """Recall queries of every segment >= 1 of every row, from ONE batched summary pass (`HMTRunner.recall_queries`)."""
     queries: list[Optional[torch.Tensor]] = [None] * num_segments
-    if not config.use_recall or num_segments < 2:
+    if not runner.config.use_recall or num_segments < 2:
         return queries
-    seg_len, width = config.segment_length, config.summary_length
-    embeds, lengths = batch.embeds, batch.lengths
-    seg_starts = torch.arange(1, num_segments, device=embeds.device) * seg_len  # (S-1,)
-    active = lengths.unsqueeze(1) > seg_starts.unsqueeze(0)  # (B, S-1): row has segment n
-    rows, segs = active.nonzero(as_tuple=True)  # P (row, segment) pairs
-    # "segment": the first `width` tokens of segment n (fewer in a short last segment);
-    # "previous": the `width` tokens before segment n (segment n-1 is always full).
-    first = summary_window_start(config, seg_starts[segs])  # (P,)
-    cols = first.unsqueeze(1) + torch.arange(width, device=embeds.device).unsqueeze(0)  # (P, width)
-    pad = max(0, int(cols.max()) + 1 - embeds.shape[1])
-    padded = torch.cat([embeds, embeds.new_zeros(embeds.shape[0], pad, embeds.shape[2])], dim=1)
-    tokens = padded[rows.unsqueeze(1), cols]  # (P, width, d)
-    if config.recall_query == "segment":
-        tok_len = (lengths[rows] - seg_starts[segs]).clamp(max=width)
-    else:
-        tok_len = torch.full_like(rows, width)
-    if checkpointing:
-        q = checkpoint(runner.summary_queries, tokens, tok_len, use_reentrant=False)
-    else:
-        q = runner.summary_queries(tokens, tok_len)
-    full = q.new_zeros(embeds.shape[0], num_segments - 1, q.shape[-1]).index_put((rows, segs), q)
+    lengths = batch.lengths
+    seg_starts = torch.arange(1, num_segments, device=lengths.device) * runner.config.segment_length  # (S-1,)
+    rows, segs = (lengths.unsqueeze(1) > seg_starts.unsqueeze(0)).nonzero(as_tuple=True)  # P (row, segment) pairs
+    args = (batch.embeds, seg_starts[segs], lengths[rows], rows)
+    q = checkpoint(runner.recall_queries, *args, use_reentrant=False) if checkpointing else runner.recall_queries(*args)
+    full = q.new_zeros(batch.batch_size, num_segments - 1, q.shape[-1]).index_put((rows, segs), q)
     for n in range(1, num_segments):
         queries[n] = full[:, n - 1]
     return queries
@@ -250,16 +213,16 @@ def _scored_targets(batch: PackedBatch, seg_len: int, scope: str) -> Optional[to
     return batch.next_labels.masked_fill(positions < first.unsqueeze(1), IGNORE_INDEX)
 
 
-def _segment_keep(
-    batch: PackedBatch, keep: Optional[torch.Tensor], start: int, width: int, x_len: torch.Tensor
+def _segment_logit_positions(
+    batch: PackedBatch, slots: Optional[torch.Tensor], start: int, width: int, x_len: torch.Tensor
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """(rows, cols) within the segment whose logits are kept, in output order."""
-    if keep is None:
+    """(rows, cols) within the segment whose logits are returned, in output order (None: no logits)."""
+    if slots is None:
         return None
     cols = torch.arange(width, device=x_len.device).unsqueeze(0)
     real = cols < x_len.unsqueeze(1)  # (B, l)
     original = batch.order[:, start : start + width] if batch.order is not None else (cols + start).expand_as(real)
-    return (real & (keep[original] >= 0)).nonzero(as_tuple=True)
+    return (real & (slots[original] >= 0)).nonzero(as_tuple=True)
 
 # ---- outputs ------------------------------------------------------------------------------------------
 
@@ -267,7 +230,7 @@ def _assemble(
     batch: PackedBatch,
     targets: Optional[torch.Tensor],
     results: list,
-    keep: Optional[torch.Tensor],
+    slots: Optional[torch.Tensor],
     fused: bool,
     pre_shifted: bool,
     num_items_in_batch,
@@ -297,11 +260,11 @@ def _assemble(
             loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=label_mask,
             mean_logits=mean_logits, log_sum_sq_probs=log_sum_sq_probs,
         )
-    logits = _gather_logits(batch, results, keep)
+    logits = _gather_logits(batch, results, slots)
     return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-def _gather_logits(batch: PackedBatch, results: list, keep: torch.Tensor) -> torch.Tensor:
+def _gather_logits(batch: PackedBatch, results: list, slots: torch.Tensor) -> torch.Tensor:
     """Place each segment's kept logits at their output slots: (B, num_kept, V)."""
     rows_all, slots_all, values = [], [], []
     for result, start, (rows, cols) in results:
@@ -310,13 +273,13 @@ def _gather_logits(batch: PackedBatch, results: list, keep: torch.Tensor) -> tor
         compact_pos = cols + start
         original = batch.order[rows, compact_pos] if batch.order is not None else compact_pos
         rows_all.append(rows)
-        slots_all.append(keep[original])
+        slots_all.append(slots[original])
         values.append(result.logits)
     if not values:
         raise ValueError("No logits were kept: `logits_to_keep` selected only padding positions.")
-    num_kept = int((keep >= 0).sum())
+    num_kept = int((slots >= 0).sum())
     b, vocab = batch.batch_size, values[0].shape[-1]
-    if len(values) == len(results) and _keeps_every_position_in_order(batch, keep, results):
+    if len(values) == len(results) and _every_position_in_order(batch, slots, results):
         # common case (no padding, every logit kept): one concatenation instead of zero-fill + scatter
         return torch.cat([v.view(b, -1, vocab) for v in values], dim=1)
     out = values[0].new_zeros(b, num_kept, vocab)
@@ -325,14 +288,14 @@ def _gather_logits(batch: PackedBatch, results: list, keep: torch.Tensor) -> tor
     return out
 
 
-def _keeps_every_position_in_order(batch: PackedBatch, keep: torch.Tensor, results: list) -> bool:
+def _every_position_in_order(batch: PackedBatch, slots: torch.Tensor, results: list) -> bool:
     """True when there is no padding and output slot t holds position t for every t of every row."""
     if batch.order is not None:
         return False
     total = sum(int(result.logits.shape[0]) for result, _, _ in results)
     if total != batch.batch_size * batch.total_length:
         return False
-    return bool((keep == torch.arange(keep.numel(), device=keep.device)).all())
+    return bool((slots == torch.arange(slots.numel(), device=slots.device)).all())
 
 
 def hmt_forward(
@@ -357,8 +320,8 @@ def hmt_forward(
     """
     check_inputs(input_ids, inputs_embeds, attention_mask, labels if labels is not None else shift_labels)
     batch = pack_batch(runner.bb.embed, input_ids, inputs_embeds, attention_mask, labels, shift_labels)
-    keep = _keep_slots(batch.total_length, logits_to_keep, batch.embeds.device, fused_lm_head)
+    slots = _logit_slots(batch.total_length, logits_to_keep, batch.embeds.device, fused_lm_head)
     config = runner.config
     targets = _scored_targets(batch, config.segment_length, config.loss_scope)
-    results = _run_segments(runner, batch, targets, keep, fused_lm_head, checkpointing, step)
-    return _assemble(batch, targets, results, keep, fused_lm_head, shift_labels is not None, num_items_in_batch)
+    results = _run_segments(runner, batch, targets, slots, fused_lm_head, checkpointing, step)
+    return _assemble(batch, targets, results, slots, fused_lm_head, shift_labels is not None, num_items_in_batch)

@@ -120,6 +120,19 @@ def recall(
     return memory, weights
 
 
+def read_memory(
+    memory: Optional[torch.Tensor], query: Optional[torch.Tensor], values: Optional[torch.Tensor],
+    keys: Optional[torch.Tensor], params: HMTParams,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The memory m_n a segment reads: ``memory`` (B, d) as it is (m_0, or e_{n-1} without recall) when ``values``
+    is None, else `recall` of ``query`` (B, d) over ``values`` (B, N, d) and ``keys`` (B, N, h). Returns m_n and
+    the recall weights (B, N) (None when nothing was recalled). The one way memory is read: the segment step and
+    the stream both call it."""
+    if values is None:
+        return memory, None
+    return recall(query, values, keys, params)
+
+
 def notify_recall(weights: Optional[torch.Tensor]) -> None:
     """Hand the (B, N) recall weights of one recall to the observers registered with `observe_recall`."""
     if weights is None:

@@ -43,9 +43,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..engine.inputs import check_inputs
-from ..engine import feed_tokens, flush, new_state
-from ..engine.ragged import RaggedStreams
+from ..engine import RaggedStreams, check_inputs, feed, finish, open_stream
 
 _UNSUPPORTED_KWARGS = {
     "assistant_model": "assisted decoding",
@@ -155,9 +153,9 @@ class Decoder:
         for length in torch.unique(lengths).tolist():
             rows = (lengths == length).nonzero().flatten()
             prompt = torch.stack([input_ids[r][mask[r]] for r in rows.tolist()])  # (G, length), real tokens
-            state = new_state(runner, rows.numel(), input_ids.device)
-            hidden = feed_tokens(runner, state, prompt, keep="last")
-            hidden = flush(runner, state, keep="last") or hidden  # fix the open segment's query with the prompt's part
+            state = open_stream(runner, rows.numel(), input_ids.device)
+            hidden = feed(runner, state, prompt, hidden="last")
+            hidden = finish(runner, state, hidden="last") or hidden  # fix the open segment's query with the prompt's part
             logits = runner.bb.logits(hidden[-1][:, -1]).float()  # (G, V)
             if self.logits is None:
                 self.logits = logits.new_zeros(input_ids.shape[0], logits.shape[-1])

@@ -21,8 +21,9 @@ tokens have arrived. They are held back and returned by the `feed` that complete
 segment). With ``recall_query="previous"`` or ``use_recall=False`` every token's logits are returned by the `feed`
 that brought it. Feeding after `finish` goes on with the query `finish` fixed (this is what generation does).
 
-Every segment step goes through the engine (`hmt_adapter.engine`): ``HMTRunner.segment_pass`` for a segment that
-arrives whole, the same `SegmentLayout` on the backbone's KV cache for one that arrives in pieces.
+`feed` and `finish` are the engine's stream operations (`hmt_adapter.engine.stream`: `run_segment` for a segment
+that arrives whole, exactly as in the forward; the same `SegmentLayout` on the backbone's KV cache for one that
+arrives in pieces).
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..engine import HMTRunner, HMTStreamState, MemoryState, config_header, feed_tokens, flush, new_state
-from ..engine.memory import MemoryCache
+from ..engine import HMTRunner, HMTStreamState, MemoryCache, MemoryState, config_header, feed, finish, open_stream
 
 STATE_FORMAT = "hmt-stream-state"
 STATE_VERSION = 1
@@ -72,7 +72,7 @@ class HMTStreamer:
         self.hmt_model = _hmt_model(model)
 
     def _runner(self) -> HMTRunner:
-        if not self.hmt_model._adapter_enabled():
+        if not self.hmt_model.hmt_enabled():
             raise ValueError("The HMT adapter is disabled; streaming needs it enabled (leave `disable_adapter()`).")
         return self.hmt_model.runner()
 
@@ -84,7 +84,7 @@ class HMTStreamer:
         """A fresh stream for ``batch_size`` rows (rows advance together: feed them chunks of equal length)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
-        return new_state(self._runner(), batch_size, self.device)
+        return open_stream(self._runner(), batch_size, self.device)
 
     def _check(self, ids: torch.Tensor, state: HMTStreamState) -> None:
         if not isinstance(state, HMTStreamState):
@@ -109,7 +109,7 @@ class HMTStreamer:
         self._check(input_ids, state)
         runner = self._runner()
         ids = input_ids.to(state.pending.device).long()
-        hidden = feed_tokens(runner, state, ids, "all" if return_logits else "none")
+        hidden = feed(runner, state, ids, "all" if return_logits else "none")
         return (self._logits(runner, hidden, state) if return_logits else None), state
 
     @torch.no_grad()
@@ -121,7 +121,7 @@ class HMTStreamer:
         if not isinstance(state, HMTStreamState):
             raise TypeError(f"state must be an HMTStreamState, got {type(state).__name__}.")
         runner = self._runner()
-        hidden = flush(runner, state, "all" if return_logits else "none")
+        hidden = finish(runner, state, "all" if return_logits else "none")
         return (self._logits(runner, hidden, state) if return_logits else None), state
 
     @staticmethod
@@ -157,7 +157,7 @@ def save_state(state: HMTStreamState, path: str) -> None:
         "version": STATE_VERSION,
         "config": state.config,
         "segment": state.segment,
-        "released": state.kv_tokens if state.memory is not None else 0,
+        "released": state.released if state.memory is not None else 0,
         "tokens_seen": state.tokens_seen,
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}  # allowed: written to a file
@@ -224,7 +224,7 @@ def load_state(path: str, model: nn.Module) -> HMTStreamState:
         memory=opt("memory"),
         tokens_seen=int(header.get("tokens_seen", 0)),
         config=current,
-        kv_tokens=int(header.get("released", 0)),
+        released=int(header.get("released", 0)),
     )
 
 

@@ -18,7 +18,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..engine.memory import HMTParams
+from ..engine import HMTParams
 from .config import HMTConfig
 
 

@@ -10,10 +10,11 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..engine.backbone import Backbone, check_causal_lm, input_embedding_width, max_positions, output_hidden_width
 from .config import HMTConfig
-from ..engine import HMTRunner
-from ..engine.forward import HMTFusedOutput, hmt_forward
+from ..engine import (
+    Backbone, HMTFusedOutput, HMTRunner, check_causal_lm, hmt_forward, input_embedding_width, max_positions,
+    output_hidden_width,
+)
 from ..inference.generation import generate as hmt_generate
 from .weights import KEY_PREFIX
 from .layer import HMTLayer, HMTTunerLayer
@@ -238,8 +239,9 @@ class HMTModel(BaseTuner):
         params = self.hmt_layer().params(self.active_adapters[0], config)
         return HMTRunner(Backbone(self.model), params, config)
 
-    def _adapter_enabled(self) -> bool:
-        """False when the model must behave as the bare backbone: adapters disabled, or none active."""
+    def hmt_enabled(self) -> bool:
+        """Whether the HMT adapter runs: False when the model must behave as the bare backbone (adapters disabled,
+        or none active)."""
         if self._active_hmt_adapter() is None:
             return False
         return not self.hmt_layer().disable_adapters
@@ -281,7 +283,7 @@ class HMTModel(BaseTuner):
         ``logits_to_keep`` keeps the logits of the last N positions (int > 0) or of the given positions
         (1-D tensor), as transformers models do; the loss still covers every labelled token.
         """
-        if not self._adapter_enabled():
+        if not self.hmt_enabled():
             passthrough = dict(kwargs, use_cache=use_cache, return_dict=return_dict)
             if fused_lm_head:
                 passthrough["fused_lm_head"] = True
@@ -321,7 +323,7 @@ class HMTModel(BaseTuner):
     # ---- generation ---------------------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any):
         """Memory-aware generation; see `hmt_adapter.inference.generation.generate`."""
-        if not self._adapter_enabled():
+        if not self.hmt_enabled():
             return self.model.generate(*args, **kwargs)
         return hmt_generate(self, *args, **kwargs)
 

@@ -71,11 +71,19 @@ out = model.generate(input_ids=ids, max_new_tokens=64)
 ```"""
 
 
+def _package_version() -> str:
+    """The installed hmt-adapter's version (from its metadata: the package's face sits a layer above the tuner)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hmt-adapter")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def card_text(config: Any, where: str, training: Optional[str] = None,
               results: Optional[Mapping[str, object]] = None) -> str:
     """The Markdown body of the card for ``config`` (``where``: the directory or Hub id to load from)."""
-    from .. import __version__
-
     base = config.base_model_name_or_path or BASE_PLACEHOLDER
     lora = f" and LoRA (r={config.lora_r}, alpha={config.lora_alpha}) on the backbone" if config.lora_r > 0 else ""
     rows = "\n".join(f"| `{name}` | `{getattr(config, name)!r}` |" for name in SETTINGS)
@@ -83,7 +91,7 @@ def card_text(config: Any, where: str, training: Optional[str] = None,
         f"# {card_title(config)}",
         "",
         f"A [Hierarchical Memory Transformer](https://arxiv.org/abs/2405.06067) (HMT) adapter made with hmt-adapter "
-        f"{__version__}: the backbone reads inputs of any length segment by segment ({config.segment_length} tokens "
+        f"{_package_version()}: the backbone reads inputs of any length segment by segment ({config.segment_length} tokens "
         f"each), with sensory memory, one memory embedding per segment and recall over the last "
         f"{config.recall_window} memories. The backbone's weights are frozen; the adapter holds HMT's parameters{lora}.",
         "",
