@@ -4,7 +4,7 @@
 the frameworks are imported only when work starts (`hmt_adapter_cli.recipes`).
 
 `HMTArguments` are `HMTConfig`'s own fields (names, types, defaults, help). Importing `hmt_adapter.tuner.config` would
-import PEFT and torch, so they are read from the source of ``hmt_adapter/config.py`` (its ``HMTConfig`` class body)
+import PEFT and torch, so they are read from the source of ``hmt_adapter/tuner/config.py`` (its ``HMTConfig`` class body)
 instead: one field list, in the library; `tests/test_recipes.py` checks that the two agree.
 """
 
@@ -131,11 +131,11 @@ _FACTORIES = {"list": list, "dict": dict}
 
 
 def _config_source() -> str:
-    """The path of ``hmt_adapter/config.py``, found without importing the ``hmt_adapter`` package."""
+    """The path of ``hmt_adapter/tuner/config.py``, found without importing the ``hmt_adapter`` package."""
     spec = importlib.util.find_spec("hmt_adapter")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("hmt_adapter is not installed: pip install hmt-adapter")
-    return os.path.join(list(spec.submodule_search_locations)[0], "config.py")
+    return os.path.join(list(spec.submodule_search_locations)[0], "tuner", "config.py")
 
 
 def _field_spec(node: ast.AnnAssign) -> tuple[str, Any, Any]:
