@@ -94,14 +94,13 @@ def _run_segments(
         x_len = (batch.lengths - n * seg_len).clamp(0, width)
         targets = None if targets_all is None else targets_all[:, n * seg_len : (n + 1) * seg_len]
         kept = _segment_logit_positions(batch, slots, n * seg_len, width, x_len)
-        source = runner.memory_source(state, queries[n])
-        x_step, sensory = x, state.sensory
+        query, x_step, sensory = queries[n], x, state.sensory
         if dense:  # static shapes and strides for the compiled step
             x_step, targets = _pad_segment(x, targets, seg_len)
             sensory = _fresh(sensory)
-            source.query = None if source.query is None else _fresh(source.query)
+            query = None if query is None else _fresh(query)
         head = _head_request(x_len, x_step.shape[1], targets, kept, fused, dense)
-        result, state = run_segment(runner, state, source, x, x_len, head, step=step, checkpointing=checkpointing,
+        result, state = run_segment(runner, state, query, x, x_len, head, step=step, checkpointing=checkpointing,
                                     sensory=sensory, x_step=x_step)
         if dense:
             _undo_padding(result, kept, width, x_step.shape[1])

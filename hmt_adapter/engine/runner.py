@@ -23,7 +23,7 @@ import torch
 
 from .backbone import Backbone
 from .layout import SegmentLayout, frame, read_after, summary_window_start
-from .memory import HMTParams, MemoryCache, query_space, read_memory, recall_key, to_memory_space
+from .memory import HMTParams, MemoryCache, notify_recall, query_space, read_memory, recall_key, to_memory_space
 from .settings import EngineSettings
 
 
@@ -86,9 +86,11 @@ class HMTRunner:
         """The state after segment ``state.segment``: its memory e_n written, sensory carried.
 
         Args:
-            x: (B, L, d) the segment's token embeddings (full segments; a short last segment is never continued).
+            x: (B, L, d) the segment's token embeddings, or its (B, L) token ids (full segments; a short last segment
+                is never continued).
             e_raw: (B, d) last-layer hidden state at the segment's write slot.
         """
+        x = x if x.is_floating_point() else self.bb.embed(x)
         return self.write(state, x, *self.encode_memory(e_raw))
 
     def encode_memory(self, e_raw: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -172,6 +174,14 @@ class HMTRunner:
         values, keys = state.cache.detached_before(first_attached)  # fresh lists: later appends don't reach a recompute
         return MemorySource(query=query, values=values, keys=keys)
 
+    def read(self, state: MemoryState, query: Optional[torch.Tensor]) -> torch.Tensor:
+        """m_n (B, d) for segment ``state.segment`` read outside a segment step (a stream fixing its memory before
+        the segment's tokens run): `memory_source` and `read_memory`, exactly what `segment_step` does, with the
+        recall observers notified."""
+        memory, weights = self.memory_source(state, query).read(self.params)
+        notify_recall(weights)
+        return memory
+
     # ---- segment pass -------------------------------------------------------------------------------------
     def write_input(self, memory: torch.Tensor) -> torch.Tensor:
         """The (B, d) embedding at the write position: the memory m_n itself, or the learned write token."""
@@ -194,6 +204,34 @@ class HMTRunner:
         layout = SegmentLayout.of(sensory)
         hidden = self.bb.run(layout.pack(memory, sensory, x, x_len, self.write_input(memory))).last_hidden_state
         return layout.unpack(hidden, x_len, x.shape[1])
+
+    def extend_tokens(
+        self, memory: torch.Tensor, sensory: torch.Tensor, ids: torch.Tensor, start: int, past_key_values
+    ) -> tuple[torch.Tensor, object]:
+        """Run a segment's tokens ``ids[:, start:]`` (B, t) on its KV cache: the cached form of `segment_pass`.
+
+        ``past_key_values`` None: a new cache, built from ``[m ; sensory ; ids]`` (`SegmentLayout.prefix`; the
+        first ``start`` tokens were returned before); else the cache over ``[m ; sensory ; ids[:, :start]]``.
+        Returns the hidden states of tokens ``start ..`` (B, t - start, d) and the cache.
+        """
+        layout = SegmentLayout.of(sensory)
+        if past_key_values is None:
+            hidden, kv = self.extend(layout.prefix(memory, sensory, self.bb.embed(ids)), None, 0)
+            return hidden[:, layout.token_position(start) :], kv
+        new = self.bb.embed(ids[:, start:])
+        if not new.shape[1]:
+            return new, past_key_values
+        return self.extend(new, past_key_values, layout.token_position(start))
+
+    def extend_write_slot(
+        self, memory: torch.Tensor, sensory: torch.Tensor, length: int, past_key_values
+    ) -> torch.Tensor:
+        """Run the write slot after ``length`` tokens on a segment's KV cache: e_raw (B, d), the hidden state
+        `segment_pass` returns for a whole segment."""
+        layout = SegmentLayout.of(sensory)
+        slot = layout.write_slot(self.write_input(memory), sensory)
+        hidden, _ = self.extend(slot, past_key_values, layout.write_position(length))
+        return hidden[:, 0]
 
     def extend(
         self, embeds: torch.Tensor, past_key_values, start: Union[int, torch.Tensor],

@@ -26,8 +26,10 @@ from torch.utils.checkpoint import checkpoint
 from .lm_head import token_log_probs
 from .memory import notify_recall, read_memory
 
+from .runner import MemorySource
+
 if TYPE_CHECKING:
-    from .runner import HMTRunner, MemorySource, MemoryState
+    from .runner import HMTRunner, MemoryState
 
 
 @dataclass
@@ -114,22 +116,24 @@ def segment_step(
 def run_segment(
     runner: "HMTRunner",
     state: "MemoryState",
-    source: "MemorySource",
+    query: Optional[torch.Tensor],
     x: torch.Tensor,
     x_len: torch.Tensor,
     head: HeadRequest,
     *,
+    memory: Optional[torch.Tensor] = None,
     step: Optional[Callable[..., StepOutput]] = None,
     checkpointing: bool = False,
     sensory: Optional[torch.Tensor] = None,
     x_step: Optional[torch.Tensor] = None,
 ) -> tuple[StepOutput, "MemoryState"]:
-    """One whole segment of B rows through the engine: read ``source``, step, write. What the forward runs per
-    segment and a stream runs for a segment that arrives whole.
+    """One whole segment of B rows through the engine: read, step, write. What the forward runs per segment and a
+    stream runs for a segment that arrives whole.
 
     Args:
-        state: the `MemoryState` entering the segment; source: what it reads (`HMTRunner.memory_source`, or the
-            memory a stream fixed beforehand).
+        state: the `MemoryState` entering the segment; query: its recall query (B, d) (None without recall or for
+            segment 0); memory: the memory (B, d) it reads when a stream has already fixed it (then ``query`` is
+            not used).
         x: (B, l, d) the segment's embeddings (its last ``num_sensory`` carried as sensory memory); x_len: (B,).
         step: `segment_step` compiled by `hmt_adapter.compile` (None: eager); checkpointing: recompute the segment
             (recall included) in backward.
@@ -139,6 +143,7 @@ def run_segment(
     Returns:
         the step's outputs and the state entering the next segment.
     """
+    source = MemorySource(memory=memory) if memory is not None else runner.memory_source(state, query)
     args = (runner, step or segment_step, source, state.sensory if sensory is None else sensory,
             x if x_step is None else x_step, x_len, head, checkpointing)
     result = checkpoint(_stack_and_step, *args, use_reentrant=False) if checkpointing else _stack_and_step(*args)

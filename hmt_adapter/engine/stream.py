@@ -23,8 +23,8 @@ from typing import Any, Literal, Optional
 import torch
 
 from .layout import SegmentLayout, query_known
-from .memory import MemoryCache, notify_recall
-from .runner import HMTRunner, MemorySource, MemoryState
+from .memory import MemoryCache
+from .runner import HMTRunner, MemoryState
 from .settings import EngineSettings
 from .step import HeadRequest, run_segment
 
@@ -169,14 +169,13 @@ def read_memory(runner: HMTRunner, state: HMTStreamState, query: Optional[torch.
     if query is None and runner.config.use_recall and len(state.cache) > 0:
         tokens = window if window is not None else state.pending[:, :0]
         query = _queries_at(runner, tokens, 0)
-    state.memory, weights = runner.memory_source(state.carry, query).read(runner.params)
-    notify_recall(weights)
+    state.memory = runner.read(state.carry, query)
 
 
 def close_segment(runner: HMTRunner, state: HMTStreamState, x_ids: torch.Tensor, e_raw: torch.Tensor) -> None:
     """The open segment n is complete (``x_ids``: its (B, L) tokens; ``e_raw``: the write slot's hidden state
     (B, d)): write its memory, carry the sensory tokens, and open segment n + 1 with no memory read yet."""
-    state.carry = runner.advance(state.carry, runner.bb.embed(x_ids), e_raw)
+    state.carry = runner.advance(state.carry, x_ids, e_raw)
     state.pending = x_ids[:, :0]
     state.kv, state.released, state.memory = None, 0, None
 
@@ -185,15 +184,11 @@ def close_segment(runner: HMTRunner, state: HMTStreamState, x_ids: torch.Tensor,
 def _whole_segment(runner: HMTRunner, state: HMTStreamState, ids: torch.Tensor,
                    query: Optional[torch.Tensor]) -> torch.Tensor:
     """Run a segment that arrives whole through `run_segment` and advance the state: its hidden states (B, L, d)."""
-    if state.memory is not None:
-        source = MemorySource(memory=state.memory)
-    else:
-        if query is None and runner.config.use_recall and len(state.cache) > 0:
-            query = _queries_at(runner, ids, 0)
-        source = runner.memory_source(state.carry, query)
+    if state.memory is None and query is None and runner.config.use_recall and len(state.cache) > 0:
+        query = _queries_at(runner, ids, 0)
     x = runner.bb.embed(ids)
     x_len = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
-    result, state.carry = run_segment(runner, state.carry, source, x, x_len, HeadRequest(hidden=True))
+    result, state.carry = run_segment(runner, state.carry, query, x, x_len, HeadRequest(hidden=True), memory=state.memory)
     state.pending = ids[:, :0]
     state.kv, state.released, state.memory = None, 0, None
     return result.hidden
@@ -211,26 +206,14 @@ def _open_next(runner: HMTRunner, state: HMTStreamState, ended: torch.Tensor,
 
 def _run_pending(runner: HMTRunner, state: HMTStreamState) -> torch.Tensor:
     """Run the pending tokens not yet in the KV cache (memory must be fixed): their hidden states (B, r, d)."""
-    layout = state.layout
-    start = state.released
-    if state.kv is None:  # a new segment, or a loaded state (whose first `start` tokens were returned before)
-        embeds = layout.prefix(state.memory, state.carry.sensory, runner.bb.embed(state.pending))
-        hidden, state.kv = runner.extend(embeds, None, 0)
-        state.released = state.pending.shape[1]
-        return hidden[:, layout.token_position(start) :]
-    hidden = runner.bb.embed(state.pending[:, start:])
-    if hidden.shape[1]:
-        hidden, state.kv = runner.extend(hidden, state.kv, layout.token_position(start))
+    hidden, state.kv = runner.extend_tokens(state.memory, state.carry.sensory, state.pending, state.released, state.kv)
     state.released = state.pending.shape[1]
     return hidden
 
 
 def _write_slot(runner: HMTRunner, state: HMTStreamState) -> torch.Tensor:
     """Run the write slot of the full open segment on its KV cache: e_raw (B, d)."""
-    layout = state.layout
-    slot = layout.write_slot(runner.write_input(state.memory), state.carry.sensory)
-    hidden, _ = runner.extend(slot, state.kv, layout.write_position(state.pending.shape[1]))
-    return hidden[:, 0]
+    return runner.extend_write_slot(state.memory, state.carry.sensory, state.pending.shape[1], state.kv)
 
 
 def _collect(out: list[torch.Tensor], piece: Optional[torch.Tensor], hidden: Released) -> None:
