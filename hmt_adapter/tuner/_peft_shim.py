@@ -11,6 +11,9 @@ from __future__ import annotations
 from peft.utils import PeftType
 
 HMT_NAME = "HMT"
+#: The prefix of every HMT parameter name (``hmt_memory_init``, ``hmt_lora_A``, ...), registered with PEFT as the
+#: adapter type's prefix: PEFT saves, loads and marks trainable exactly the parameters whose names contain it.
+#: Everything in the package that tests for the prefix reads it from here.
 HMT_PREFIX = "hmt_"
 
 

@@ -15,7 +15,8 @@ from .config import HMTConfig
 from ..engine import HMTRunner
 from ..engine.forward import HMTFusedOutput, hmt_forward
 from ..inference.generation import generate as hmt_generate
-from .weights import KEY_PREFIX
+from ._peft_shim import HMT_PREFIX
+from .weights import ADAPTER_KEY_MARKER, KEY_PREFIX
 from .layer import HMTLayer, HMTTunerLayer
 from .lora import HMTLoraLinear, lora_target_names
 from .model_card import describe_backbone_for_card
@@ -75,7 +76,7 @@ def _check_saved_adapter_fits(model: nn.Module, config: HMTConfig, embedding: st
 def _module_of(key: str) -> str:
     """The module path of a saved-adapter key: 'base_model.model.model.embed_tokens.hmt_memory_init' ->
     'model.embed_tokens'."""
-    return key.removeprefix(KEY_PREFIX).split(".hmt_")[0]
+    return key.removeprefix(KEY_PREFIX).split(ADAPTER_KEY_MARKER)[0]
 
 
 def _shown(names: list[str]) -> str:
@@ -122,7 +123,7 @@ class HMTModel(BaseTuner):
     ``fused_lm_head=True``, an `HMTFusedOutput` of per-token log-probabilities and no logits.
     """
 
-    prefix: str = "hmt_"
+    prefix: str = HMT_PREFIX
     tuner_layer_cls = HMTTunerLayer
     target_module_mapping: dict[str, list[str]] = {}
     #: `hmt_adapter.engine.step.segment_step` wrapped by ``torch.compile`` (set by `hmt_adapter.compile`); None: eager.
