@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import _get_input_embeddings_name  # private: docs/design.md, "What stays private"
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -202,11 +203,11 @@ class HMTModel(BaseTuner):
 
     @staticmethod
     def _input_embeddings_name(model: nn.Module) -> str:
-        embeddings = model.get_input_embeddings()
-        for name, module in model.named_modules():
-            if module is embeddings:
-                return name
-        raise TypeError(f"Could not locate the input embeddings of {type(model).__name__} among its modules.")
+        """The module path of ``model``'s input embeddings (PEFT's own lookup, as its ``trainable_tokens`` uses)."""
+        name = _get_input_embeddings_name(model, None)
+        if name is None:
+            raise TypeError(f"Could not locate the input embeddings of {type(model).__name__} among its modules.")
+        return name
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def hmt_layer(self) -> HMTLayer:
