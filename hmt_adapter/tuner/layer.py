@@ -85,8 +85,8 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         self.hmt_recall_k = nn.ModuleDict()
         self.hmt_memory_proj = nn.ModuleDict()
         self.hmt_memory_gate = nn.ParameterDict()
-        self._disable_adapters = False
-        self.merged_adapters = []
+        self.merged_adapters = []  # per layer (BaseTunerLayer's class attribute is one shared list)
+        self.set_adapter(adapter_name)  # public; enabled is BaseTunerLayer's default (enable_adapters toggles it)
         self.update_layer(adapter_name, config)
 
     # The wrapped module stays usable as an embedding by code that inspects it.

@@ -99,9 +99,8 @@ class HMTLoraLinear(nn.Module, HMTTunerLayer):
         self.hmt_lora_B = nn.ModuleDict()
         self.hmt_lora_dropout = nn.ModuleDict()
         self.hmt_lora_scaling: dict[str, float] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self._active_adapter = adapter_name
+        self.merged_adapters = []  # per layer (BaseTunerLayer's class attribute is one shared list)
+        self.set_adapter(adapter_name)  # public; enabled is BaseTunerLayer's default (enable_adapters toggles it)
         self.update_layer(adapter_name, config)
 
     @staticmethod
