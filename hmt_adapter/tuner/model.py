@@ -240,11 +240,19 @@ class HMTModel(BaseTuner):
         params = self.hmt_layer().params(self.active_adapters[0], config)
         return HMTRunner(Backbone(self.model), params, config)
 
-    def _adapter_enabled(self) -> bool:
-        """False when the model must behave as the bare backbone: adapters disabled, or none active."""
+    def hmt_enabled(self) -> bool:
+        """Whether the HMT adapter runs: False when the model must behave as the bare backbone (adapters disabled,
+        e.g. inside ``with model.disable_adapter():``, or no adapter active, e.g. after deleting the last one).
+
+        `forward` and `generate` then pass straight to the backbone; `HMTStreamer` refuses to run.
+        Raises `ValueError` when more than one adapter is active (HMT runs one at a time).
+        """
         if self._active_hmt_adapter() is None:
             return False
         return not self.hmt_layer().disable_adapters
+
+    #: The former private name, kept only until hmt_adapter/inference/streaming.py calls `hmt_enabled`; then delete.
+    _adapter_enabled = hmt_enabled
 
     def _checkpointing(self, backbone: Backbone) -> bool:
         return backbone.is_gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -283,7 +291,7 @@ class HMTModel(BaseTuner):
         ``logits_to_keep`` keeps the logits of the last N positions (int > 0) or of the given positions
         (1-D tensor), as transformers models do; the loss still covers every labelled token.
         """
-        if not self._adapter_enabled():
+        if not self.hmt_enabled():
             passthrough = dict(kwargs, use_cache=use_cache, return_dict=return_dict)
             if fused_lm_head:
                 passthrough["fused_lm_head"] = True
@@ -323,7 +331,7 @@ class HMTModel(BaseTuner):
     # ---- generation ---------------------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any):
         """Memory-aware generation; see `hmt_adapter.inference.generation.generate`."""
-        if not self._adapter_enabled():
+        if not self.hmt_enabled():
             return self.model.generate(*args, **kwargs)
         return hmt_generate(self, *args, **kwargs)
 
