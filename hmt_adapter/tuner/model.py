@@ -64,7 +64,7 @@ def _check_saved_adapter_fits(model: nn.Module, config: HMTConfig, embedding: st
     saved_for = (config.auto_mapping or {}).get("base_model_class") or "a backbone whose class was not recorded"
     if config.base_model_name_or_path:
         saved_for += f" ({config.base_model_name_or_path})"
-    name = getattr(getattr(model, "config", None), "_name_or_path", "")
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or ""
     loaded_onto = type(model).__name__ + (f" ({name})" if name else "")
     parts = ([f"saved weights of {_shown(unexpected)} have no module here"] if unexpected else []) + (
         [f"{_shown(missing)} would keep untrained weights"] if missing else [])
@@ -98,7 +98,7 @@ def check_backbone(model: nn.Module, config: HMTConfig) -> None:
     if expected is not None and expected != width:
         raise ValueError(
             f"This HMT adapter was trained on a backbone with {expected}-dim input embeddings, but the model it is "
-            f"being attached to ({type(model).__name__}, {getattr(model.config, '_name_or_path', '') or 'local'}) "
+            f"being attached to ({type(model).__name__}, {getattr(model.config, 'name_or_path', None) or 'local'}) "
             f"has {width}-dim embeddings. Load it onto the backbone it was trained with "
             f"(adapter_config.json: base_model_name_or_path={config.base_model_name_or_path!r})."
         )
