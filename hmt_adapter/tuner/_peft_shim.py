@@ -1,9 +1,10 @@
 """The one place that teaches PEFT about the "HMT" adapter type.
 
 PEFT's `PeftType` is a closed `str` enum and `peft.utils.register_peft_method` refuses names that are not
-members of it. This module adds an `HMT` member to the enum (the only private-API touch in the package),
-and `register()` then goes through PEFT's public `register_peft_method`. `tests/test_peft_shim.py` fails
-loudly if a PEFT release changes what this relies on.
+members of it. This module adds an `HMT` member to the enum (through the enum's private tables: one of the
+private APIs docs/design.md lists under "What stays private, and what protects it"), and `register()` then goes
+through PEFT's public `register_peft_method`. `tests/test_peft_shim.py` fails loudly if a PEFT release changes
+what this relies on.
 """
 
 from __future__ import annotations
