@@ -131,9 +131,11 @@ def _two_rate_optimizer(model: Any, lora_learning_rate: float, args: Any):
     ``args.learning_rate`` (HMT + LoRA with LoRA at a backbone-sized rate)."""
     import torch
 
+    from hmt_adapter.tuner.weights import LORA_KEY_MARKER
+
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trainable if "hmt_lora_" in n], "lr": lora_learning_rate},
-              {"params": [p for n, p in trainable if "hmt_lora_" not in n], "lr": args.learning_rate}]
+    groups = [{"params": [p for n, p in trainable if LORA_KEY_MARKER in n], "lr": lora_learning_rate},
+              {"params": [p for n, p in trainable if LORA_KEY_MARKER not in n], "lr": args.learning_rate}]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
 
 

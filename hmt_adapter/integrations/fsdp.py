@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..tuner.weights import ADAPTER_KEY_MARKER
+
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The backbone's repeated blocks: modules whose class is in transformers' ``_no_split_modules``."""
@@ -56,7 +58,7 @@ def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return {}
-    return {k: v for k, v in full.items() if ".hmt_" in k}
+    return {k: v for k, v in full.items() if ADAPTER_KEY_MARKER in k}
 
 
 def save_adapter(model: Any, directory: str, **save_kwargs: Any) -> None:

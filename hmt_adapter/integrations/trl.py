@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
 from ..tuner.config import HMTConfig
 
 #: Parameters that exist only with ``use_recall=True``: absent from a stage-1 adapter, by design.
 RECALL_PARAM_NAMES = ("hmt_summary_token", "hmt_recall_q", "hmt_recall_k")
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 # ---- documents and max_length ---------------------------------------------------------------------------
@@ -201,11 +201,11 @@ def _read_adapter(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -
         if os.path.isfile(config_path):
             with open(config_path) as f:
                 config = json.load(f)
-        path = os.path.join(path, WEIGHTS_NAME)
+        path = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise ValueError(
             f"No stage-1 adapter weights at {path!r}: pass the directory written by save_pretrained/save_model "
-            f"of stage 1 (it holds {WEIGHTS_NAME})."
+            f"of stage 1 (it holds {SAFETENSORS_WEIGHTS_NAME})."
         )
     from safetensors.torch import load_file
 

@@ -1,9 +1,10 @@
 """The one place that teaches PEFT about the "HMT" adapter type.
 
 PEFT's `PeftType` is a closed `str` enum and `peft.utils.register_peft_method` refuses names that are not
-members of it. This module adds an `HMT` member to the enum (the only private-API touch in the package),
-and `register()` then goes through PEFT's public `register_peft_method`. `tests/test_peft_shim.py` fails
-loudly if a PEFT release changes what this relies on.
+members of it. This module adds an `HMT` member to the enum (through the enum's private tables: one of the
+private APIs docs/design.md lists under "What stays private, and what protects it"), and `register()` then goes
+through PEFT's public `register_peft_method`. `tests/test_peft_shim.py` fails loudly if a PEFT release changes
+what this relies on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 from peft.utils import PeftType
 
 HMT_NAME = "HMT"
+#: The prefix of every HMT parameter name (``hmt_memory_init``, ``hmt_lora_A``, ...), registered with PEFT as the
+#: adapter type's prefix: PEFT saves, loads and marks trainable exactly the parameters whose names contain it.
+#: Everything in the package that tests for the prefix reads it from here.
 HMT_PREFIX = "hmt_"
 
 

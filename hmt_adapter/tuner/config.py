@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal, Optional, Union
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
 
 from . import _peft_shim  # noqa: F401  (adds PeftType.HMT before any config is built)
 from .weights import check_adapter_weights
@@ -227,8 +227,7 @@ class HMTConfig(PeftConfig):
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Save ``adapter_config.json``; next to saved adapter weights, also the HMT model card (README.md)."""
         super().save_pretrained(save_directory, **kwargs)
-        weights = ("adapter_model.safetensors", "adapter_model.bin")
-        if any(os.path.isfile(os.path.join(save_directory, name)) for name in weights):
+        if any(os.path.isfile(os.path.join(save_directory, name)) for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
             from .model_card import write_model_card
 
             write_model_card(save_directory, self)

@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..engine import HMTParams
+from ._peft_shim import HMT_PREFIX
 from .config import HMTConfig
 
 
@@ -84,8 +85,8 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         self.hmt_recall_k = nn.ModuleDict()
         self.hmt_memory_proj = nn.ModuleDict()
         self.hmt_memory_gate = nn.ParameterDict()
-        self._disable_adapters = False
-        self.merged_adapters = []
+        self.merged_adapters = []  # per layer (BaseTunerLayer's class attribute is one shared list)
+        self.set_adapter(adapter_name)  # public; enabled is BaseTunerLayer's default (enable_adapters toggles it)
         self.update_layer(adapter_name, config)
 
     # The wrapped module stays usable as an embedding by code that inspects it.
@@ -137,7 +138,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         name): ``hmt_memory_init``, ``hmt_recall_q.weight``, ... Read off a layer built on the meta device, so this
         cannot drift from `update_layer`."""
         probe = HMTLayer(nn.Embedding(1, 1, device="meta"), "probe", config)
-        return [name.replace(".probe", "", 1) for name, _ in probe.named_parameters() if name.startswith("hmt_")]
+        return [name.replace(".probe", "", 1) for name, _ in probe.named_parameters() if name.startswith(HMT_PREFIX)]
 
     def update_layer(self, adapter_name: str, config: HMTConfig) -> None:
         """Create the parameters of adapter ``adapter_name`` on the embedding's device and dtype (see

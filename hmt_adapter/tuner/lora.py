@@ -18,6 +18,7 @@ import math
 from typing import Any, Union
 
 import torch
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
 from .config import HMTConfig
@@ -36,22 +37,22 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     )
 
 
-def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, (nn.Linear, HMTLoraLinear)):
-        return True
-    name = type(module).__name__
-    return name == "Conv1D" or name.startswith("Linear")  # transformers Conv1D; bitsandbytes Linear4bit / Linear8bitLt
-
-
 def lora_target_names(model: nn.Module, spec: Union[str, list[str], None]) -> list[str]:
-    """Names of the backbone modules that get LoRA under ``lora_target_modules=spec``.
+    """Names of the backbone modules that get LoRA under ``lora_target_modules=spec``, in module order.
 
-    ``"all-linear"``: every linear layer except the LM head (and nothing inside an adapter layer); otherwise
-    PEFT's own matching rules (a list of names or suffixes, or a regex). Raises `ValueError` when nothing matches.
+    PEFT's own rules, as its LoRA applies them: ``"all-linear"`` is PEFT's resolution (every ``nn.Linear``,
+    bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` included, every transformers ``Conv1D``, and an adapter layer
+    already wrapping one); a list of names or suffixes, or a regex, is matched by `check_target_module_exists`.
+    Never the LM head or the input embeddings, nor a module inside an adapter layer. Raises `ValueError` when nothing
+    matches, `TypeError` when a named module is not linear.
     """
     from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 
+    matching = LoraConfig(target_modules=spec)  # PEFT's matching rules read a config: one for the whole model
+    all_linear = isinstance(spec, str) and spec.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+    if all_linear:  # PEFT's resolver (private: docs/design.md, "What stays private") turns it into a set of names
+        resolved = set(_maybe_include_all_linear_layers(matching, model).target_modules)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inside_adapter: set[str] = set()
     names = []
@@ -61,11 +62,11 @@ def lora_target_names(model: nn.Module, spec: Union[str, list[str], None]) -> li
         if isinstance(module, HMTTunerLayer):
             inside_adapter.add(name + ".")
         if module is head or module is model.get_input_embeddings():
-            continue
-        if isinstance(spec, str) and spec.lower() == "all-linear":
-            if _is_linear(module):
+            continue  # PEFT drops the head only for a PreTrainedModel; HMT never adapts either embedding
+        if all_linear:
+            if name in resolved:
                 names.append(name)
-        elif check_target_module_exists(LoraConfig(target_modules=spec), name):
+        elif check_target_module_exists(matching, name):
             linear_features(module)  # TypeError naming the module type when it is not linear
             names.append(name)
     if not names:
@@ -98,9 +99,8 @@ class HMTLoraLinear(nn.Module, HMTTunerLayer):
         self.hmt_lora_B = nn.ModuleDict()
         self.hmt_lora_dropout = nn.ModuleDict()
         self.hmt_lora_scaling: dict[str, float] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self._active_adapter = adapter_name
+        self.merged_adapters = []  # per layer (BaseTunerLayer's class attribute is one shared list)
+        self.set_adapter(adapter_name)  # public; enabled is BaseTunerLayer's default (enable_adapters toggles it)
         self.update_layer(adapter_name, config)
 
     @staticmethod

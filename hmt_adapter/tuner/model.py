@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import _get_input_embeddings_name  # private: docs/design.md, "What stays private"
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -16,7 +17,8 @@ from ..engine import (
     output_hidden_width,
 )
 from ..inference.generation import generate as hmt_generate
-from .weights import KEY_PREFIX
+from ._peft_shim import HMT_PREFIX
+from .weights import ADAPTER_KEY_MARKER, KEY_PREFIX
 from .layer import HMTLayer, HMTTunerLayer
 from .lora import HMTLoraLinear, lora_target_names
 from .model_card import describe_backbone_for_card
@@ -63,7 +65,7 @@ def _check_saved_adapter_fits(model: nn.Module, config: HMTConfig, embedding: st
     saved_for = (config.auto_mapping or {}).get("base_model_class") or "a backbone whose class was not recorded"
     if config.base_model_name_or_path:
         saved_for += f" ({config.base_model_name_or_path})"
-    name = getattr(getattr(model, "config", None), "_name_or_path", "")
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or ""
     loaded_onto = type(model).__name__ + (f" ({name})" if name else "")
     parts = ([f"saved weights of {_shown(unexpected)} have no module here"] if unexpected else []) + (
         [f"{_shown(missing)} would keep untrained weights"] if missing else [])
@@ -76,7 +78,7 @@ def _check_saved_adapter_fits(model: nn.Module, config: HMTConfig, embedding: st
 def _module_of(key: str) -> str:
     """The module path of a saved-adapter key: 'base_model.model.model.embed_tokens.hmt_memory_init' ->
     'model.embed_tokens'."""
-    return key.removeprefix(KEY_PREFIX).split(".hmt_")[0]
+    return key.removeprefix(KEY_PREFIX).split(ADAPTER_KEY_MARKER)[0]
 
 
 def _shown(names: list[str]) -> str:
@@ -97,7 +99,7 @@ def check_backbone(model: nn.Module, config: HMTConfig) -> None:
     if expected is not None and expected != width:
         raise ValueError(
             f"This HMT adapter was trained on a backbone with {expected}-dim input embeddings, but the model it is "
-            f"being attached to ({type(model).__name__}, {getattr(model.config, '_name_or_path', '') or 'local'}) "
+            f"being attached to ({type(model).__name__}, {getattr(model.config, 'name_or_path', None) or 'local'}) "
             f"has {width}-dim embeddings. Load it onto the backbone it was trained with "
             f"(adapter_config.json: base_model_name_or_path={config.base_model_name_or_path!r})."
         )
@@ -123,7 +125,7 @@ class HMTModel(BaseTuner):
     ``fused_lm_head=True``, an `HMTFusedOutput` of per-token log-probabilities and no logits.
     """
 
-    prefix: str = "hmt_"
+    prefix: str = HMT_PREFIX
     tuner_layer_cls = HMTTunerLayer
     target_module_mapping: dict[str, list[str]] = {}
     #: `hmt_adapter.engine.step.segment_step` wrapped by ``torch.compile`` (set by `hmt_adapter.compile`); None: eager.
@@ -202,11 +204,11 @@ class HMTModel(BaseTuner):
 
     @staticmethod
     def _input_embeddings_name(model: nn.Module) -> str:
-        embeddings = model.get_input_embeddings()
-        for name, module in model.named_modules():
-            if module is embeddings:
-                return name
-        raise TypeError(f"Could not locate the input embeddings of {type(model).__name__} among its modules.")
+        """The module path of ``model``'s input embeddings (PEFT's own lookup, as its ``trainable_tokens`` uses)."""
+        name = _get_input_embeddings_name(model, None)
+        if name is None:
+            raise TypeError(f"Could not locate the input embeddings of {type(model).__name__} among its modules.")
+        return name
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def hmt_layer(self) -> HMTLayer:
@@ -241,7 +243,11 @@ class HMTModel(BaseTuner):
 
     def hmt_enabled(self) -> bool:
         """Whether the HMT adapter runs: False when the model must behave as the bare backbone (adapters disabled,
-        or none active)."""
+        e.g. inside ``with model.disable_adapter():``, or no adapter active, e.g. after deleting the last one).
+
+        `forward` and `generate` then pass straight to the backbone; `HMTStreamer` refuses to run.
+        Raises `ValueError` when more than one adapter is active (HMT runs one at a time).
+        """
         if self._active_hmt_adapter() is None:
             return False
         return not self.hmt_layer().disable_adapters

@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-WEIGHTS_NAME = "adapter_model.safetensors"
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+from ._peft_shim import HMT_PREFIX
+
 KEY_PREFIX = "base_model.model."
-ADAPTER_KEY_MARKER = ".hmt_"
-LORA_KEY_MARKER = ".hmt_lora_"
+#: A saved HMT key names a module path, then an HMT parameter: '...embed_tokens.hmt_memory_init'.
+ADAPTER_KEY_MARKER = "." + HMT_PREFIX
+LORA_KEY_MARKER = ADAPTER_KEY_MARKER + "lora_"
 
 
 def check_adapter_weights(directory: str, embedding_dim: Optional[int]) -> Optional[frozenset[str]]:
@@ -23,7 +27,7 @@ def check_adapter_weights(directory: str, embedding_dim: Optional[int]) -> Optio
     or truncated), when a key is not an HMT/LoRA adapter weight, or when an HMT tensor's last dimension is not
     ``embedding_dim`` (scalars, like the memory gate, have none).
     """
-    path = os.path.join(directory, WEIGHTS_NAME)
+    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
     if not os.path.isfile(path):
         return None
     from safetensors.torch import load_file
@@ -39,7 +43,7 @@ def check_adapter_weights(directory: str, embedding_dim: Optional[int]) -> Optio
         if not key.startswith(KEY_PREFIX) or ADAPTER_KEY_MARKER not in key:
             raise ValueError(
                 f"{path!r} holds {key!r}, which is not an HMT adapter weight (expected keys starting with "
-                f"{KEY_PREFIX!r} and containing {ADAPTER_KEY_MARKER!r}; HMT's LoRA weights are '.hmt_lora_A/B'). "
+                f"{KEY_PREFIX!r} and containing {ADAPTER_KEY_MARKER!r}; HMT's LoRA weights are '{LORA_KEY_MARKER}A/B'). "
                 f"Point to a directory written by save_pretrained of an HMT adapter."
             )
         if embedding_dim is not None and LORA_KEY_MARKER not in key and tensor.dim() and tensor.shape[-1] != embedding_dim:
