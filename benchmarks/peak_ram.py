@@ -1,5 +1,6 @@
-"""Training peak memory of HMT vs input length, with and without gradient checkpointing; and the peak-memory
-effect of TRL's fused LM-head path and of ``logits_to_keep`` (issue 5).
+"""Peak RAM of an HMT training step vs input length, with and without gradient checkpointing; and the peak-RAM
+effect of TRL's fused LM-head path and of ``logits_to_keep`` (issue 5). ("Memory" in the library is HMT's memory;
+this benchmark measures the process's RAM, or on CUDA the device memory the allocator hands out.)
 
 Every configuration runs in a fresh Python process (``--worker``), so its peak resident set size (VmHWM) is
 its own. The figure reported is the step's peak above the resident size just before the step (model and
@@ -15,11 +16,11 @@ over 4..64 segments, checkpointing off and on; then, at ``--compare-segments`` s
 
 Commands (from the repository root):
 
-    PYTHONPATH=. python -m benchmarks.memory                   # CPU, fp32, 2 threads (~10 min)
-    PYTHONPATH=. python -m benchmarks.memory --segments 4 8 --compare-segments 4   # smoke run
-    PYTHONPATH=. python -m benchmarks.memory --device cuda --dtype bf16 --threads 0 --tag cuda-bf16
+    PYTHONPATH=. python -m benchmarks.peak_ram                 # CPU, fp32, 2 threads (~10 min)
+    PYTHONPATH=. python -m benchmarks.peak_ram --segments 4 8 --compare-segments 4   # smoke run
+    PYTHONPATH=. python -m benchmarks.peak_ram --device cuda --dtype bf16 --threads 0 --tag cuda-bf16
 
-Writes (to ``--output-dir``, default benchmarks/output; ``--update-results``: benchmarks/results) ``memory[-TAG].json`` and ``.png``.
+Writes (to ``--output-dir``, default benchmarks/output; ``--update-results``: benchmarks/results) ``peak_ram[-TAG].json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from benchmarks import _common as C
 
-MODULE = "benchmarks.memory"
+MODULE = "benchmarks.peak_ram"
 PATHS = ("train-fused", "train-logits", "infer-logits", "infer-keep1")
 
 
@@ -181,7 +182,7 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
     result = sweep(args)
-    name = "memory" + (f"-{args.tag}" if args.tag else "")
+    name = "peak_ram" + (f"-{args.tag}" if args.tag else "")
     C.save_results(MODULE, name, args, result, lambda png: plot(result, png))
 
 
