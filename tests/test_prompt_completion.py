@@ -1,6 +1,6 @@
 """Prompt/completion training (`hmt_adapter_cli.prompt_completion`): completion-only loss on whole rows, the curriculum
 the trainer really reads, one-line data errors (that the long-context benchmark trains through the same code:
-tests/test_long_context_benchmark.py)."""
+benchmarks/tests/test_long_context.py)."""
 
 from __future__ import annotations
 
