@@ -53,8 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--four-bit", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="")
-    p.add_argument("--stock-malloc", action="store_true",
-                   help="keep glibc's dynamic mmap threshold (RSS then also counts freed, retained heap)")
+    M.add_stock_malloc_argument(p)
     # worker mode (one configuration in this process)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", default="train-fused", choices=PATHS, help=argparse.SUPPRESS)
@@ -108,7 +107,7 @@ def _worker_args(args: argparse.Namespace, n: int, checkpointing: bool, path: st
 
 
 def _env(args: argparse.Namespace) -> dict[str, str]:
-    return {} if args.stock_malloc or args.device.startswith("cuda") else dict(M.FIXED_MMAP_THRESHOLD)
+    return M.malloc_env(args.stock_malloc, args.device)
 
 
 def sweep(args: argparse.Namespace) -> dict[str, Any]:

@@ -74,8 +74,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave torch's default)")
     p.add_argument("--tag", default="", help="suffix of the result files")
-    p.add_argument("--stock-malloc", action="store_true",
-                   help="keep glibc's dynamic mmap threshold (RSS then also counts freed, retained heap)")
+    M.add_stock_malloc_argument(p)
     # worker mode (one case in this process)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", default="hmt-lora", choices=METHODS, help=argparse.SUPPRESS)
@@ -190,8 +189,7 @@ def _worker_args(args: argparse.Namespace, method: str, length: int) -> list[str
 
 def run_subprocess_case(args: argparse.Namespace, method: str, length: int) -> dict[str, Any]:
     """One case in a fresh process; a timeout or a crash is recorded with the steps finished before it."""
-    fixed_malloc = not (args.stock_malloc or args.device.startswith("cuda"))
-    env = M.worker_env(M.FIXED_MMAP_THRESHOLD if fixed_malloc else None)
+    env = M.worker_env(M.malloc_env(args.stock_malloc, args.device))
     cmd = [sys.executable, "-m", MODULE, *_worker_args(args, method, length)]
     try:
         proc = subprocess.run(cmd, cwd=O.REPO, env=env, capture_output=True, text=True, timeout=args.timeout)

@@ -175,6 +175,18 @@ def step_memory_peak(device: str) -> float:
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
+def add_stock_malloc_argument(parser: Any) -> None:
+    """``--stock-malloc``: measure with glibc's own dynamic mmap threshold instead of `FIXED_MMAP_THRESHOLD`."""
+    parser.add_argument("--stock-malloc", action="store_true",
+                        help="keep glibc's dynamic mmap threshold (RSS then also counts freed, retained heap)")
+
+
+def malloc_env(stock_malloc: bool, device: str) -> dict[str, str]:
+    """The allocator setting of a worker that measures RSS: `FIXED_MMAP_THRESHOLD` on the CPU unless
+    ``--stock-malloc``; nothing on CUDA (its caching allocator is not glibc's)."""
+    return {} if stock_malloc or device.startswith("cuda") else dict(FIXED_MMAP_THRESHOLD)
+
+
 def worker_env(extra_env: Optional[dict[str, str]] = None) -> dict[str, str]:
     """The environment of a worker process: this one's, the repository root on PYTHONPATH, and ``extra_env``."""
     return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
