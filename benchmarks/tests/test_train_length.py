@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import _common as C
 from benchmarks import train_length as TL
+from benchmarks.lab import backbone as B
+from benchmarks.lab import output as O
 
 TINY = "h64-l2-v256"
 ARGS = ["--size", TINY, "--lengths", "96", "192", "--segment-length", "64", "--num-sensory", "8", "--steps", "1",
@@ -25,7 +26,7 @@ def _in_process(args: argparse.Namespace, method: str, length: int) -> dict:
 
 
 def test_parse_size_accepts_named_and_spelt_sizes() -> None:
-    assert TL.parse_size("h256-l4") is C.SIZES["h256-l4"]
+    assert TL.parse_size("h256-l4") is B.SIZES["h256-l4"]
     size = TL.parse_size(TINY)
     assert (size.hidden, size.layers, size.vocab) == (64, 2, 256)
     with pytest.raises(ValueError, match="--size"):
@@ -49,7 +50,7 @@ def test_run_case_reports_every_step(method: str) -> None:
 def test_sweep_writes_json_and_png_with_command_machine_and_load(tmp_path: Path) -> None:
     args = TL.make_parser().parse_args(ARGS + ["--output-dir", str(tmp_path), "--methods", *TL.METHODS])
     result = TL.sweep(args, run=_in_process)
-    C.save_results(TL.MODULE, "train_length", args, result, lambda png: TL.plot(result, png))
+    O.save_results(TL.MODULE, "train_length", args, result, lambda png: TL.plot(result, png))
     payload = json.loads((tmp_path / "train_length.json").read_text())
     assert (tmp_path / "train_length.png").stat().st_size > 0
     assert payload["command"].startswith("PYTHONPATH=. python -m benchmarks.train_length")

@@ -1,23 +1,24 @@
-"""The long-context tasks: deterministic, evidence at the requested depth, one-token answers, chance computed right."""
+"""The long-context tasks (benchmarks/lab/tasks.py): deterministic, evidence at the requested depth, one-token
+answers, chance computed right; and the long-context benchmark's training episodes."""
 
 from __future__ import annotations
 
 import json
+import random
+import re
+from dataclasses import replace
 
 import pytest
 
-from benchmarks import long_context_tasks as T
-from benchmarks import quality as Q
-
-TEXT = (
-    "The interpreter reads a module, compiles it to bytecode and runs it. Functions are objects; a class "
-    "defines attributes and methods. The standard library offers modules for files, text, numbers and time. "
-) * 40
+from benchmarks import long_context as LC
+from benchmarks.lab import tasks as T
+from benchmarks.lab.corpus import TINY_TEXT as TEXT
+from benchmarks.lab.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return Q.train_tokenizer([TEXT, T.task_sentences(repeats=5)], vocab_size=600)
+    return train_tokenizer([TEXT, T.task_sentences(repeats=5)], vocab_size=600)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,6 @@ def test_generation_is_deterministic_and_spreads_depths(tok, stream, task) -> No
 
 @pytest.mark.parametrize("depth", T.DEPTHS)
 def test_needle_sits_at_the_requested_depth(tok, stream, depth) -> None:
-    import random
-
     vocab = T.Vocab.of(tok)
     e = T.needle_example(tok, stream, vocab, 1000, depth, random.Random(0))
     key = e["choices"][e["answer"]].strip()
@@ -58,9 +57,6 @@ def test_needle_sits_at_the_requested_depth(tok, stream, depth) -> None:
 
 
 def test_facts_answer_is_the_last_place_of_the_asked_person(tok, stream) -> None:
-    import random
-    import re
-
     vocab = T.Vocab.of(tok)
     for seed in range(20):
         e = T.facts_example(tok, stream, vocab, 600, 0.5, random.Random(seed), kind="qa1")
@@ -82,7 +78,7 @@ def test_written_task_is_an_lm_eval_multiple_choice_task(tok, stream, tmp_path) 
     rows = [json.loads(line) for line in (tmp_path / "lc_needle_200.jsonl").read_text().splitlines()]
     assert rows == examples
     pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # here: lm-eval is optional (the [eval] extra)
 
     assert "lc_needle_200" in TaskManager(include_path=str(tmp_path)).all_tasks
 
@@ -90,8 +86,6 @@ def test_written_task_is_an_lm_eval_multiple_choice_task(tok, stream, tmp_path) 
 def test_hmt_training_episodes_put_the_needle_beyond_the_window_and_grow_in_length(tok, stream) -> None:
     """evidence="beyond": no training episode can be answered from the last segment + sensory memory; with the
     curriculum the episodes (read in order) start at 2 segments and reach the maximum by half-way."""
-    from benchmarks import long_context as LC
-
     vocab = T.Vocab.of(tok)
     s = LC.quick(segment_length=32, hmt_steps=20, hmt_batch=2, max_train_segments=6)
     data = LC.train_dataset(tok, stream, vocab, s, num_sensory=s.num_sensory)
@@ -106,5 +100,5 @@ def test_hmt_training_episodes_put_the_needle_beyond_the_window_and_grow_in_leng
     half = len(segments) // 2
     # (the context is decoded and re-tokenized, which can merge a few tokens: a 6-segment draw may count as 5)
     assert max(segments[:4]) <= 3 and max(segments[half:]) >= s.max_train_segments - 1
-    anywhere = LC.train_dataset(tok, stream, vocab, LC.replace(s, evidence="anywhere", curriculum=False), s.num_sensory)
+    anywhere = LC.train_dataset(tok, stream, vocab, replace(s, evidence="anywhere", curriculum=False), s.num_sensory)
     assert anywhere["input_ids"] != data["input_ids"]

@@ -1,5 +1,6 @@
-"""Training peak memory of HMT vs input length, with and without gradient checkpointing; and the peak-memory
-effect of TRL's fused LM-head path and of ``logits_to_keep`` (issue 5).
+"""Peak RAM of an HMT training step vs input length, with and without gradient checkpointing; and the peak-RAM
+effect of TRL's fused LM-head path and of ``logits_to_keep`` (issue 5). ("Memory" in the library is HMT's memory;
+this benchmark measures the process's RAM, or on CUDA the device memory the allocator hands out.)
 
 Every configuration runs in a fresh Python process (``--worker``), so its peak resident set size (VmHWM) is
 its own. The figure reported is the step's peak above the resident size just before the step (model and
@@ -15,11 +16,11 @@ over 4..64 segments, checkpointing off and on; then, at ``--compare-segments`` s
 
 Commands (from the repository root):
 
-    PYTHONPATH=. python -m benchmarks.memory                   # CPU, fp32, 2 threads (~10 min)
-    PYTHONPATH=. python -m benchmarks.memory --segments 4 8 --compare-segments 4   # smoke run
-    PYTHONPATH=. python -m benchmarks.memory --device cuda --dtype bf16 --threads 0 --tag cuda-bf16
+    PYTHONPATH=. python -m benchmarks.peak_ram                 # CPU, fp32, 2 threads (~10 min)
+    PYTHONPATH=. python -m benchmarks.peak_ram --segments 4 8 --compare-segments 4   # smoke run
+    PYTHONPATH=. python -m benchmarks.peak_ram --device cuda --dtype bf16 --threads 0 --tag cuda-bf16
 
-Writes (to ``--output-dir``, default benchmarks/output; ``--update-results``: benchmarks/results) ``memory[-TAG].json`` and ``.png``.
+Writes (to ``--output-dir``, default benchmarks/output; ``--update-results``: benchmarks/results) ``peak_ram[-TAG].json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -30,16 +31,18 @@ from typing import Any
 
 import torch
 
-from benchmarks import _common as C
+from benchmarks.lab import backbone as B
+from benchmarks.lab import measure as M
+from benchmarks.lab import output as O
 
-MODULE = "benchmarks.memory"
+MODULE = "benchmarks.peak_ram"
 PATHS = ("train-fused", "train-logits", "infer-logits", "infer-keep1")
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    C.add_output_arguments(p)
-    p.add_argument("--size", default="h256-l4", choices=sorted(C.SIZES))
+    O.add_output_arguments(p)
+    p.add_argument("--size", default="h256-l4", choices=sorted(B.SIZES))
     p.add_argument("--segments", nargs="+", type=int, default=[4, 8, 16, 32, 64])
     p.add_argument("--compare-segments", type=int, default=16, help="input length of the loss-path comparison")
     p.add_argument("--segment-length", type=int, default=256)
@@ -50,8 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--four-bit", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="")
-    p.add_argument("--stock-malloc", action="store_true",
-                   help="keep glibc's dynamic mmap threshold (RSS then also counts freed, retained heap)")
+    M.add_stock_malloc_argument(p)
     # worker mode (one configuration in this process)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", default="train-fused", choices=PATHS, help=argparse.SUPPRESS)
@@ -62,26 +64,19 @@ def make_parser() -> argparse.ArgumentParser:
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Build the model, then measure one step's peak memory above the resident size before it."""
-    size = C.SIZES[args.size]
-    base = C.build_backbone(size, args.device, C.parse_dtype(args.dtype), args.four_bit,
+    size = B.SIZES[args.size]
+    base = B.build_backbone(size, args.device, B.parse_dtype(args.dtype), args.four_bit,
                             max_positions=max(4096, args.segment_length + args.num_sensory + 2))
     if args.checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = C.attach_hmt(base, args.segment_length, args.num_sensory, 0.5)
+    model = B.attach_hmt(base, args.segment_length, args.num_sensory, 0.5)
     ids = torch.randint(4, size.vocab, (args.batch, args.n * args.segment_length), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
-    cuda = args.device.startswith("cuda")
     if args.path.startswith("train"):
         model.train()
     else:
         model.eval()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2**20
-    else:
-        reset_ok = C.reset_peak_rss()
-        before = C.current_rss_mib()
+    before, reset_ok = M.step_memory_start(args.device)
     if args.path == "train-fused":
         model(input_ids=ids, labels=ids, fused_lm_head=True).loss.backward()
     elif args.path == "train-logits":
@@ -91,12 +86,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         with torch.no_grad():
             model(input_ids=ids, logits_to_keep=1 if args.path == "infer-keep1" else 0)
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        reset_ok = True
-    else:
-        peak = C.peak_rss_mib()
+    peak = M.step_memory_peak(args.device)
     return {
         "segments": args.n,
         "checkpointing": bool(args.checkpointing),
@@ -117,20 +107,20 @@ def _worker_args(args: argparse.Namespace, n: int, checkpointing: bool, path: st
 
 
 def _env(args: argparse.Namespace) -> dict[str, str]:
-    return {} if args.stock_malloc or args.device.startswith("cuda") else dict(C.FIXED_MMAP_THRESHOLD)
+    return M.malloc_env(args.stock_malloc, args.device)
 
 
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for checkpointing in (False, True):
         for n in args.segments:
-            row = C.run_worker(MODULE, _worker_args(args, n, checkpointing, "train-fused"), extra_env=_env(args))
+            row = M.run_worker(MODULE, _worker_args(args, n, checkpointing, "train-fused"), extra_env=_env(args))
             rows.append(row)
             print(f"train-fused  segments={n:3d} checkpointing={checkpointing!s:5s} "
                   f"step peak {row['step_peak_mib']:8.1f} MiB (process peak {row['peak_mib']:.0f})", flush=True)
     compare = []
     for path in PATHS:
-        row = C.run_worker(MODULE, _worker_args(args, args.compare_segments, False, path), extra_env=_env(args))
+        row = M.run_worker(MODULE, _worker_args(args, args.compare_segments, False, path), extra_env=_env(args))
         compare.append(row)
         print(f"{path:12s} segments={args.compare_segments:3d} step peak {row['step_peak_mib']:8.1f} MiB", flush=True)
     growth = {}
@@ -149,11 +139,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = O.pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     for checkpointing, style in ((False, "o-"), (True, "s-")):
         sel = sorted((r for r in result["sweep"] if r["checkpointing"] == checkpointing), key=lambda r: r["segments"])
@@ -168,9 +154,7 @@ def plot(result: dict[str, Any], path) -> None:
     ax2.bar([r["path"] for r in comp], [r["step_peak_mib"] for r in comp], color=["C0", "C1", "C2", "C3"])
     ax2.set_ylabel("step peak above pre-step RSS (MiB)")
     ax2.set_title(f"loss / logits paths at {comp[0]['segments']} segments" if comp else "")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    O.save_figure(fig, path)
 
 
 def main(argv=None) -> None:
@@ -181,8 +165,8 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
     result = sweep(args)
-    name = "memory" + (f"-{args.tag}" if args.tag else "")
-    C.save_results(MODULE, name, args, result, lambda png: plot(result, png))
+    name = "peak_ram" + (f"-{args.tag}" if args.tag else "")
+    O.save_results(MODULE, name, args, result, lambda png: plot(result, png))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@
 Every answer is a single token of the benchmark's tokenizer, and each task is lm-eval ``multiple_choice`` over its
 candidate set: one loglikelihood pass over the context scores every candidate (lm-eval's logits cache groups
 single-token continuations of one context). Accuracy is the argmax over candidates; chance is 1 / candidates.
-The filler text is real prose (the Python documentation, Debian's python3-doc; see benchmarks/long_context.py).
+The filler text is real prose (a corpus of `benchmarks.lab.corpus`).
+
+The same tasks are the training episodes of the retrieval benchmarks (`random_episode`, `episode_ids`) and the probe of
+a backbone's in-window answers (`in_window_accuracy`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
+
+import torch
 
 KEYS = ("apple", "river", "candle", "mirror", "garden", "silver", "thunder", "pepper", "castle", "forest",
         "rocket", "violin", "tiger", "orange", "window", "dragon", "island", "marble", "planet", "winter",
@@ -128,14 +133,15 @@ def make_examples(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab
                   seed: int) -> list[dict[str, Any]]:
     """``n`` examples of ``task`` ('needle', 'facts_qa1', 'facts_qa2') at ``length`` tokens, depths in turn."""
     rng = random.Random(f"{task}-{length}-{seed}")
-    out = []
-    for i in range(n):
-        depth = DEPTHS[i % len(DEPTHS)]
-        if task == "needle":
-            out.append(needle_example(tokenizer, stream, vocab, length, depth, rng))
-        else:
-            out.append(facts_example(tokenizer, stream, vocab, length, depth, rng, kind=task.split("_")[1]))
-    return out
+    return [example(task, tokenizer, stream, vocab, length, DEPTHS[i % len(DEPTHS)], rng) for i in range(n)]
+
+
+def example(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, depth: float,
+            rng: random.Random) -> dict[str, Any]:
+    """One example of ``task`` ('needle', 'facts_qa1', 'facts_qa2') with its supporting fact at ``depth``."""
+    if task == "needle":
+        return needle_example(tokenizer, stream, vocab, length, depth, rng)
+    return facts_example(tokenizer, stream, vocab, length, depth, rng, kind=task.split("_")[1])
 
 
 def chance(examples: Sequence[dict[str, Any]]) -> float:
@@ -171,3 +177,35 @@ def write_task(directory: Path, name: str, examples: Sequence[dict[str, Any]]) -
     path = directory / f"{name}.yaml"
     path.write_text(TASK_YAML.format(name=name, data=data.resolve()))
     return path
+
+
+# ---- episodes: a task example as training data ------------------------------------------------------------------------
+def episode_ids(tokenizer: Any, example: dict[str, Any]) -> tuple[list[int], int]:
+    """(context ids + answer id, index of the answer token)."""
+    ids = tokenizer(example["context"], add_special_tokens=False).input_ids
+    answer = tokenizer(example["choices"][example["answer"]], add_special_tokens=False).input_ids
+    return ids + answer, len(ids)
+
+
+def random_episode(tokenizer, stream, vocab, length: int, rng: random.Random, tasks=("needle", "needle", "facts_qa1",
+                   "facts_qa2"), max_depth: float = 1.0, depth: Optional[float] = None) -> dict[str, Any]:
+    """One training episode of a task drawn from ``tasks``, its supporting fact at ``depth`` (default: a uniform
+    depth in [0, max_depth))."""
+    task = rng.choice(tasks)
+    if depth is None:
+        depth = rng.random() * max_depth
+    return example(task, tokenizer, stream, vocab, length, depth, rng)
+
+
+@torch.no_grad()
+def in_window_accuracy(model, tokenizer, examples: list[dict[str, Any]]) -> float:
+    """Share of in-window episodes whose answer is the argmax over the candidates at the last position."""
+    model.eval()
+    hits = 0
+    for e in examples:
+        ids = torch.tensor([tokenizer(e["context"], add_special_tokens=False).input_ids])
+        logits = model(input_ids=ids).logits[0, -1]
+        cands = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in e["choices"]]
+        hits += int(max(range(len(cands)), key=lambda i: logits[cands[i]].item()) == e["answer"])
+    model.train()
+    return hits / len(examples)

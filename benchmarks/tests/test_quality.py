@@ -1,26 +1,24 @@
-"""benchmarks/quality.py without the Debian corpus: corpus helpers on a synthetic directory, the compute accounting
-checked against what the evaluation and HMT actually run, the plateau rule, and LoRA alone on a tiny model."""
+"""benchmarks/quality.py without the Debian corpus: corpus helpers (benchmarks/lab/corpus.py) on a synthetic
+directory, the compute accounting checked against what the evaluation and HMT actually run, the plateau rule
+(benchmarks/lab/pretrain.py), and LoRA alone on a tiny model."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import peft
 import pytest
 import torch
+from datasets import Dataset
+from peft.tuners.lora import LoraLayer
 
-from hmt_adapter import evaluation
-
-# loaded by path: benchmarks/ is not an installed package, and plain `pytest` does not put the repo root on sys.path
-_SPEC = importlib.util.spec_from_file_location(
-    "_quality_benchmark", Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
-)
-quality = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = quality  # dataclasses look their module up here
-_SPEC.loader.exec_module(quality)
-_C = quality.C  # benchmarks/_common.py: the one Llama builder
+import hmt_adapter  # noqa: F401  (registers the HMT adapter type with PEFT)
+from benchmarks import quality
+from benchmarks.lab import corpus, pretrain
+from benchmarks.lab.backbone import llama
+from benchmarks.lab.tokenizer import train_tokenizer
+from hmt_adapter import HMTConfig, evaluation
 
 
 def _write_corpus(root: Path, count: int = 40) -> list[str]:
@@ -36,27 +34,27 @@ def _write_corpus(root: Path, count: int = 40) -> list[str]:
 
 def test_list_documents_finds_rst_txt_files_relative_and_sorted(tmp_path: Path) -> None:
     names = _write_corpus(tmp_path)
-    assert quality.list_documents(str(tmp_path)) == names
-    assert quality.list_documents(str(tmp_path / "absent")) == []
+    assert corpus.list_documents(str(tmp_path)) == names
+    assert corpus.list_documents(str(tmp_path / "absent")) == []
 
 
 def test_split_is_a_deterministic_partition_by_path(tmp_path: Path) -> None:
     names = _write_corpus(tmp_path, count=200)
-    train, heldout = quality.split_documents(names, 0.2)
+    train, heldout = corpus.split_documents(names, 0.2)
     assert sorted(train + heldout) == names and not set(train) & set(heldout)
     assert 10 <= len(heldout) <= 70  # ~40 expected from a uniform hash
     # depends on the path only: same answer for any order or subset of the paths
-    assert quality.split_documents(list(reversed(names)), 0.2)[1] == list(reversed(heldout))
-    assert [p for p in names[:50] if quality.is_heldout(p, 0.2)] == [p for p in heldout if p in names[:50]]
+    assert corpus.split_documents(list(reversed(names)), 0.2)[1] == list(reversed(heldout))
+    assert [p for p in names[:50] if corpus.is_heldout(p, 0.2)] == [p for p in heldout if p in names[:50]]
     with pytest.raises(ValueError, match="heldout_fraction"):
-        quality.split_documents(names, 1.0)
+        corpus.split_documents(names, 1.0)
 
 
 def test_eval_documents_filters_short_and_truncates_long() -> None:
     docs = [list(range(10)), list(range(40)), list(range(100)), list(range(17))]
-    out = quality.eval_documents(docs, segment_length=8, min_segments=2, max_segments=3)
+    out = corpus.eval_documents(docs, segment_length=8, min_segments=2, max_segments=3)
     assert out == [list(range(24)), list(range(24)), list(range(17))]
-    assert quality.eval_documents(docs, 8, 2, 3, max_documents=1) == [list(range(24))]
+    assert corpus.eval_documents(docs, 8, 2, 3, max_documents=1) == [list(range(24))]
 
 
 def test_missing_corpus_names_the_install_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -98,12 +96,7 @@ def test_position_counts_match_what_the_evaluation_runs(num_tokens: int, window:
 def test_hmt_positions_count_every_backbone_pass(recall_query: str, use_recall: bool, num_tokens: int) -> None:
     """Segment passes + summary passes of a real HMT forward, counted at the decoder's input. Lengths are chosen
     so the batched summary pass has no padding (a last segment of >= summary_length tokens, or a single one)."""
-    import peft
-
-    import hmt_adapter  # noqa: F401
-    from hmt_adapter import HMTConfig
-
-    base = _C.llama(64, 32, 2, 2, 64, 64, True)
+    base = llama(64, 32, 2, 2, 64, 64, True)
     config = HMTConfig(task_type="CAUSAL_LM", segment_length=8, num_sensory=3, recall_dim=16,
                        recall_query=recall_query, use_recall=use_recall)
     model = peft.get_peft_model(base, config).eval()
@@ -117,8 +110,6 @@ def test_hmt_positions_count_every_backbone_pass(recall_query: str, use_recall: 
 
 
 def test_nominal_hmt_compute_and_the_matching_stride() -> None:
-    from hmt_adapter import HMTConfig
-
     config = quality.hmt_config(quality.QualitySettings(), lora=False)
     # the full run: segment 128, sensory 16, summary 64 tokens -> (128 + 16 + 2 + 64 + 2) / 128
     assert quality.nominal_hmt_positions_per_token(config) == pytest.approx(212 / 128)
@@ -142,22 +133,22 @@ def test_nominal_hmt_compute_and_the_matching_stride() -> None:
 
 
 def test_plateau_rule() -> None:
-    assert not quality.plateaued([5.0, 4.0, 3.9], window=3, tolerance=0.005)  # too few checks
-    assert not quality.plateaued([5.0, 4.0, 3.9, 3.8], window=3, tolerance=0.005)  # 5% better than 4 checks ago
-    assert quality.plateaued([4.0, 3.999, 3.998, 3.997], window=3, tolerance=0.005)
-    assert quality.plateaued([4.0, 4.01, 4.02, 4.03], window=3, tolerance=0.005)  # rising: flat or worse
-    assert not quality.plateaued([4.0, 4.1, 4.1, 3.9], window=3, tolerance=0.005)  # the best of the window counts
+    assert not pretrain.plateaued([5.0, 4.0, 3.9], window=3, tolerance=0.005)  # too few checks
+    assert not pretrain.plateaued([5.0, 4.0, 3.9, 3.8], window=3, tolerance=0.005)  # 5% better than 4 checks ago
+    assert pretrain.plateaued([4.0, 3.999, 3.998, 3.997], window=3, tolerance=0.005)
+    assert pretrain.plateaued([4.0, 4.01, 4.02, 4.03], window=3, tolerance=0.005)  # rising: flat or worse
+    assert not pretrain.plateaued([4.0, 4.1, 4.1, 3.9], window=3, tolerance=0.005)  # the best of the window counts
     with pytest.raises(ValueError, match="plateau_checks"):
-        quality.plateaued([1.0, 1.0], window=0, tolerance=0.1)
+        pretrain.plateaued([1.0, 1.0], window=0, tolerance=0.1)
 
 
 def test_validation_split_is_inside_training_and_disjoint(tmp_path: Path) -> None:
     names = _write_corpus(tmp_path, count=300)
-    train, _ = quality.split_documents(names, 0.15)
-    fit, val = quality.split_validation(train, 0.1)
+    train, _ = corpus.split_documents(names, 0.15)
+    fit, val = corpus.split_validation(train, 0.1)
     assert sorted(fit + val) == sorted(train) and not set(fit) & set(val)
     assert 5 <= len(val) <= 60
-    windows = quality.validation_windows(torch.arange(1000), 32, 8)
+    windows = pretrain.validation_windows(torch.arange(1000), 32, 8)
     assert windows.shape == (8, 32) and windows[0, 0] == 0 and windows[-1, -1] == 999
 
 
@@ -175,25 +166,18 @@ def test_to_windows_cuts_rows_into_independent_windows() -> None:
 
 
 def test_lora_alone_wraps_hmt_loras_modules_and_trains_only_lora(tmp_path: Path) -> None:
-    import peft
-
-    import hmt_adapter  # noqa: F401
-    from datasets import Dataset
-
     settings = quality.quick_settings(segment_length=8, hmt_steps=4, hmt_batch=2, train_segments=3, lora_r=2)
-    tokenizer = quality.train_tokenizer(["some text to train a byte-level tokenizer on"] * 4, vocab_size=300)
+    tokenizer = train_tokenizer(["some text to train a byte-level tokenizer on"] * 4, vocab_size=300)
     vocab = len(tokenizer)
 
     def backbone():
-        base = _C.llama(vocab, 32, 2, 2, 64, 64, True, seed=0, pad_token_id=0)
+        base = llama(vocab, 32, 2, 2, 64, 64, True, seed=0, pad_token_id=0)
         return base.requires_grad_(False)
 
     hmt_lora = peft.get_peft_model(backbone(), quality.hmt_config(settings, lora=True))
     hmt_wrapped = sorted(n.removeprefix("base_model.model.").removesuffix(".base_layer")
                          for n, m in hmt_lora.named_modules() if type(m).__name__ == "HMTLoraLinear")
     model = quality.lora_only_model(backbone(), settings)
-    from peft.tuners.lora import LoraLayer
-
     lora_wrapped = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
                           if isinstance(m, LoraLayer))
     assert lora_wrapped == hmt_wrapped and len(hmt_wrapped) == 2 * 7  # q k v o gate up down, 2 layers
