@@ -177,9 +177,9 @@ class Decoder:
         if active is not None:
             alive = [block for block in self.streams.blocks if bool(active[self.order[block]].any())]
             if len(alive) < len(self.streams.blocks) and alive:
-                keep = torch.cat(alive)
-                self.streams.select(keep)
-                self.order = self.order[keep]
+                alive_rows = torch.cat(alive)
+                self.streams.select(alive_rows)
+                self.order = self.order[alive_rows]
         hidden = self.streams.step(next_tokens[self.order])
         self.logits[self.order] = self.runner.bb.logits(hidden).float()
         return self.logits
