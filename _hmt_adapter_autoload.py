@@ -7,7 +7,7 @@ registration:
 
 * ``peft``: ``import hmt_adapter`` (which registers the adapter type "HMT"), so ``PeftModel.from_pretrained``,
   ``AutoPeftModelForCausalLM.from_pretrained`` and every tool built on them load an HMT adapter.
-* ``lm_eval.api.registry``: the lm-eval model ``hmt``, registered lazily as ``"hmt_adapter.lm_eval:HMTLM"`` (lm-eval
+* ``lm_eval.api.registry``: the lm-eval model ``hmt``, registered lazily as ``"hmt_adapter.integrations.lm_eval:HMTLM"`` (lm-eval
   imports it the first time ``--model hmt`` is asked for), so ``lm_eval --model hmt`` works.
 
 ``HMT_ADAPTER_AUTOLOAD=0`` (or ``false``/``no``/``off``) turns it off; then ``import hmt_adapter`` before loading an
@@ -37,7 +37,7 @@ def _register_with_peft(module: Any) -> None:
 
 def _register_with_lm_eval(registry: Any) -> None:
     if "hmt" not in registry.model_registry:
-        registry.model_registry.register("hmt", target="hmt_adapter.lm_eval:HMTLM")
+        registry.model_registry.register("hmt", target="hmt_adapter.integrations.lm_eval:HMTLM")
 
 
 #: Module name -> what to run once it has been imported.

@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any, Callable
 
 import torch
 
-from benchmarks import _common as C
-from benchmarks.throughput import inference_cases, training_cases
+import hmt_adapter
+from benchmarks.lab import backbone as B
+from benchmarks.lab import measure as M
+from benchmarks.lab import output as O
 
 MODULE = "benchmarks.compile"
 NAMES = ("windows", "hmt", "hmt_compiled", "full")
@@ -43,7 +46,7 @@ NAMES = ("windows", "hmt", "hmt_compiled", "full")
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    C.add_output_arguments(p)
+    O.add_output_arguments(p)
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch thread counts, one process each")
     p.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
     p.add_argument("--hidden", type=int, default=256)
@@ -69,8 +72,6 @@ def limit_ratio(args: argparse.Namespace) -> float:
 
 def _with_compiled(hmt, cases: dict[str, Callable[[], Any]]) -> dict[str, Callable[[], Any]]:
     """Add ``hmt_compiled``: the ``hmt`` case with the compiled segment step switched on for the call."""
-    import hmt_adapter
-
     def toggled(fn: Callable[[], Any], enabled: bool) -> Callable[[], Any]:
         def run():
             hmt.base_model.hmt_compiled_step = compiled if enabled else None
@@ -89,18 +90,18 @@ def worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every mode at ``args.worker`` threads, in this process."""
     torch.set_num_threads(args.worker)
     limit = limit_ratio(args)
-    size = C.Size(f"h{args.hidden}-l{args.layers}", args.hidden, args.layers, args.vocab)
+    size = B.Size(f"h{args.hidden}-l{args.layers}", args.hidden, args.layers, args.vocab)
     total = args.segments * args.segment_length
-    base = C.build_backbone(size, args.device, max_positions=max(8192, total))
-    hmt = C.attach_hmt(base, args.segment_length, args.num_sensory, args.summary_fraction)
+    base = B.build_backbone(size, args.device, max_positions=max(8192, total))
+    hmt = B.attach_hmt(base, args.segment_length, args.num_sensory, args.summary_fraction)
     ids = torch.randint(4, args.vocab, (args.batch, total), generator=torch.Generator().manual_seed(0)).to(args.device)
     rows = []
     for mode in args.modes:
         hmt.train(mode == "training")
         base.train(mode == "training")
-        build = inference_cases if mode == "inference" else training_cases
+        build = M.inference_cases if mode == "inference" else M.training_cases
         cases = _with_compiled(hmt, build(base, hmt, ids, args.segment_length, True))
-        timings = C.time_interleaved(cases, args.device, args.warmup, args.repeats)
+        timings = M.time_interleaved(cases, args.device, args.warmup, args.repeats)
         row = {"size": size.name, "vocab": args.vocab, "threads": args.worker, "batch": args.batch, "mode": mode,
                "tokens": ids.numel(), "limit": limit}
         for name, t in timings.items():
@@ -121,7 +122,7 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path) -> None:
-    C.plot_rate_bars(rows, path, names=lambda sel: list(NAMES), reference=lambda r: r["windows"]["tokens_per_s"] / r["limit"],
+    O.plot_rate_bars(rows, path, names=lambda sel: list(NAMES), reference=lambda r: r["windows"]["tokens_per_s"] / r["limit"],
                      reference_label="windows / limit", reference_at="hmt", tick=lambda r: f"{r['threads']} thread(s)",
                      title=lambda mode, sel: f"{mode} ({sel[0]['size']}, vocab {sel[0]['vocab']})")
 
@@ -132,14 +133,14 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
     rows = []
-    passthrough = [a for a in (argv if argv is not None else __import__("sys").argv[1:])]
+    passthrough = list(argv if argv is not None else sys.argv[1:])
     for threads in args.threads:
-        result = C.run_worker(MODULE, [*passthrough, "--worker", str(threads)], timeout=3600)
+        result = M.run_worker(MODULE, [*passthrough, "--worker", str(threads)], timeout=3600)
         for row in result:
             print(format_row(row), flush=True)
         rows += result
     name = "compile" + (f"-{args.tag}" if args.tag else "")
-    C.save_results(MODULE, name, args, {"rows": rows}, lambda png: plot(rows, png))
+    O.save_results(MODULE, name, args, {"rows": rows}, lambda png: plot(rows, png))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     PYTHONPATH=. python -m benchmarks.decoding                  # ~5 min on one CPU thread
     PYTHONPATH=. python -m benchmarks.decoding --quick          # smoke run (fewer repeats, 4k prompt)
 
-Model: the tiny random Llama of benchmarks/ingestion.py (hidden 256, 4 layers, vocab 1024, float32, sdpa); HMT:
+Model: the tiny random Llama of benchmarks/ingestion.py (`benchmarks.lab.backbone.inference_model`: hidden 256, 4 layers, vocab 1024, float32, sdpa); HMT:
 segment_length 256, num_sensory 32, recall_window 300, recall_dim 256, recall_query "segment".
 
 * Ragged batch: 4 prompts of different lengths (``--prompt-lengths``, at different positions in their segments),
@@ -26,20 +26,16 @@ import argparse
 import warnings
 from pathlib import Path
 
-from benchmarks import _common as C
-from benchmarks.ingestion import HMT, MODEL, build
+import torch
 
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "n/a"
+from benchmarks.lab import measure as M
+from benchmarks.lab import output as O
+from benchmarks.lab.backbone import INFERENCE_HMT as HMT
+from benchmarks.lab.backbone import INFERENCE_MODEL as MODEL
+from benchmarks.lab.backbone import inference_model as build
 
 
 def left_padded(prompts):
-    import torch
-
     width = max(p.numel() for p in prompts)
     batch = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(batch)
@@ -49,8 +45,6 @@ def left_padded(prompts):
 
 
 def ragged_batch(model, lengths: list[int], new: int, repeats: int) -> dict:
-    import torch
-
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, MODEL["vocab_size"], (n,), generator=gen) for n in lengths]
     batch, mask = left_padded(prompts)
@@ -67,7 +61,7 @@ def ragged_batch(model, lengths: list[int], new: int, repeats: int) -> dict:
         together = batched(new)()
         alone = sequential(new)()
         same = all(torch.equal(together[i, batch.shape[1] - p.numel() :], a[0]) for i, (p, a) in enumerate(zip(prompts, alone)))
-        times = C.time_interleaved({"batch_N": batched(new), "batch_1": batched(1), "seq_N": sequential(new),
+        times = M.time_interleaved({"batch_N": batched(new), "batch_1": batched(1), "seq_N": sequential(new),
                                     "seq_1": sequential(1)}, repeats=repeats)
     decoded = len(lengths) * (new - 1)
     batch_s = times["batch_N"]["median_s"] - times["batch_1"]["median_s"]
@@ -84,8 +78,6 @@ def ragged_batch(model, lengths: list[int], new: int, repeats: int) -> dict:
 def ceiling(model, rows: int, width: int = 300, repeats: int = 5) -> dict:
     """What batching can give on this machine: the bare decoder stack + LM head, one cached token step over
     ``rows`` rows in one call vs ``rows`` one-row calls (KV cache of ``width`` slots, no HMT, no mask)."""
-    import torch
-
     decoder, head = model.get_base_model().base_model, model.get_output_embeddings()
     d = MODEL["hidden_size"]
 
@@ -102,14 +94,12 @@ def ceiling(model, rows: int, width: int = 300, repeats: int = 5) -> dict:
         return run
 
     with torch.no_grad():
-        times = C.time_interleaved({"one_call": step(rows), "separate_calls": step(1)}, repeats=repeats)
+        times = M.time_interleaved({"one_call": step(rows), "separate_calls": step(1)}, repeats=repeats)
     return {"rows": rows, "kv_slots": width, "timings": times,
             "speedup_one_call_over_separate": times["separate_calls"]["median_s"] / times["one_call"]["median_s"]}
 
 
 def prefill(model, length: int, repeats: int) -> dict:
-    import torch
-
     ids = torch.randint(4, MODEL["vocab_size"], (1, length), generator=torch.Generator().manual_seed(1))
 
     def gen():
@@ -121,7 +111,7 @@ def prefill(model, length: int, repeats: int) -> dict:
     with torch.no_grad():
         first_gen = gen()[0, -1]
         first_fwd = forward().logits[0, -1].argmax()
-        times = C.time_interleaved({"generate": gen, "forward": forward}, repeats=repeats)
+        times = M.time_interleaved({"generate": gen, "forward": forward}, repeats=repeats)
     g, f = times["generate"]["median_s"], times["forward"]["median_s"]
     return {
         "prompt_tokens": length, "same_first_token": bool(first_gen == first_fwd),
@@ -133,11 +123,7 @@ def prefill(model, length: int, repeats: int) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = O.pyplot()
     rag, pre = result["ragged"], result["prefill"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.bar(["one at a time", "ragged batch"], [rag["sequential"]["new_tokens_per_s"], rag["batch"]["new_tokens_per_s"]])
@@ -149,13 +135,10 @@ def plot(result: dict, path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"tiny Llama h256 l4, segment 256, {result['machine']['torch_threads']} thread(s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    O.save_figure(fig, path)
 
 
 def main() -> None:
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
@@ -164,7 +147,7 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="3 repeats, a 4096-token long prompt")
-    C.add_output_arguments(parser)
+    O.add_output_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.long_prompt = 3, 4096
@@ -172,7 +155,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build()
-    load_before = loadavg()
+    load_before = M.loadavg()
     result = {"model": MODEL, "hmt": HMT, "loadavg_before": load_before}
     result["ragged"] = ragged_batch(model, [int(x) for x in args.prompt_lengths.split(",")], args.new_tokens,
                                     args.repeats)
@@ -181,8 +164,8 @@ def main() -> None:
     print("ceiling", result["ceiling"]["speedup_one_call_over_separate"], flush=True)
     result["prefill"] = prefill(model, args.long_prompt, args.repeats)
     print("prefill", {k: v for k, v in result["prefill"].items() if k != "timings"}, flush=True)
-    result["loadavg_after"] = loadavg()
-    C.save_results("benchmarks.decoding", "decoding", args, result, lambda p: plot(result | {"machine": C.machine_info()}, p))
+    result["loadavg_after"] = M.loadavg()
+    O.save_results("benchmarks.decoding", "decoding", args, result, lambda p: plot(result | {"machine": O.machine_info()}, p))
 
 
 if __name__ == "__main__":

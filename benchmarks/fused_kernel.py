@@ -1,8 +1,8 @@
-"""CPU time of the fused LM-head log-prob kernel (`hmt_adapter.loss.token_log_probs`), forward + backward.
+"""CPU time of the fused LM-head log-prob kernel (`hmt_adapter.engine.lm_head.token_log_probs`), forward + backward.
 
     PYTHONPATH=. python -m benchmarks.fused_kernel                                   # the current kernel
     git show 7b477bc:hmt_adapter/loss.py > /tmp/loss_before.py
-    PYTHONPATH=. python -m benchmarks.fused_kernel --compare /tmp/loss_before.py     # also an older loss.py
+    PYTHONPATH=. python -m benchmarks.fused_kernel --compare /tmp/loss_before.py     # also an older kernel file
 
 One segment of 478 tokens, d 256, V 32000, frozen head, one thread; median of 5 after checking that both
 kernels give the same log-probs and input gradients. Prints a line per kernel (no files written).
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from hmt_adapter import loss as current
+from hmt_adapter.engine import lm_head as current
 
 
 def _load(path: str):
@@ -35,7 +35,7 @@ def _step(module, head: torch.nn.Linear, labels: torch.Tensor, tokens: int, widt
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--compare", help="path of another loss.py to time against the current one")
+    p.add_argument("--compare", help="path of another kernel file (an older loss.py or lm_head.py) to time against the current one")
     p.add_argument("--tokens", type=int, default=478)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--vocab", type=int, default=32000)

@@ -21,38 +21,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
 import time
 import warnings
 
-from benchmarks import _common as C
+import torch
 
-MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-             intermediate_size=688, vocab_size=1024, max_position_embeddings=512)
-HMT = dict(segment_length=256, num_sensory=32, recall_window=300, recall_dim=256, recall_query="segment")
+from benchmarks.lab import measure as M
+from benchmarks.lab import output as O
+from benchmarks.lab.backbone import INFERENCE_HMT as HMT
+from benchmarks.lab.backbone import INFERENCE_MODEL as MODEL
+from benchmarks.lab.backbone import inference_model as build
+from hmt_adapter.inference.streaming import HMTStreamer
+
 CHUNK = 4096
-
-
-def build(max_positions: int = 512, with_hmt: bool = True):
-    base = C.llama(
-        MODEL["vocab_size"], MODEL["hidden_size"], MODEL["num_hidden_layers"], MODEL["num_attention_heads"],
-        MODEL["intermediate_size"], max_positions, True,
-    ).eval()
-    return C.attach_hmt(base, **HMT).eval() if with_hmt else base
 
 
 def run_one(kind: str, length: int) -> dict:
     """One measurement in this (fresh) process; returns tokens/s and peak RSS."""
-    import torch
-
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     torch.manual_seed(0)
     ids = torch.randint(4, MODEL["vocab_size"], (1, length))
     if kind == "hmt":
-        from hmt_adapter.streaming import HMTStreamer
-
         streamer = HMTStreamer(build())
         start = time.perf_counter()
         state = streamer.init_state(1)
@@ -75,8 +68,6 @@ def run_one(kind: str, length: int) -> dict:
 
 
 def decode_bench(prompt_len: int = 128, new: int = 256, repeats: int = 2) -> dict:
-    import torch
-
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     torch.manual_seed(0)
     ids = torch.randint(4, MODEL["vocab_size"], (1, prompt_len))
@@ -99,19 +90,16 @@ def decode_bench(prompt_len: int = 128, new: int = 256, repeats: int = 2) -> dic
 
 
 #: glibc's dynamic mmap threshold keeps freed large buffers resident, so RSS would also count retained free heap
-#: (see benchmarks/_common.py); a fixed threshold makes peak RSS track live memory. --stock-malloc turns it off.
-FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-CHILD_ENV: dict = dict(FIXED_MMAP_THRESHOLD)
+#: (see benchmarks/lab/measure.py); a fixed threshold makes peak RSS track live memory. --stock-malloc turns it off.
+CHILD_ENV: dict = dict(M.FIXED_MMAP_THRESHOLD)
 
 
 def subprocess_json(*args: str) -> dict:
-    return C.run_worker("benchmarks.ingestion", list(args), extra_env=dict(CHILD_ENV, PYTHONWARNINGS="ignore"))
+    return M.run_worker("benchmarks.ingestion", list(args), extra_env=dict(CHILD_ENV, PYTHONWARNINGS="ignore"))
 
 
 def crossover(hmt: list[dict], full: list[dict]) -> dict:
     """Smallest length where HMT ingestion is faster than full attention (log-log interpolation of full's curve)."""
-    import math
-
     rate = sum(r["tokens_per_s"] for r in hmt) / len(hmt)  # HMT's rate is flat in length
     pts = sorted((r["tokens"], r["tokens_per_s"]) for r in full)
     for (l0, r0), (l1, r1) in zip(pts, pts[1:]):
@@ -124,11 +112,7 @@ def crossover(hmt: list[dict], full: list[dict]) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = O.pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for kind, label in (("hmt", "HMT streaming"), ("full", "full attention")):
         rows = result["ingestion"][kind]
@@ -144,8 +128,7 @@ def plot(result: dict, path: str) -> None:
     dec = result["decoding"]
     fig.suptitle(f"tiny Llama h256 l4; decoding: HMT {dec['hmt']['new_tokens_per_s']:.0f} vs backbone "
                  f"{dec['backbone']['new_tokens_per_s']:.0f} new tok/s ({dec['ratio_hmt_over_backbone']:.2f}x)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    O.save_figure(fig, path)
 
 
 def main() -> None:
@@ -157,7 +140,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4k and 16k only, full attention up to 4k")
     parser.add_argument("--tag", default="ingestion")
     parser.add_argument("--stock-malloc", action="store_true", help="measure with glibc's default mmap threshold")
-    C.add_output_arguments(parser)
+    O.add_output_arguments(parser)
     args = parser.parse_args()
     if args.stock_malloc:
         CHILD_ENV.clear()
@@ -173,7 +156,7 @@ def main() -> None:
     result = {"model": MODEL, "hmt": HMT, "chunk": CHUNK, "threads": int(os.environ.get("BENCH_THREADS", "2")),
               "malloc_env": dict(CHILD_ENV), "command": "python -m benchmarks.ingestion " + " ".join(sys.argv[1:]),
               "ingestion": {"hmt": [], "full": []}}
-    out_dir = C.output_dir(args)
+    out_dir = O.output_dir(args)
     partial = out_dir / f"{args.tag}.partial.json"
     for kind, todo in (("hmt", lengths), ("full", full_lengths)):
         for n in todo:
@@ -187,7 +170,7 @@ def main() -> None:
     result["decoding"] = subprocess_json("--child-decode")
     print("decoding", result["decoding"], flush=True)
     os.remove(partial)
-    C.write_json(out_dir / f"{args.tag}.json", result)
+    O.write_json(out_dir / f"{args.tag}.json", result)
     plot(result, out_dir / f"{args.tag}.png")
     print(json.dumps({k: result[k] for k in ("rss_ratio_longest_over_shortest", "crossover")}))
 

@@ -9,7 +9,7 @@ Protocol: a BPE tokenizer and a small Llama are trained on SHORT windows (``segm
 corpus's training documents, with in-window episodes of the tasks mixed in (so the backbone can answer when the
 evidence is inside its window); the backbone is then frozen. Each HMT variant is trained with TRL's SFTTrainer on
 episodes of 2..``max_train_segments`` segments (answer-only loss unless ``--all-token-loss``), then every method
-is scored through lm-eval (`hmt_adapter.lm_eval.HMTLM` for HMT; lm-eval's own ``HFLM`` with ``max_length`` = HMT's
+is scored through lm-eval (`hmt_adapter.integrations.lm_eval.HMTLM` for HMT; lm-eval's own ``HFLM`` with ``max_length`` = HMT's
 window for the sliding-window baseline, which keeps the last tokens of the context) on the same held-out examples:
 needle at several lengths and depths, BABILong-style facts (qa1, qa2). Answers are single tokens scored by
 log-likelihood over the candidate set (lm-eval ``multiple_choice``); chance is 1 / candidates.
@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import random
-import shlex
 import sys
 import tempfile
 import time
@@ -34,12 +33,21 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
+import datasets
+import numpy as np
+import peft
 import torch
+import transformers
+from datasets import Dataset
+from trl import SFTConfig
 
-from benchmarks import _common as C
-from benchmarks import corpora as K
-from benchmarks import long_context_tasks as T
-from benchmarks import quality as Q
+from benchmarks.lab import output as O
+from benchmarks.lab import tasks as T
+from benchmarks.lab.corpus import CORPORA
+from benchmarks.lab.pretrain import Prepared, corpus_of, prepare
+from benchmarks.lab.settings import RETRIEVAL_QUICK, RetrievalSettings
+from hmt_adapter import HMTConfig
+from hmt_adapter_cli import prompt_completion as P
 
 #: method -> (HMTConfig overrides, training-recipe overrides). "write" methods use a learned write token.
 METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -74,31 +82,13 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 METHODS = (*METHOD_SPECS, "sliding_window")
 
 
-@dataclass
-class Settings:
-    """Every knob; defaults are the full protocol, `quick` scales it down."""
 
-    corpus: str = "python-docs"  # a name of benchmarks.corpora.CORPORA, or a directory of *.rst.txt files
-    corpus_dir: str = ""  # read the named corpus from here instead of its installed location
-    seed: int = 0
-    backbone_cache: str = ""  # directory: reuse a pretrained backbone + tokenizer of the same corpus/seed/settings
-    threads: int = 2
-    vocab_size: int = 4096
-    hidden_size: int = 192
-    num_layers: int = 4
-    num_heads: int = 4
-    segment_length: int = 128
-    pretrain_steps: int = 6000
-    pretrain_batch: int = 16
-    pretrain_lr: float = 2e-3
-    episode_fraction: float = 0.5  # windows of pretraining that are in-window task episodes
-    answer_weight: float = 1.0  # extra cross-entropy on each episode's answer token (0: plain LM loss only)
-    pretrain_check_every: int = 250
-    pretrain_min_steps: int = 0  # keep pretraining at least this long even once the in-window target is reached
-    target_in_window: float = 0.95  # pretraining stops once the backbone answers this share of in-window needles
-    num_sensory: int = 16
-    recall_dim: int = 256
-    recall_query: str = "segment"
+
+@dataclass
+class Settings(RetrievalSettings):
+    """Every knob (the retrieval backbone's, `RetrievalSettings`, and these); defaults are the full protocol, `quick`
+    scales it down."""
+
     hmt_steps: int = 600
     hmt_batch: int = 16
     hmt_lr: float = 1e-2
@@ -122,100 +112,17 @@ class Settings:
     methods: tuple = METHODS
 
 
+#: What ``--quick`` changes beyond the quick backbone (`benchmarks.lab.settings.RETRIEVAL_QUICK`).
+QUICK = dict(num_sensory=8, recall_dim=128, hmt_steps=1000, max_train_segments=8,
+             needle_lengths=(1024, 4096, 16384, 65536), facts_lengths=(1024, 4096), examples=30, examples_longest=20,
+             facts_tasks=("facts_qa1",), facts_examples=20, methods=("sliding_window", "hmt_write", "hmt", "hmt_old_recipe"))
+
+
 def quick(**overrides: Any) -> Settings:
-    base = dict(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, segment_length=64, pretrain_steps=3000,
-                pretrain_min_steps=2000,
-                episode_fraction=0.5, pretrain_lr=2e-3,
-                num_sensory=8, recall_dim=128, hmt_steps=1000, max_train_segments=8,
-                needle_lengths=(1024, 4096, 16384, 65536), facts_lengths=(1024, 4096), examples=30, examples_longest=20,
-                facts_tasks=("facts_qa1",), facts_examples=20,
-                threads=1, methods=("sliding_window", "hmt_write", "hmt", "hmt_old_recipe"))
-    base.update(overrides)
-    return Settings(**base)
+    return Settings(**{**RETRIEVAL_QUICK, **QUICK, **overrides})
 
 
 # ---- data ------------------------------------------------------------------------------------------------
-def episode_ids(tokenizer: Any, example: dict[str, Any]) -> tuple[list[int], int]:
-    """(context ids + answer id, index of the answer token)."""
-    ids = tokenizer(example["context"], add_special_tokens=False).input_ids
-    answer = tokenizer(example["choices"][example["answer"]], add_special_tokens=False).input_ids
-    return ids + answer, len(ids)
-
-
-def random_episode(tokenizer, stream, vocab, length: int, rng: random.Random, tasks=("needle", "needle", "facts_qa1",
-                   "facts_qa2"), max_depth: float = 1.0, depth: Optional[float] = None) -> dict[str, Any]:
-    """One training episode of a task drawn from ``tasks``, its supporting fact at ``depth`` (default: a uniform
-    depth in [0, max_depth))."""
-    task = rng.choice(tasks)
-    if depth is None:
-        depth = rng.random() * max_depth
-    if task == "needle":
-        return T.needle_example(tokenizer, stream, vocab, length, depth, rng)
-    return T.facts_example(tokenizer, stream, vocab, length, depth, rng, kind=task.split("_")[1])
-
-
-@torch.no_grad()
-def in_window_accuracy(model, tokenizer, examples: list[dict[str, Any]]) -> float:
-    """Share of in-window episodes whose answer is the argmax over the candidates at the last position."""
-    model.eval()
-    hits = 0
-    for e in examples:
-        ids = torch.tensor([tokenizer(e["context"], add_special_tokens=False).input_ids])
-        logits = model(input_ids=ids).logits[0, -1]
-        cands = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in e["choices"]]
-        hits += int(max(range(len(cands)), key=lambda i: logits[cands[i]].item()) == e["answer"])
-    model.train()
-    return hits / len(examples)
-
-
-def pretrain(model, tokenizer, stream: torch.Tensor, vocab, s: Settings, log) -> dict[str, Any]:
-    """Short windows of the corpus, a fraction of them whole task episodes that fit in the window, until the
-    backbone answers held-in-window needles (``target_in_window``) or ``pretrain_steps`` run out."""
-    rng = random.Random(s.seed + 11)
-    gen = torch.Generator().manual_seed(s.seed + 1)
-    filler = stream.tolist()
-    window = s.segment_length
-    probe_rng = random.Random(s.seed + 12)
-    probe = [T.needle_example(tokenizer, filler, vocab, window - 2, probe_rng.random(), probe_rng) for _ in range(64)]
-    optim = torch.optim.AdamW(model.parameters(), lr=s.pretrain_lr, weight_decay=0.1, betas=(0.9, 0.95))
-    warmup = max(1, s.pretrain_steps // 50)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / warmup))
-    model.train()
-    losses, curve = [], []
-    for step in range(1, s.pretrain_steps + 1):
-        rows, episodes = [], []
-        for i in range(s.pretrain_batch):
-            if rng.random() < s.episode_fraction:
-                ids, _ = episode_ids(tokenizer, random_episode(tokenizer, filler, vocab, window - 2, rng))
-                ids = ids[-window:]
-                ids = [0] * (window - len(ids)) + ids  # left-padded: the answer is the last token
-                episodes.append(i)
-            else:
-                start = int(torch.randint(0, stream.numel() - window, (1,), generator=gen))
-                ids = stream[start : start + window].tolist()
-            rows.append(ids)
-        batch = torch.tensor(rows)
-        out = model(input_ids=batch, labels=batch.masked_fill(batch == 0, -100))
-        loss = out.loss
-        if s.answer_weight > 0 and episodes:  # the answer is 1 token in a window: weight it up, or it is never learned
-            answer_logits = out.logits[episodes, -2]  # (E, V): the position that predicts the last token
-            loss = loss + s.answer_weight * torch.nn.functional.cross_entropy(answer_logits, batch[episodes, -1])
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        sched.step()
-        losses.append(out.loss.item())
-        if step % s.pretrain_check_every == 0 or step == s.pretrain_steps:
-            acc = in_window_accuracy(model, tokenizer, probe)
-            curve.append({"step": step, "loss": sum(losses[-20:]) / len(losses[-20:]), "needle_in_window": acc})
-            log(f"pretraining step {step}: loss {curve[-1]['loss']:.2f}, in-window needle accuracy {100 * acc:.0f}%")
-            if acc >= s.target_in_window and step >= s.pretrain_min_steps:
-                break
-    model.eval().requires_grad_(False)
-    return {"losses": losses[::10], "curve": curve, "steps": step}
-
-
 def evidence_max_depth(s: Settings, length: int, num_sensory: int, evidence: str) -> float:
     """Deepest relative position of the supporting fact: ``"beyond"`` keeps it out of the last segment and its
     sensory memory (plus the question's ~12 tokens), so no training example can be answered without the memory."""
@@ -253,8 +160,6 @@ def fact_depth(s: Settings, segments: int, num_sensory: int, rng: random.Random)
 
 def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
     """Episodes of min..max_train_segments segments of ``s.train_tasks``, answer-only loss by default."""
-    from datasets import Dataset
-
     rng = random.Random(s.seed + 21)
     rows = {"input_ids": [], "completion_mask": []}
     total = s.hmt_steps * s.hmt_batch
@@ -266,8 +171,8 @@ def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
         segments = rng.randint(low, longest)
         length = segments * s.segment_length - 1
         depth, _ = fact_depth(s, segments, num_sensory, rng)
-        ids, answer_at = episode_ids(tokenizer, random_episode(tokenizer, stream, vocab, length, rng, s.train_tasks,
-                                                               depth=depth))
+        ids, answer_at = T.episode_ids(tokenizer, T.random_episode(tokenizer, stream, vocab, length, rng, s.train_tasks,
+                                                                   depth=depth))
         rows["input_ids"].append(ids)
         mask = [0] * answer_at + [1] * (len(ids) - answer_at) if s.answer_only_loss else [1] * len(ids)
         rows["completion_mask"].append(mask)
@@ -276,8 +181,6 @@ def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
 
 # ---- methods ---------------------------------------------------------------------------------------------
 def hmt_config(method: str, s: Settings):
-    from hmt_adapter import HMTConfig
-
     kwargs = dict(segment_length=s.segment_length, num_sensory=s.num_sensory, recall_dim=s.recall_dim,
                   recall_window=4096, recall_query=s.recall_query)
     kwargs.update(METHOD_SPECS[method][0])
@@ -293,11 +196,6 @@ def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str)
     """Train the method's adapter on the episodes with the product's own training code: `hmt-adapter train` on
     prompt/completion data runs the same `train_prompt_completion`, so the evidence and the recipe cannot drift
     apart. The episodes already come in curriculum order (`train_dataset`) and are read in that order."""
-    import peft
-    from trl import SFTConfig
-
-    from hmt_adapter_cli.prompt_completion import logged_losses, train_prompt_completion
-
     model = peft.get_peft_model(backbone, hmt_config(method, s))
     args = SFTConfig(
         output_dir=work, max_steps=s.hmt_steps, per_device_train_batch_size=s.hmt_batch, learning_rate=s.hmt_lr,
@@ -308,14 +206,14 @@ def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str)
         save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=s.seed, disable_tqdm=True,
     )
     # lora_lr > 0: two parameter groups, LoRA (hmt_lora_*) at lora_lr and the memory parameters at hmt_lr
-    trainer = train_prompt_completion(model, dataset, tokenizer, args,
-                                      lora_learning_rate=s.lora_lr if s.lora_lr > 0 else None)
-    return model.eval(), logged_losses(trainer)
+    trainer = P.train_prompt_completion(model, dataset, tokenizer, args,
+                                        lora_learning_rate=s.lora_lr if s.lora_lr > 0 else None)
+    return model.eval(), P.logged_losses(trainer)
 
 
 def evaluate(lm, task_names: list[str], task_dir: Path) -> list[dict[str, Any]]:
     """Per-sample accuracy of ``lm`` on the local tasks, through lm-eval's simple_evaluate."""
-    import lm_eval
+    import lm_eval  # here: lm-eval is optional (the [eval] extra), needed only when a run evaluates
     from lm_eval.tasks import TaskManager
 
     out = lm_eval.simple_evaluate(model=lm, tasks=task_names, task_manager=TaskManager(include_path=str(task_dir)),
@@ -337,132 +235,95 @@ def aggregate(method: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for (t, n, d), v in sorted(groups.items())]
 
 
+
+
 # ---- the run ---------------------------------------------------------------------------------------------
-@dataclass
-class Prepared:
-    """The corpus, tokenizer and frozen backbone every method of the benchmark shares."""
-
-    tokenizer: Any
-    vocab: T.Vocab
-    train_stream: torch.Tensor
-    heldout_stream: list
-    backbone: Any
-    pretraining: dict
-
-
-def corpus_of(s: Settings) -> K.Corpus:
-    return K.get(s.corpus, s.corpus_dir or None)
-
-
-def _backbone_key(s: Settings) -> str:
-    """What the pretrained backbone and tokenizer depend on, as a short hash (the cache's folder name)."""
-    import hashlib
-
-    fields = ("corpus", "seed", "vocab_size", "hidden_size", "num_layers", "num_heads", "segment_length",
-              "pretrain_steps", "pretrain_batch", "pretrain_lr", "episode_fraction", "answer_weight",
-              "pretrain_check_every", "pretrain_min_steps", "target_in_window")
-    spec = json.dumps({f: getattr(s, f) for f in fields}, sort_keys=True)
-    return f"{s.corpus}-seed{s.seed}-" + hashlib.sha256(spec.encode()).hexdigest()[:10]
-
-
-def prepare(s: Settings, log) -> Prepared:
-    """Tokenizer trained on the corpus's training documents, and the backbone pretrained on short windows
-    (with in-window episodes) until it answers in-window needles, then frozen. With ``backbone_cache`` the
-    tokenizer and backbone of an earlier run with the same corpus, seed and pretraining settings are reused."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    train_texts, heldout_texts = K.split(corpus_of(s).documents(), 0.15)
-    cached = Path(s.backbone_cache) / _backbone_key(s) if s.backbone_cache else None
-    if cached is not None and (cached / "pretraining.json").is_file():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(cached / "tokenizer")
-        backbone = AutoModelForCausalLM.from_pretrained(cached / "backbone")
-        pre = json.loads((cached / "pretraining.json").read_text())
-        log(f"backbone and tokenizer reused from {cached}")
-    else:
-        tokenizer = Q.train_tokenizer(train_texts + [T.task_sentences()], s.vocab_size)
-    vocab = T.Vocab.of(tokenizer)
-    encode = lambda texts: [t for doc in tokenizer(texts, add_special_tokens=False).input_ids for t in doc]  # noqa: E731
-    train_stream, heldout_stream = torch.tensor(encode(train_texts)), encode(heldout_texts)
-    log(f"corpus {s.corpus}: {len(train_texts)} training / {len(heldout_texts)} held-out documents, "
-        f"{train_stream.numel():,} / {len(heldout_stream):,} tokens; answers: {len(vocab.keys)} keys, "
-        f"{len(vocab.places)} places")
-    if cached is None or not (cached / "pretraining.json").is_file():
-        backbone = C.llama(len(tokenizer), s.hidden_size, s.num_layers, s.num_heads,
-                           (s.hidden_size * 8 // 3 + 31) // 32 * 32, 4 * s.segment_length, True, seed=s.seed,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        pre = pretrain(backbone, tokenizer, train_stream, vocab, s, log)
-        log(f"backbone pretrained on {s.segment_length}-token windows for {pre['steps']} steps")
-        if cached is not None:
-            backbone.save_pretrained(cached / "backbone")
-            tokenizer.save_pretrained(cached / "tokenizer")
-            (cached / "pretraining.json").write_text(json.dumps(pre))
-    backbone.eval().requires_grad_(False)
-    return Prepared(tokenizer, vocab, train_stream, heldout_stream, backbone, pre)
-
-
-def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
-    from lm_eval.models.huggingface import HFLM
-
-    from hmt_adapter.lm_eval import EncodingCache, HMTLM
-
-    class WindowLM(EncodingCache, HFLM):
-        """lm-eval's HFLM (the sliding-window baseline), tokenizing each long context once for all its choices."""
-
-    start = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)  # noqa: E731
-    prep = prepare(s, log)
-    tokenizer, vocab, train_stream, heldout_stream = prep.tokenizer, prep.vocab, prep.train_stream, prep.heldout_stream
-    backbone, pre = prep.backbone, prep.pretraining
-
-
-    task_dir = out_dir / "long_context_tasks"
+def write_tasks(s: Settings, prep: Prepared, task_dir: Path) -> tuple[list[str], dict[str, float], list[str]]:
+    """Write every lm-eval task of the run (held-out text) into ``task_dir``: returns (the tasks at real lengths,
+    chance per task, the in-window probes: examples that fit in one segment)."""
     names, chance = [], {}
     for task, lengths in (("needle", s.needle_lengths), *((t, s.facts_lengths) for t in s.facts_tasks)):
         for n in lengths:
             count = s.examples_longest if n == max(lengths) else s.examples
             count = count if task == "needle" else min(count, s.facts_examples)
-            examples = T.make_examples(task, tokenizer, heldout_stream, vocab, n, count, s.seed)
+            examples = T.make_examples(task, prep.tokenizer, prep.heldout_stream, prep.vocab, n, count, s.seed)
             T.write_task(task_dir, f"lc_{task}_{n}", examples)
             names.append(f"lc_{task}_{n}")
             chance[task] = T.chance(examples)
     in_window = [f"lc_{t}_{s.segment_length}" for t in ("needle", "facts_qa1")]
     for t in ("needle", "facts_qa1"):
-        T.write_task(task_dir, f"lc_{t}_{s.segment_length}",
-                     T.make_examples(t, tokenizer, heldout_stream, vocab, s.segment_length - 2, s.examples, s.seed + 5))
+        T.write_task(task_dir, f"lc_{t}_{s.segment_length}", T.make_examples(
+            t, prep.tokenizer, prep.heldout_stream, prep.vocab, s.segment_length - 2, s.examples, s.seed + 5))
+    return names, chance, in_window
+
+
+def window_lm(backbone, tokenizer, max_length: int):
+    """lm-eval's HFLM over ``backbone`` (the sliding-window baseline: it keeps the last ``max_length`` tokens of a
+    context), tokenizing each long context once for all its choices."""
+    from lm_eval.models.huggingface import HFLM  # here: lm-eval is optional (the [eval] extra)
+
+    from hmt_adapter.integrations.lm_eval import EncodingCache
+
+    class WindowLM(EncodingCache, HFLM):
+        pass
+
+    return WindowLM(pretrained=backbone, tokenizer=tokenizer, batch_size=1, max_length=max_length)
+
+
+def hmt_lm(model, tokenizer):
+    """`hmt_adapter.integrations.lm_eval.HMTLM` over an HMT model."""
+    from hmt_adapter.integrations.lm_eval import HMTLM  # here: it imports lm-eval, which is optional
+
+    return HMTLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+
+
+def train_method(method: str, backbone, prep: Prepared, stream: list[int], s: Settings, out_dir: Path
+                 ) -> tuple[Any, list[float], Optional[float]]:
+    """Train ``method``'s adapter on its episodes and save it under ``adapters/METHOD`` (for the recall diagnostics).
+    Returns (the model, its logged training losses, tanh of its memory gate if it has one)."""
+    ms = method_settings(method, s)
+    dataset = train_dataset(prep.tokenizer, stream, prep.vocab, ms, hmt_config(method, s).num_sensory)
+    torch.manual_seed(s.seed + 31)  # HMT's initial weights: the same whether the backbone was cached or not
+    with tempfile.TemporaryDirectory() as work:
+        model, losses = train_hmt(backbone, prep.tokenizer, dataset, method, ms, work)
+    model.save_pretrained(out_dir / "adapters" / method)
+    gate = [p for n, p in model.named_parameters() if "hmt_memory_gate" in n]
+    return model, losses, math.tanh(gate[0].item()) if gate else None
+
+
+def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    log = O.logger(start)
+    prep = prepare(s, log)
+    task_dir = out_dir / "long_context_tasks"
+    names, chance, in_window = write_tasks(s, prep, task_dir)
 
     results: list[dict[str, Any]] = []
     train_logs, gates = {}, {}
     window = s.segment_length + s.num_sensory
-    backbone_lm = WindowLM(pretrained=backbone, tokenizer=tokenizer, batch_size=1, max_length=window)
+    backbone_lm = window_lm(prep.backbone, prep.tokenizer, window)
     in_window_rows = aggregate("backbone_in_window", evaluate(backbone_lm, in_window, task_dir))
     log(f"backbone with the evidence inside its window: {_summary(in_window_rows)}")
     if "sliding_window" in s.methods:
         results += aggregate("sliding_window", evaluate(backbone_lm, names, task_dir))
         log(f"sliding_window ({window} tokens): {_summary(results)}")
-    stream_list = train_stream.tolist()
+    backbone, stream = prep.backbone, prep.train_stream.tolist()
     for method in [m for m in s.methods if m != "sliding_window"]:
-        ms = method_settings(method, s)
-        dataset = train_dataset(tokenizer, stream_list, vocab, ms, hmt_config(method, s).num_sensory)
-        torch.manual_seed(s.seed + 31)  # HMT's initial weights: the same whether the backbone was cached or not
-        with tempfile.TemporaryDirectory() as work:
-            model, losses = train_hmt(backbone, tokenizer, dataset, method, ms, work)
-        train_logs[method] = losses
-        model.save_pretrained(out_dir / "adapters" / method)  # for the recall diagnostics (memory_probe --adapter)
-        gate = [p for n, p in model.named_parameters() if "hmt_memory_gate" in n]
-        if gate:
-            gates[method] = math.tanh(gate[0].item())
-        rows = aggregate(method, evaluate(HMTLM(pretrained=model, tokenizer=tokenizer, batch_size=1), names, task_dir))
+        model, train_logs[method], gate = train_method(method, backbone, prep, stream, s, out_dir)
+        if gate is not None:
+            gates[method] = gate
+        rows = aggregate(method, evaluate(hmt_lm(model, prep.tokenizer), names, task_dir))
         results += rows
-        log(f"{method}: loss {losses[0]:.2f} -> {losses[-1]:.2f}; {_summary(rows)}")
+        log(f"{method}: loss {train_logs[method][0]:.2f} -> {train_logs[method][-1]:.2f}; {_summary(rows)}")
         backbone = model.unload()  # the bare (frozen) backbone again for the next variant
         _write_partial(out_dir, s, results, train_logs)  # a run stopped later keeps what it measured
 
     for r in results + in_window_rows:
         r.update(corpus=s.corpus, seed=s.seed)
-    payload = {"command": command, "machine": C.machine_info("cpu"), "settings": asdict(s), "chance": chance,
-               "backbone_in_window": in_window_rows, "pretraining": pre, "hmt_train_loss": train_logs,
+    payload = {"command": command, "machine": O.machine_info("cpu"), "settings": asdict(s), "chance": chance,
+               "backbone_in_window": in_window_rows, "pretraining": prep.pretraining, "hmt_train_loss": train_logs,
                "memory_gate": gates, "results": results, "seconds": time.perf_counter() - start}
-    path = C.write_json(out_dir / "long_context.json", payload)
+    path = O.write_json(out_dir / "long_context.json", payload)
     plot(payload, out_dir)
     log(f"wrote {path} and long_context_*.png")
     return payload
@@ -470,7 +331,7 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
 
 def _write_partial(out_dir: Path, s: Settings, results: list[dict[str, Any]], train_logs: dict) -> None:
     rows = [dict(r, corpus=s.corpus, seed=s.seed) for r in results]
-    C.write_json(out_dir / "long_context_partial.json", {"settings": asdict(s), "results": rows,
+    O.write_json(out_dir / "long_context_partial.json", {"settings": asdict(s), "results": rows,
                                                           "hmt_train_loss": train_logs})
 
 
@@ -483,14 +344,19 @@ def _summary(rows: list[dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
+
+
+# ---- figures -----------------------------------------------------------------------------------------------
 def plot(payload: dict[str, Any], out_dir: Path) -> None:
-    """Needle heatmaps (accuracy by length x depth, one per method) and accuracy-by-length curves per task."""
-    import matplotlib
-    import numpy as np
+    """``long_context_needle.png`` (accuracy by length x depth, one heatmap per method) and
+    ``long_context_by_length.png`` (accuracy by length, one panel per task)."""
+    plot_needle(payload, out_dir / "long_context_needle.png")
+    plot_by_length(payload, out_dir / "long_context_by_length.png")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot_needle(payload: dict[str, Any], path: Path) -> None:
+    """Needle heatmaps: accuracy by length x depth, one per method."""
+    plt = O.pyplot()
     rows = payload["results"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     needle = [r for r in rows if r["task"] == "needle"]
@@ -517,10 +383,14 @@ def plot(payload: dict[str, Any], out_dir: Path) -> None:
     for row in axes:
         row[0].set_ylabel("needle depth")
     fig.suptitle(f"needle accuracy (chance {100 * payload['chance']['needle']:.0f}%)")
-    fig.tight_layout()
-    fig.savefig(out_dir / "long_context_needle.png", dpi=110)
-    plt.close(fig)
+    O.save_figure(fig, path)
 
+
+def plot_by_length(payload: dict[str, Any], path: Path) -> None:
+    """Accuracy by context length (all depths), one line per method and one panel per task."""
+    plt = O.pyplot()
+    rows = payload["results"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -538,16 +408,100 @@ def plot(payload: dict[str, Any], out_dir: Path) -> None:
         ax.set_xlabel("context tokens")
     axes[0][0].set_ylabel("accuracy")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
-    fig.savefig(out_dir / "long_context_by_length.png", dpi=110)
-    plt.close(fig)
+    O.save_figure(fig, path)
 
 
+def plot_from(paths: list[str], out_dir: Path) -> None:
+    """The heatmaps and curves of several runs' ``long_context.json`` files together (same tasks, same examples)."""
+    payloads = [json.loads(Path(p).read_text()) for p in paths]
+    rows, seen = [], set()
+    for payload in payloads:  # a method run again with other settings (e.g. more steps) gets its own panel
+        names = {r["method"] for r in payload["results"]}
+        rename = {m: f"{m} ({payload['settings']['hmt_steps']} steps)" for m in names & seen}
+        rows += [dict(r, method=rename.get(r["method"], r["method"])) for r in payload["results"]]
+        seen |= names
+    plot({"chance": payloads[0]["chance"], "results": rows}, out_dir)
+
+
+# ---- several runs as one result (corpora x seeds) ---------------------------------------------------------
+def run_accuracy(rows: list[dict[str, Any]], task: str, length: int, depth: Optional[float] = None) -> float:
+    """Accuracy of one run's rows of ``task`` at ``length`` (all depths, or one)."""
+    picked = [r for r in rows if r["task"] == task and r["context_tokens"] == length
+              and (depth is None or r["depth"] == depth)]
+    return sum(r["accuracy"] * r["n"] for r in picked) / max(1, sum(r["n"] for r in picked))
+
+
+SUMMARY_HEADER = ["| corpus | method | runs (seeds) | needle 1k | 4k | 16k | 64k | depth 100% (in window) | facts qa1 1k | 4k |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def summarise_method(rows: list[dict[str, Any]], corpus: str, method: str) -> dict[str, Any]:
+    """One method on one corpus over its runs (seeds): the worst run (lowest mean needle accuracy over lengths), the
+    mean and worst needle accuracy at every length, the worst in-window (depth 100%) accuracy and facts_qa1's."""
+    seeds = sorted({r["seed"] for r in rows if r["corpus"] == corpus and r["method"] == method})
+    per_seed = {sd: [r for r in rows if r["corpus"] == corpus and r["method"] == method and r["seed"] == sd]
+                for sd in seeds}
+    lengths = sorted({r["context_tokens"] for r in rows if r["task"] == "needle"})
+    score = {sd: sum(run_accuracy(rs, "needle", n) for n in lengths) / len(lengths) for sd, rs in per_seed.items()}
+    worst = min(seeds, key=lambda sd: score[sd])
+    cells = {}
+    for n in lengths:
+        accs = [run_accuracy(per_seed[sd], "needle", n) for sd in seeds]
+        cells[n] = {"mean": sum(accs) / len(accs), "worst": min(accs), "runs": accs}
+    in_window = {n: min(run_accuracy(per_seed[sd], "needle", n, 1.0) for sd in seeds) for n in lengths}
+    facts = {n: [run_accuracy(per_seed[sd], "facts_qa1", n) for sd in seeds]
+             for n in sorted({r["context_tokens"] for r in rows if r["task"] == "facts_qa1"})}
+    return {"seeds": seeds, "worst_seed": worst, "needle": cells, "worst_depth100": in_window, "facts_qa1": facts}
+
+
+def summary_line(corpus: str, method: str, entry: dict[str, Any]) -> str:
+    """The row of ``long_context_summary.md`` of one `summarise_method` entry."""
+    seeds, cells, in_window, facts = entry["seeds"], entry["needle"], entry["worst_depth100"], entry["facts_qa1"]
+    fmt = lambda c: f"{100 * c['mean']:.0f} (worst {100 * c['worst']:.0f})"  # noqa: E731
+    return (f"| {corpus} | {method} | {len(seeds)} ({', '.join(map(str, seeds))}) | "
+            + " | ".join(fmt(cells[n]) if n in cells else "" for n in (1024, 4096, 16384, 65536))
+            + " | " + " / ".join(f"{100 * v:.0f}" for v in in_window.values())
+            + " | " + " | ".join(f"{100 * sum(facts[n]) / len(facts[n]):.0f}" if n in facts else ""
+                                 for n in (1024, 4096)) + " |")
+
+
+def combine(paths: list[str], out_dir: Path) -> dict[str, Any]:
+    """Several runs (one ``long_context.json`` per corpus and seed) as one result file: every row with its
+    ``corpus`` and ``seed``, and per corpus and method the worst and the mean run at every needle length (the
+    worst run is the one with the lowest mean needle accuracy over lengths). Writes ``long_context.json``,
+    ``long_context_summary.md`` and, per corpus, the needle heatmaps of the worst run of every method."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for run in runs for r in run["results"]]
+    summary: dict[str, dict[str, Any]] = {}
+    lines = list(SUMMARY_HEADER)
+    for corpus in sorted({r["corpus"] for r in rows}):
+        for method in dict.fromkeys(r["method"] for r in rows if r["corpus"] == corpus):
+            summary.setdefault(corpus, {})[method] = summarise_method(rows, corpus, method)
+            lines.append(summary_line(corpus, method, summary[corpus][method]))
+    payload = {"runs": [{"command": run["command"], "corpus": run["settings"]["corpus"], "seed": run["settings"]["seed"],
+                         "seconds": run["seconds"], "hmt_train_loss": run["hmt_train_loss"],
+                         "memory_gate": run.get("memory_gate", {}), "backbone_in_window": run["backbone_in_window"],
+                         "settings": run["settings"]} for run in runs],
+               "chance": runs[0]["chance"], "summary": summary, "results": rows}
+    O.write_json(out_dir / "long_context.json", payload)
+    (out_dir / "long_context_summary.md").write_text(
+        "Needle accuracy, % (mean over runs, worst run in brackets); depth 100% = the needle inside the last "
+        "segment, worst run per length.\n\n" + "\n".join(lines) + "\n")
+    for corpus, methods in summary.items():  # the heatmap of each method's worst run on this corpus
+        worst_rows = [r for r in rows if r["corpus"] == corpus and r["seed"] == methods[r["method"]]["worst_seed"]]
+        worst_rows = [dict(r, method=f"{r['method']} (worst: seed {r['seed']})") for r in worst_rows]
+        worst = {"chance": runs[0]["chance"], "results": worst_rows}
+        plot_needle(worst, out_dir / f"long_context_{corpus}_worst_needle.png")
+        plot_by_length(worst, out_dir / f"long_context_{corpus}_worst_by_length.png")
+    return payload
+
+
+# ---- command line ------------------------------------------------------------------------------------------
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.long_context", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small model, lengths 512-8192, 10 examples each (minutes)")
     p.add_argument("--corpus", default="python-docs",
-                   help=f"one of {sorted(K.CORPORA)} (see benchmarks/corpora.py for the install command of each)")
+                   help=f"one of {sorted(CORPORA)} (see benchmarks/lab/corpus.py for the install command of each)")
     p.add_argument("--corpus-dir", default=None, help="read the corpus from this directory instead")
     p.add_argument("--backbone-cache", default=None, metavar="DIR",
                    help="reuse (or store) the pretrained backbone and tokenizer of this corpus/seed/settings here")
@@ -582,97 +536,21 @@ def make_parser() -> argparse.ArgumentParser:
                    help="draw the PNGs from these result files (their rows side by side) instead of running")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="merge these runs' long_context.json (corpora x seeds) into one result with worst/mean rows")
-    C.add_output_arguments(p)
+    O.add_output_arguments(p)
     return p
 
 
-def plot_from(paths: list[str], out_dir: Path) -> None:
-    """The heatmaps and curves of several runs' ``long_context.json`` files together (same tasks, same examples)."""
-    payloads = [json.loads(Path(p).read_text()) for p in paths]
-    rows, seen = [], set()
-    for payload in payloads:  # a method run again with other settings (e.g. more steps) gets its own panel
-        names = {r["method"] for r in payload["results"]}
-        rename = {m: f"{m} ({payload['settings']['hmt_steps']} steps)" for m in names & seen}
-        rows += [dict(r, method=rename.get(r["method"], r["method"])) for r in payload["results"]]
-        seen |= names
-    plot({"chance": payloads[0]["chance"], "results": rows}, out_dir)
+#: Command-line options that set the `Settings` field of the same name when given.
+OVERRIDES = ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", "min_train_segments", "threads",
+             "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr", "episode_fraction",
+             "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence", "examples",
+             "examples_longest")
 
 
-def run_accuracy(rows: list[dict[str, Any]], task: str, length: int, depth: Optional[float] = None) -> float:
-    """Accuracy of one run's rows of ``task`` at ``length`` (all depths, or one)."""
-    picked = [r for r in rows if r["task"] == task and r["context_tokens"] == length
-              and (depth is None or r["depth"] == depth)]
-    return sum(r["accuracy"] * r["n"] for r in picked) / max(1, sum(r["n"] for r in picked))
-
-
-def combine(paths: list[str], out_dir: Path) -> dict[str, Any]:
-    """Several runs (one ``long_context.json`` per corpus and seed) as one result file: every row with its
-    ``corpus`` and ``seed``, and per corpus and method the worst and the mean run at every needle length (the
-    worst run is the one with the lowest mean needle accuracy over lengths). Writes ``long_context.json``,
-    ``long_context_summary.md`` and, per corpus, the needle heatmaps of the worst run of every method."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [r for run in runs for r in run["results"]]
-    summary: dict[str, dict[str, Any]] = {}
-    lines = ["| corpus | method | runs (seeds) | needle 1k | 4k | 16k | 64k | depth 100% (in window) | facts qa1 1k | 4k |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for corpus in sorted({r["corpus"] for r in rows}):
-        for method in dict.fromkeys(r["method"] for r in rows if r["corpus"] == corpus):
-            seeds = sorted({r["seed"] for r in rows if r["corpus"] == corpus and r["method"] == method})
-            per_seed = {sd: [r for r in rows if r["corpus"] == corpus and r["method"] == method and r["seed"] == sd]
-                        for sd in seeds}
-            lengths = sorted({r["context_tokens"] for r in rows if r["task"] == "needle"})
-            score = {sd: sum(run_accuracy(rs, "needle", n) for n in lengths) / len(lengths) for sd, rs in per_seed.items()}
-            worst = min(seeds, key=lambda sd: score[sd])
-            cells = {}
-            for n in lengths:
-                accs = [run_accuracy(per_seed[sd], "needle", n) for sd in seeds]
-                cells[n] = {"mean": sum(accs) / len(accs), "worst": min(accs), "runs": accs}
-            in_window = {n: min(run_accuracy(per_seed[sd], "needle", n, 1.0) for sd in seeds) for n in lengths}
-            facts = {n: [run_accuracy(per_seed[sd], "facts_qa1", n) for sd in seeds]
-                     for n in sorted({r["context_tokens"] for r in rows if r["task"] == "facts_qa1"})}
-            summary.setdefault(corpus, {})[method] = {"seeds": seeds, "worst_seed": worst, "needle": cells,
-                                                      "worst_depth100": in_window, "facts_qa1": facts}
-            fmt = lambda c: f"{100 * c['mean']:.0f} (worst {100 * c['worst']:.0f})"  # noqa: E731
-            lines.append(f"| {corpus} | {method} | {len(seeds)} ({', '.join(map(str, seeds))}) | "
-                         + " | ".join(fmt(cells[n]) if n in cells else "" for n in (1024, 4096, 16384, 65536))
-                         + " | " + " / ".join(f"{100 * v:.0f}" for v in in_window.values())
-                         + " | " + " | ".join(f"{100 * sum(facts[n]) / len(facts[n]):.0f}" if n in facts else ""
-                                              for n in (1024, 4096)) + " |")
-    payload = {"runs": [{"command": run["command"], "corpus": run["settings"]["corpus"], "seed": run["settings"]["seed"],
-                         "seconds": run["seconds"], "hmt_train_loss": run["hmt_train_loss"],
-                         "memory_gate": run.get("memory_gate", {}), "backbone_in_window": run["backbone_in_window"],
-                         "settings": run["settings"]} for run in runs],
-               "chance": runs[0]["chance"], "summary": summary, "results": rows}
-    C.write_json(out_dir / "long_context.json", payload)
-    (out_dir / "long_context_summary.md").write_text(
-        "Needle accuracy, % (mean over runs, worst run in brackets); depth 100% = the needle inside the last "
-        "segment, worst run per length.\n\n" + "\n".join(lines) + "\n")
-    for corpus, methods in summary.items():  # the heatmap of each method's worst run on this corpus
-        worst_rows = [r for r in rows if r["corpus"] == corpus and r["seed"] == methods[r["method"]]["worst_seed"]]
-        worst_rows = [dict(r, method=f"{r['method']} (worst: seed {r['seed']})") for r in worst_rows]
-        sub = out_dir / f"worst-{corpus}"
-        sub.mkdir(parents=True, exist_ok=True)
-        plot({"chance": runs[0]["chance"], "results": worst_rows}, sub)
-        for name in ("long_context_needle.png", "long_context_by_length.png"):
-            (sub / name).replace(out_dir / name.replace("long_context_", f"long_context_{corpus}_worst_"))
-        sub.rmdir()
-    return payload
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = make_parser().parse_args(argv)
-    if args.plot_from:
-        plot_from(args.plot_from, C.output_dir(args))
-        return 0
-    if args.combine:
-        combine(args.combine, C.output_dir(args))
-        return 0
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The run's settings: the full protocol or ``--quick``'s, with the options given on the command line."""
     overrides: dict[str, Any] = {"corpus": args.corpus, "seed": args.seed}
-    for key in ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", "min_train_segments", "threads", "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr",
-                "episode_fraction", "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence",
-                "examples", "examples_longest"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
+    overrides.update({key: getattr(args, key) for key in OVERRIDES if getattr(args, key) is not None})
     if args.methods:
         overrides["methods"] = tuple(args.methods)
     for key in ("needle_lengths", "facts_lengths"):
@@ -682,7 +560,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides["answer_only_loss"] = False
     if args.no_curriculum:
         overrides["curriculum"] = False
-    s = quick(**overrides) if args.quick else replace(Settings(), **overrides)
+    return quick(**overrides) if args.quick else replace(Settings(), **overrides)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.plot_from:
+        plot_from(args.plot_from, O.output_dir(args))
+        return 0
+    if args.combine:
+        combine(args.combine, O.output_dir(args))
+        return 0
+    s = settings_from_args(args)
     try:
         corpus = corpus_of(s)
     except ValueError as err:
@@ -692,14 +581,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(corpus.missing_message(), file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, s.threads))
-    import datasets
-    import transformers
-
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
-    command = "PYTHONPATH=. python -m benchmarks.long_context" + "".join(
-        " " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    run(s, command, C.output_dir(args))
+    run(s, O.quoted_command("PYTHONPATH=. python -m benchmarks.long_context", argv), O.output_dir(args))
     return 0
 
 

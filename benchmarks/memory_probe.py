@@ -3,8 +3,8 @@
     apt-get install -y python3-doc      # the corpus (Debian), as benchmarks/long_context.py
     PYTHONPATH=. python -m benchmarks.memory_probe            # ~4 min on one CPU core
 
-The backbone is `benchmarks.long_context`'s (`--quick` settings: a small Llama pretrained on 64-token windows of
-the Python documentation with in-window needle episodes, then frozen). Three probes on the needle task
+The backbone is `benchmarks.long_context`'s (`--quick` settings, `benchmarks.lab.settings.quick_retrieval`: a small
+Llama pretrained on 64-token windows of the Python documentation with in-window needle episodes, then frozen). Three probes on the needle task
 ("The secret word is KEY." ... "What is the secret word? The secret word is"), each trained with Adam on training
 text and scored on held-out text (argmax over the 30 single-token keys, chance 1/30):
 
@@ -29,15 +29,15 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from benchmarks import _common as C
-from benchmarks import long_context as LC
-from benchmarks import long_context_tasks as T
-from benchmarks import quality as Q
+from benchmarks.lab import corpus as K
+from benchmarks.lab import output as O
+from benchmarks.lab.pretrain import Prepared, prepare
+from benchmarks.lab.settings import RetrievalSettings, quick_retrieval
 
 QUESTION = " What is the secret word? The secret word is"
 
 
-def key_ids(prep: LC.Prepared) -> list[int]:
+def key_ids(prep: Prepared) -> list[int]:
     return [prep.tokenizer(" " + k, add_special_tokens=False).input_ids[0] for k in prep.vocab.keys]
 
 
@@ -46,14 +46,14 @@ def filler(stream, n: int, rng: random.Random) -> list[int]:
     return list(stream[start : start + n])
 
 
-def question_batch(prep: LC.Prepared, stream, width: int, rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def question_batch(prep: Prepared, stream, width: int, rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, width - 1) filler ending with the question, and the key index of each row (the needle is NOT there)."""
     q = prep.tokenizer(QUESTION, add_special_tokens=False).input_ids
     rows = [filler(stream, width - 1 - len(q), rng) + q for _ in range(n)]
     return torch.tensor(rows), torch.tensor([rng.randrange(len(prep.vocab.keys)) for _ in range(n)])
 
 
-def needle_batch(prep: LC.Prepared, stream, width: int, rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def needle_batch(prep: Prepared, stream, width: int, rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, width) filler with the needle planted at a random place before its last 8 tokens, and the key index."""
     rows, keys = [], []
     for _ in range(n):
@@ -87,8 +87,8 @@ def train_probe(name: str, params: list[torch.Tensor], scores: Callable[[torch.T
     return curve
 
 
-def run(s: LC.Settings, steps: int, log) -> dict[str, Any]:
-    prep = LC.prepare(s, log)
+def run(s: RetrievalSettings, steps: int, log) -> dict[str, Any]:
+    prep = prepare(s, log)
     train, heldout = prep.train_stream.tolist(), prep.heldout_stream
     model, keys = prep.backbone, key_ids(prep)
     emb = model.get_input_embeddings().weight  # (V, d), frozen
@@ -125,11 +125,7 @@ def run(s: LC.Settings, steps: int, log) -> dict[str, Any]:
 
 
 def plot(payload: dict[str, Any], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = O.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     labels = {"read": "read: free vector per key at position 0", "write_tied": "write, [m ; x ; m] (paper)",
               "write_learned": "write, [m ; x ; w] (learned w)"}
@@ -141,36 +137,34 @@ def plot(payload: dict[str, Any], path) -> None:
     ax.set_ylabel("held-out key accuracy")
     ax.set_title("frozen backbone: reading vs writing a memory", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    O.save_figure(fig, path)
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300, help="Adam steps per probe")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--corpus-dir", default=Q.CORPUS_DIR)
+    p.add_argument("--corpus-dir", default=K.CORPUS_DIR)
     p.add_argument("--seed", type=int, default=0)
-    C.add_output_arguments(p)
+    O.add_output_arguments(p)
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
-    s = LC.quick(corpus_dir=args.corpus_dir, seed=args.seed, threads=args.threads)
-    if not Q.list_documents(s.corpus_dir):
-        print(Q.missing_corpus_message(s.corpus_dir), file=sys.stderr)
+    s = quick_retrieval(corpus_dir=args.corpus_dir, seed=args.seed, threads=args.threads)
+    if not K.list_documents(s.corpus_dir):
+        print(K.missing_corpus_message(s.corpus_dir), file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, args.threads))
     start = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)  # noqa: E731
+    log = O.logger(start)
     result = run(s, args.steps, log)
-    payload = {"command": C.command_line("benchmarks.memory_probe"), "machine": C.machine_info("cpu"),
+    payload = {"command": O.command_line("benchmarks.memory_probe"), "machine": O.machine_info("cpu"),
                "settings": {"steps": args.steps, "backbone": {k: getattr(s, k) for k in
                             ("hidden_size", "num_layers", "num_heads", "segment_length", "vocab_size")}},
                **result, "seconds": time.perf_counter() - start}
-    path = C.write_json(C.output_dir(args) / "memory_probe.json", payload)
+    path = O.write_json(O.output_dir(args) / "memory_probe.json", payload)
     plot(payload, path.with_suffix(".png"))
     log(f"wrote {path} and {path.with_suffix('.png')}")
     return 0

@@ -20,7 +20,7 @@ Protocol (small scale, CPU):
    before them). The validation documents are a salted-hash subset of the training split, used for nothing else;
 3. the backbone frozen, HMT attached with ``peft.get_peft_model(backbone, HMTConfig(...))``, the HMT parameters
    trained with TRL's ``SFTTrainer`` on training documents cut into pieces of ``train_segments`` segments
-   (`hmt_adapter.training.chunk_token_ids`, ``max_length`` checked with `check_max_length`);
+   (`hmt_adapter.integrations.trl.chunk_token_ids`, ``max_length`` checked with `check_max_length`);
 4. two controls for LoRA (``--no-lora`` skips both): HMT + LoRA (``HMTConfig(lora_r=8, lora_alpha=32)``), and
    LoRA alone (plain ``peft.LoraConfig``, same rank and alpha, on exactly the modules HMT's LoRA wraps). Both train
    with the same SFTTrainer arguments, steps and pieces as HMT; LoRA alone sees each piece cut into independent
@@ -49,65 +49,57 @@ benchmarks/results) (``--quick`` writes ``quality_quick.*``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import platform
 import random
-import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+import datasets
+import peft
+import tokenizers
 import torch
+import transformers
+import trl
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from benchmarks import _common as C
-
-CORPUS_DIR = "/usr/share/doc/python3.11/html/_sources"
-INSTALL_COMMAND = "apt-get install -y python3-doc"
-SUFFIX = ".rst.txt"
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+from benchmarks.lab import corpus as K
+from benchmarks.lab import output as O
+from benchmarks.lab.backbone import load_backbone, tiny_backbone
+from benchmarks.lab.pretrain import pretrain_until_plateau, validation_windows
+from benchmarks.lab.settings import Settings
+from benchmarks.lab.tokenizer import encode_documents, train_tokenizer
+from hmt_adapter import HMTConfig  # (importing hmt_adapter registers the HMT adapter type with PEFT)
+from hmt_adapter.evaluation import MethodResult, backbone_window_nll, evaluate_long_documents
+from hmt_adapter.integrations.trl import check_max_length, check_sft_args, chunk_token_ids
+from hmt_adapter.tuner.lora import lora_target_names
 
 
 @dataclass
-class QualitySettings:
-    """Every knob of the benchmark; the defaults are the full run reported in BENCHMARKS.md."""
+class QualitySettings(Settings):
+    """Every knob of the benchmark (`Settings`' and these); the defaults are the full run reported in BENCHMARKS.md."""
 
-    corpus_dir: str = CORPUS_DIR
+    corpus_dir: str = K.CORPUS_DIR
     heldout_fraction: float = 0.15
-    seed: int = 0
-    threads: int = 2
-    # tokenizer
-    vocab_size: int = 4096
-    # backbone
-    hidden_size: int = 192
-    num_layers: int = 4
-    num_heads: int = 4
-    segment_length: int = 128  # the backbone's training window = HMT's segment length = the baselines' width
-    pretrain_steps: int = 2000  # the cap; pretraining stops earlier once the validation loss has flattened
-    pretrain_batch: int = 16
-    pretrain_lr: float = 2e-3
-    # plateau rule: every pretrain_eval_every steps score pretrain_eval_windows fixed windows of the validation
-    # documents; stop when the best of the last plateau_checks checks is less than plateau_tolerance (relative, on
-    # the loss in nats) below the check before them
+    # plateau rule of pretraining: every pretrain_eval_every steps score pretrain_eval_windows fixed windows of the
+    # validation documents; stop when the best of the last plateau_checks checks is less than plateau_tolerance
+    # (relative, on the loss in nats) below the check before them
     validation_fraction: float = 0.05  # of the training documents: kept out of pretraining and of SFT
     pretrain_eval_every: int = 100
     pretrain_eval_windows: int = 64
     plateau_checks: int = 4
     plateau_tolerance: float = 0.005
     # HMT
-    num_sensory: int = 16
-    recall_dim: int = 256
     recall_window: int = 300
-    recall_query: str = "segment"
-    hmt_steps: int = 300
-    hmt_batch: int = 2
-    hmt_lr: float = 2e-3
     train_segments: int = 8  # training pieces: documents cut into pieces of train_segments * segment_length
     gradient_checkpointing: bool = False  # tiny model: memory is no issue, recomputation would cost ~30% time
     # HMT + LoRA (HMTConfig(lora_r, lora_alpha)) and LoRA alone (peft.LoraConfig on the same modules), both trained
@@ -135,179 +127,9 @@ def quick_settings(**overrides: Any) -> QualitySettings:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Corpus
-# ---------------------------------------------------------------------------------------------------------
-def missing_corpus_message(corpus_dir: str) -> str:
-    return (
-        f"The corpus directory {corpus_dir!r} has no *{SUFFIX} files. It comes from Debian's python3.11-doc "
-        f"package; install it with:\n\n    {INSTALL_COMMAND}\n\n(or pass --corpus-dir pointing at a directory of "
-        f"*{SUFFIX} files)."
-    )
-
-
-def list_documents(root: str, suffix: str = SUFFIX) -> list[str]:
-    """Paths (relative to ``root``, '/'-separated, sorted) of every ``*suffix`` file under ``root``."""
-    base = Path(root)
-    if not base.is_dir():
-        return []
-    return sorted(p.relative_to(base).as_posix() for p in base.rglob(f"*{suffix}") if p.is_file())
-
-
-def is_heldout(relative_path: str, heldout_fraction: float) -> bool:
-    """Deterministic split: the first 8 bytes of SHA-256(path) as a number in [0, 1) below the fraction."""
-    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction
-
-
-def split_documents(paths: Sequence[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
-    """(training paths, held-out paths), each in the order of ``paths``."""
-    if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}.")
-    train = [p for p in paths if not is_heldout(p, heldout_fraction)]
-    heldout = [p for p in paths if is_heldout(p, heldout_fraction)]
-    return train, heldout
-
-
-def split_validation(train_paths: Sequence[str], validation_fraction: float) -> tuple[list[str], list[str]]:
-    """(pretraining paths, validation paths) of the training split, by a second hash of the path (salted, so it is
-    independent of the held-out split). The validation documents only decide when pretraining stops."""
-    if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
-    val = [p for p in train_paths if is_heldout("validation:" + p, validation_fraction)]
-    chosen = set(val)
-    return [p for p in train_paths if p not in chosen], val
-
-
-def read_documents(root: str, paths: Sequence[str]) -> list[str]:
-    return [(Path(root) / p).read_text(encoding="utf-8", errors="replace") for p in paths]
-
-
-def eval_documents(token_docs: Sequence[Sequence[int]], segment_length: int, min_segments: int,
-                   max_segments: int, max_documents: int = 0) -> list[list[int]]:
-    """Held-out documents to score: those of at least ``min_segments`` full segments, each cut to its first
-    ``max_segments * segment_length`` tokens, at most ``max_documents`` of them (0: all), in the given order."""
-    out = []
-    for doc in token_docs:
-        if len(doc) < min_segments * segment_length:
-            continue
-        out.append(list(doc[: max_segments * segment_length]))
-        if max_documents and len(out) == max_documents:
-            break
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tokenizer and backbone
-# ---------------------------------------------------------------------------------------------------------
-def train_tokenizer(texts: Sequence[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on ``texts``, as a transformers ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
-def build_backbone(settings: QualitySettings, vocab_size: int):
-    """A small Llama from a config (tied embeddings), float32, in train mode."""
-    return C.llama(
-        vocab_size, settings.hidden_size, settings.num_layers, settings.num_heads,
-        (settings.hidden_size * 8 // 3 + 31) // 32 * 32, 4 * settings.segment_length, True,
-        seed=settings.seed, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-
-
-def plateaued(checks: Sequence[float], window: int, tolerance: float) -> bool:
-    """The plateau rule: True when the best of the last ``window`` values is less than ``tolerance`` (relative)
-    below the value just before them. False while there are fewer than ``window + 1`` values."""
-    if window < 1:
-        raise ValueError(f"plateau_checks must be >= 1, got {window}.")
-    if len(checks) < window + 1:
-        return False
-    before = checks[-window - 1]
-    return (before - min(checks[-window:])) / abs(before) < tolerance
-
-
-def validation_windows(stream: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """``count`` fixed windows of ``width`` tokens spread evenly over ``stream``: (count, width)."""
-    if stream.numel() < width + 1:
-        raise ValueError(f"The validation stream has {stream.numel()} tokens, fewer than one window of {width} + 1.")
-    starts = torch.linspace(0, stream.numel() - width, count).long().unique()
-    return torch.stack([stream[s : s + width] for s in starts.tolist()])
-
-
-@torch.no_grad()
-def window_loss(model, windows: torch.Tensor, batch: int = 16) -> float:
-    """Mean next-token NLL of ``model`` over the rows of ``windows`` (N, W), every row an independent window."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch):
-        ids = windows[i : i + batch]
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-        count += ids[:, 1:].numel()
-    model.train(was_training)
-    return total / count
-
-
-def pretrain_backbone(model, stream: torch.Tensor, validation: torch.Tensor, settings: QualitySettings) -> dict:
-    """Train on random windows of ``segment_length`` tokens of ``stream`` (AdamW, warm-up + cosine to 10% over the
-    cap ``pretrain_steps``) until the loss on the fixed ``validation`` windows has flattened (`plateaued`) or the cap
-    is reached. Returns the training losses, the validation curve and why it stopped."""
-    gen = torch.Generator().manual_seed(settings.seed + 1)
-    window = settings.segment_length
-    optim = torch.optim.AdamW(model.parameters(), lr=settings.pretrain_lr, weight_decay=0.1, betas=(0.9, 0.95))
-    warmup = max(1, settings.pretrain_steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, settings.pretrain_steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
-    losses: list[float] = []
-    curve = [{"step": 0, "validation_loss": window_loss(model, validation)}]
-    stopped = "max_steps"
-    model.train()
-    for step in range(1, settings.pretrain_steps + 1):
-        starts = torch.randint(0, stream.numel() - window, (settings.pretrain_batch,), generator=gen)
-        ids = torch.stack([stream[s : s + window] for s in starts.tolist()])
-        loss = model(input_ids=ids, labels=ids).loss
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % settings.pretrain_eval_every == 0:
-            curve.append({"step": step, "validation_loss": window_loss(model, validation),
-                          "train_loss": sum(losses[-settings.pretrain_eval_every:]) / settings.pretrain_eval_every,
-                          "lr": sched.get_last_lr()[0]})
-            print(f"  pretraining step {step}: validation loss {curve[-1]['validation_loss']:.4f}, training loss "
-                  f"{curve[-1]['train_loss']:.4f}, lr {curve[-1]['lr']:.2e}", flush=True)
-            if plateaued([c["validation_loss"] for c in curve], settings.plateau_checks, settings.plateau_tolerance):
-                stopped = "plateau"
-                break
-    model.eval()
-    model.requires_grad_(False)
-    return {"losses": losses, "validation_curve": curve, "stopped": stopped, "steps": len(losses)}
-
-
-# ---------------------------------------------------------------------------------------------------------
 # HMT training with TRL
 # ---------------------------------------------------------------------------------------------------------
 def hmt_config(settings: QualitySettings, lora: bool):
-    from hmt_adapter import HMTConfig
-
     extra = dict(lora_r=settings.lora_r, lora_alpha=settings.lora_alpha) if lora else {}
     return HMTConfig(
         task_type="CAUSAL_LM",
@@ -323,10 +145,6 @@ def hmt_config(settings: QualitySettings, lora: bool):
 def sft_dataset(train_token_docs: Sequence[Sequence[int]], settings: QualitySettings):
     """Training documents cut into pieces of ``train_segments`` segments (pieces under 2 segments dropped), and a
     seeded sample of ``hmt_steps * hmt_batch`` of them (each seen once). Returns (dataset, pieces available)."""
-    from datasets import Dataset
-
-    from hmt_adapter.training import chunk_token_ids
-
     chunks = chunk_token_ids(train_token_docs, settings.train_segments * settings.segment_length,
                              min_tokens=2 * settings.segment_length)
     wanted = settings.hmt_steps * settings.hmt_batch  # each piece seen at most once
@@ -339,10 +157,6 @@ def sft_dataset(train_token_docs: Sequence[Sequence[int]], settings: QualitySett
 def lora_only_model(base, settings: QualitySettings):
     """The backbone + plain PEFT LoRA (``peft.LoraConfig``) on exactly the modules HMT + LoRA wraps (HMT's
     ``lora_target_modules="all-linear"``: every linear layer but the LM head), same rank, alpha and dropout (0)."""
-    import peft
-
-    from hmt_adapter.lora import lora_target_names
-
     targets = lora_target_names(base, hmt_config(settings, lora=True).lora_target_modules)
     config = peft.LoraConfig(task_type="CAUSAL_LM", r=settings.lora_r, lora_alpha=settings.lora_alpha,
                              lora_dropout=0.0, target_modules=targets)
@@ -374,8 +188,6 @@ def to_windows(batch: dict[str, torch.Tensor], width: int, pad_token_id: int = 0
 def window_collator(pad_token_id: int, width: int):
     """TRL's language-modelling collator followed by `to_windows`: LoRA alone trains on the pieces HMT trains on,
     cut at every ``width`` tokens (the independent-windows layout it is scored in)."""
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
     class WindowCollator(DataCollatorForLanguageModeling):
         def torch_call(self, examples):
             return to_windows(super().torch_call(examples), width, pad_token_id)
@@ -387,10 +199,6 @@ def train_adapter(peft_model, tokenizer, dataset, settings: QualitySettings, wor
     """Train the adapter's parameters with TRL's SFTTrainer (HMT, HMT + LoRA, and LoRA alone with
     ``data_collator=window_collator(...)``: the same arguments, so the same steps, order of pieces and learning rate).
     Returns the trainer."""
-    from trl import SFTConfig, SFTTrainer
-
-    from hmt_adapter.training import check_max_length, check_sft_args
-
     max_length = settings.train_segments * settings.segment_length
     args = SFTConfig(
         output_dir=work_dir,
@@ -513,11 +321,7 @@ def comparisons(methods: dict) -> dict[str, float]:
 
 def write_plot(results: dict, path: Path) -> None:
     """Loss by segment index per method (left), perplexity per method (middle), pretraining curve (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = O.pyplot()
     methods = results["methods"]
     seg = results["settings"]["segment_length"]
     fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [3, 3, 2]})
@@ -552,9 +356,7 @@ def write_plot(results: dict, path: Path) -> None:
     cx.legend(fontsize=8)
     fig.suptitle("Python 3.11 docs (Debian python3.11-doc): small Llama pretrained on "
                  f"{seg}-token windows; recall_query={results['settings']['recall_query']!r}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    O.save_figure(fig, path, dpi=120)
 
 
 def _table_rows(results: dict) -> list[tuple[str, float, float, float, Optional[float], float]]:
@@ -594,12 +396,6 @@ def markdown_table(results: dict) -> str:
 
 
 def versions() -> dict[str, Any]:
-    import datasets
-    import peft
-    import tokenizers
-    import transformers
-    import trl
-
     try:
         doc_version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "python3.11-doc"], capture_output=True,
                                      text=True, timeout=10).stdout.strip() or None
@@ -614,118 +410,73 @@ def versions() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The benchmark
+# The benchmark, step by step: corpus and tokenizer, backbone, compute accounting, methods, results
 # ---------------------------------------------------------------------------------------------------------
-def _step(message: str, start: float) -> None:
-    print(f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True)
+@dataclass
+class Data:
+    """The corpus, split by path hash and tokenized: what pretraining, adapter training and scoring read."""
+
+    paths: list[str]
+    train_paths: list[str]  # the training split (pretraining + validation documents)
+    val_paths: list[str]
+    heldout_paths: list[str]
+    train_texts: list[str]
+    heldout_texts: list[str]
+    tokenizer: Any
+    train_tokens: dict[str, list[int]]
+    fit_tokens: list[list[int]]  # the pretraining (and SFT) documents
+    heldout_tokens: list[list[int]]
+    stream: torch.Tensor  # the pretraining documents, concatenated
+    val_stream: torch.Tensor  # the validation documents, concatenated
 
 
-def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-
-def _load_backbone(backbone_dir: str):
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=torch.float32)
-    base.requires_grad_(False)
-    return base
-
-
-@torch.no_grad()
-def score_windows(model, documents: Sequence[Sequence[int]], window: int) -> dict:
-    """``model`` (any causal LM, here backbone + LoRA) over independent windows of ``window`` tokens, scored as
-    `hmt_adapter.evaluation` scores its ``backbone_window`` baseline (loss by segment of ``window`` tokens)."""
-    from hmt_adapter.evaluation import MethodResult, backbone_window_nll
-
-    model.eval()
-    result = MethodResult()
-    for doc in documents:
-        result.add(backbone_window_nll(model, torch.tensor(doc, dtype=torch.long), window), window)
-    return result.to_dict()
-
-
-def train_and_score(name: str, backbone_dir: str, tokenizer, dataset, docs, settings: QualitySettings, strides,
-                    work_dir: str, start: float) -> tuple[dict, dict]:
-    """Train one method (``hmt``, ``hmt_lora`` or ``lora``) and score it; the ``hmt`` pass also scores the backbone
-    baselines (its adapter disabled). Returns ({method: scores}, training record)."""
-    import peft
-
-    from hmt_adapter.evaluation import evaluate_long_documents
-
-    base = _load_backbone(backbone_dir)
-    seg = settings.segment_length
-    if name == "lora":
-        model, collator = lora_only_model(base, settings), window_collator(tokenizer.pad_token_id, seg)
-    else:
-        model, collator = peft.get_peft_model(base, hmt_config(settings, lora=name == "hmt_lora")), None
-    trainable, total = model.get_nb_trainable_parameters()
-    _step(f"{name}: {trainable:,} trainable of {total:,}; SFTTrainer {settings.hmt_steps} steps x {settings.hmt_batch} "
-          f"pieces" + (f" cut into {seg}-token windows" if collator else ""), start)
-    t0 = time.perf_counter()
-    trainer = train_adapter(model, tokenizer, dataset, settings, os.path.join(work_dir, f"trainer-{name}"), collator)
-    train_s = time.perf_counter() - t0
-    log = [r for r in trainer.state.log_history if "loss" in r]
-    _step(f"{name} trained ({train_s:.0f}s, last logged loss {log[-1]['loss'] if log else float('nan'):.3f}); "
-          f"scoring {len(docs)} held-out documents", start)
-    t0 = time.perf_counter()
-    if name == "lora":
-        scores = {"lora": score_windows(model, docs, seg)}
-    elif name == "hmt_lora":
-        scores = {"hmt_lora": evaluate_long_documents(model, docs, methods=("hmt",)).to_dict()["methods"]["hmt"]}
-    else:
-        first = evaluate_long_documents(model, docs, stride=strides["equal_width"]).to_dict()["methods"]
-        matched = evaluate_long_documents(model, docs, stride=strides["matched"], methods=("backbone_sliding",))
-        scores = {**first, "backbone_sliding_matched": matched.to_dict()["methods"]["backbone_sliding"]}
-    record = {"trainable_parameters": trainable, "total_parameters": total, "seconds": train_s,
-              "eval_seconds": time.perf_counter() - t0, "log": log}
-    if name == "lora":
-        record["lora_target_modules"] = sorted(model.peft_config["default"].target_modules)
-    return scores, record
-
-
-def run(settings: QualitySettings, command: str, out_dir: Optional[Path] = None) -> dict:
-    """The whole benchmark; returns the results dictionary (also written as JSON + PNG)."""
-    import hmt_adapter  # noqa: F401  (registers the HMT adapter type with PEFT)
-
-    start = time.perf_counter()
-    random.seed(settings.seed)
-    torch.manual_seed(settings.seed)
-    paths = list_documents(settings.corpus_dir)
+def load_data(settings: QualitySettings, log: Callable[[str], None]) -> Data:
+    """Split the corpus (held-out by path hash; validation out of the training split by a salted hash), train the
+    tokenizer on the training split and tokenize everything."""
+    paths = K.list_documents(settings.corpus_dir)
     if not paths:
-        raise SystemExit(missing_corpus_message(settings.corpus_dir))
-    train_paths, heldout_paths = split_documents(paths, settings.heldout_fraction)
-    fit_paths, val_paths = split_validation(train_paths, settings.validation_fraction)
-    train_texts = read_documents(settings.corpus_dir, train_paths)
-    heldout_texts = read_documents(settings.corpus_dir, heldout_paths)
-    _step(f"corpus {settings.corpus_dir}: {len(paths)} documents, {len(train_paths)} train ({len(val_paths)} of them "
-          f"validation) / {len(heldout_paths)} held-out", start)
+        raise SystemExit(K.missing_corpus_message(settings.corpus_dir))
+    train_paths, heldout_paths = K.split_documents(paths, settings.heldout_fraction)
+    fit_paths, val_paths = K.split_validation(train_paths, settings.validation_fraction)
+    train_texts = K.read_documents(settings.corpus_dir, train_paths)
+    heldout_texts = K.read_documents(settings.corpus_dir, heldout_paths)
+    log(f"corpus {settings.corpus_dir}: {len(paths)} documents, {len(train_paths)} train ({len(val_paths)} of them "
+        f"validation) / {len(heldout_paths)} held-out")
 
     tokenizer = train_tokenizer(train_texts, settings.vocab_size)
-    train_tokens = dict(zip(train_paths, _encode(tokenizer, train_texts)))
+    train_tokens = dict(zip(train_paths, encode_documents(tokenizer, train_texts)))
     fit_tokens = [train_tokens[p] for p in fit_paths]
-    heldout_tokens = _encode(tokenizer, heldout_texts)
+    heldout_tokens = encode_documents(tokenizer, heldout_texts)
     stream = torch.tensor([t for doc in fit_tokens for t in doc], dtype=torch.long)
     val_stream = torch.tensor([t for p in val_paths for t in train_tokens[p]], dtype=torch.long)
-    validation = validation_windows(val_stream, settings.segment_length, settings.pretrain_eval_windows)
-    _step(f"tokenizer: vocab {len(tokenizer)}; pretraining stream {stream.numel():,} tokens "
-          f"({sum(map(len, train_texts)) / sum(map(len, train_tokens.values())):.2f} chars/token), validation "
-          f"{val_stream.numel():,}, held-out {sum(map(len, heldout_tokens)):,} tokens", start)
+    log(f"tokenizer: vocab {len(tokenizer)}; pretraining stream {stream.numel():,} tokens "
+        f"({sum(map(len, train_texts)) / sum(map(len, train_tokens.values())):.2f} chars/token), validation "
+        f"{val_stream.numel():,}, held-out {sum(map(len, heldout_tokens)):,} tokens")
+    return Data(paths, train_paths, val_paths, heldout_paths, train_texts, heldout_texts, tokenizer, train_tokens,
+                fit_tokens, heldout_tokens, stream, val_stream)
 
-    backbone = build_backbone(settings, len(tokenizer))
+
+def pretrain(data: Data, settings: QualitySettings, log: Callable[[str], None]) -> tuple[Any, dict]:
+    """The tiny backbone pretrained on windows of the pretraining documents until its validation loss flattens;
+    returns (frozen backbone, record: parameters, seconds, what `pretrain_until_plateau` returned)."""
+    validation = validation_windows(data.val_stream, settings.segment_length, settings.pretrain_eval_windows)
+    backbone = tiny_backbone(settings, len(data.tokenizer))
     n_params = sum(p.numel() for p in backbone.parameters())
-    _step(f"pretraining a {n_params:,}-parameter Llama on {settings.segment_length}-token windows (batch "
-          f"{settings.pretrain_batch}, at most {settings.pretrain_steps} steps, plateau rule every "
-          f"{settings.pretrain_eval_every})", start)
+    log(f"pretraining a {n_params:,}-parameter Llama on {settings.segment_length}-token windows (batch "
+        f"{settings.pretrain_batch}, at most {settings.pretrain_steps} steps, plateau rule every "
+        f"{settings.pretrain_eval_every})")
     t0 = time.perf_counter()
-    pre = pretrain_backbone(backbone, stream, validation, settings)
-    pretrain_s = time.perf_counter() - t0
-    curve = pre["validation_curve"]
-    _step(f"backbone trained: {pre['steps']} steps ({pre['stopped']}), validation loss {curve[-1]['validation_loss']:.3f} "
-          f"({pretrain_s:.0f}s, {pretrain_s / max(1, pre['steps']):.2f} s/step)", start)
+    pre = pretrain_until_plateau(backbone, data.stream, validation, settings, eval_every=settings.pretrain_eval_every,
+                                 checks=settings.plateau_checks, tolerance=settings.plateau_tolerance)
+    seconds = time.perf_counter() - t0
+    log(f"backbone trained: {pre['steps']} steps ({pre['stopped']}), validation loss "
+        f"{pre['validation_curve'][-1]['validation_loss']:.3f} ({seconds:.0f}s, {seconds / max(1, pre['steps']):.2f} s/step)")
+    return backbone, dict(pre, parameters=n_params, seconds=seconds)
 
-    docs = eval_documents(heldout_tokens, settings.segment_length, settings.eval_min_segments,
-                          settings.eval_max_segments, settings.eval_max_documents)
+
+def accounting(docs: Sequence[Sequence[int]], settings: QualitySettings, log: Callable[[str], None]
+               ) -> tuple[dict[str, int], dict[str, float]]:
+    """The sliding-window strides (equal width; HMT's compute) and every method's backbone positions per token."""
     hmt_cfg = hmt_config(settings, lora=False)
     seg = settings.segment_length
     hmt_ppt = positions_per_token(docs, lambda t: hmt_positions(t, hmt_cfg))
@@ -738,83 +489,165 @@ def run(settings: QualitySettings, command: str, out_dir: Optional[Path] = None)
         "hmt": hmt_ppt,
         "hmt_lora": hmt_ppt,
     }
-    _step(f"HMT runs {hmt_ppt:.3f} backbone positions per scored token on these documents (nominal "
-          f"{nominal_hmt_positions_per_token(hmt_cfg):.3f}); sliding-window strides {strides}", start)
+    log(f"HMT runs {hmt_ppt:.3f} backbone positions per scored token on these documents (nominal "
+        f"{nominal_hmt_positions_per_token(hmt_cfg):.3f}); sliding-window strides {strides}")
+    return strides, ppt
 
+
+@torch.no_grad()
+def score_windows(model, documents: Sequence[Sequence[int]], window: int) -> dict:
+    """``model`` (any causal LM, here backbone + LoRA) over independent windows of ``window`` tokens, scored as
+    `hmt_adapter.evaluation` scores its ``backbone_window`` baseline (loss by segment of ``window`` tokens)."""
+    model.eval()
+    result = MethodResult()
+    for doc in documents:
+        result.add(backbone_window_nll(model, torch.tensor(doc, dtype=torch.long), window), window)
+    return result.to_dict()
+
+
+def train_and_score(name: str, backbone_dir: str, tokenizer, dataset, docs, settings: QualitySettings, strides,
+                    work_dir: str, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Train one method (``hmt``, ``hmt_lora`` or ``lora``) and score it; the ``hmt`` pass also scores the backbone
+    baselines (its adapter disabled). Returns ({method: scores}, training record)."""
+    base = load_backbone(backbone_dir)
+    seg = settings.segment_length
+    if name == "lora":
+        model, collator = lora_only_model(base, settings), window_collator(tokenizer.pad_token_id, seg)
+    else:
+        model, collator = peft.get_peft_model(base, hmt_config(settings, lora=name == "hmt_lora")), None
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"{name}: {trainable:,} trainable of {total:,}; SFTTrainer {settings.hmt_steps} steps x {settings.hmt_batch} "
+        f"pieces" + (f" cut into {seg}-token windows" if collator else ""))
+    t0 = time.perf_counter()
+    trainer = train_adapter(model, tokenizer, dataset, settings, os.path.join(work_dir, f"trainer-{name}"), collator)
+    train_s = time.perf_counter() - t0
+    log_history = [r for r in trainer.state.log_history if "loss" in r]
+    log(f"{name} trained ({train_s:.0f}s, last logged loss {log_history[-1]['loss'] if log_history else float('nan'):.3f}); "
+        f"scoring {len(docs)} held-out documents")
+    t0 = time.perf_counter()
+    if name == "lora":
+        scores = {"lora": score_windows(model, docs, seg)}
+    elif name == "hmt_lora":
+        scores = {"hmt_lora": evaluate_long_documents(model, docs, methods=("hmt",)).to_dict()["methods"]["hmt"]}
+    else:
+        first = evaluate_long_documents(model, docs, stride=strides["equal_width"]).to_dict()["methods"]
+        matched = evaluate_long_documents(model, docs, stride=strides["matched"], methods=("backbone_sliding",))
+        scores = {**first, "backbone_sliding_matched": matched.to_dict()["methods"]["backbone_sliding"]}
+    record = {"trainable_parameters": trainable, "total_parameters": total, "seconds": train_s,
+              "eval_seconds": time.perf_counter() - t0, "log": log_history}
+    if name == "lora":
+        record["lora_target_modules"] = sorted(model.peft_config["default"].target_modules)
+    return scores, record
+
+
+def train_and_score_all(backbone, data: Data, docs, settings: QualitySettings, strides, log: Callable[[str], None]
+                        ) -> tuple[dict[str, dict], dict[str, dict], dict[str, int]]:
+    """Every method on the same frozen backbone (saved once, reloaded per method) and the same SFT pieces. Returns
+    (scores by method in `ORDER`, training records, SFT piece counts)."""
     methods: dict[str, dict] = {}
     training: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         backbone_dir = os.path.join(tmp, "backbone")
         backbone.save_pretrained(backbone_dir)
-        dataset, sft_available = sft_dataset(fit_tokens, settings)
+        dataset, sft_available = sft_dataset(data.fit_tokens, settings)
         for name in ("hmt",) + (("hmt_lora", "lora") if settings.lora else ()):
-            scores, training[name] = train_and_score(name, backbone_dir, tokenizer, dataset, docs, settings, strides,
-                                                     tmp, start)
+            scores, training[name] = train_and_score(name, backbone_dir, data.tokenizer, dataset, docs, settings,
+                                                     strides, tmp, log)
             methods.update(scores)
-
     methods = {m: methods[m] for m in ORDER if m in methods}
     counts = {m: r["num_targets"] for m, r in methods.items()}
     if len(set(counts.values())) != 1:
         raise RuntimeError(f"Methods scored different numbers of targets: {counts}")
+    return methods, training, {"sft_pieces_available": sft_available, "sft_pieces_used": len(dataset)}
+
+
+def corpus_record(data: Data, settings: QualitySettings, sft: dict[str, int]) -> dict[str, Any]:
+    """The ``corpus`` block of the results: documents, characters and tokens of each split, and how it was cut."""
+    return {
+        "dir": settings.corpus_dir,
+        "documents": len(data.paths),
+        "train_documents": len(data.train_paths),
+        "validation_documents": len(data.val_paths),
+        "heldout_documents": len(data.heldout_paths),
+        "train_characters": sum(map(len, data.train_texts)),
+        "heldout_characters": sum(map(len, data.heldout_texts)),
+        "pretrain_tokens": data.stream.numel(),
+        "validation_tokens": data.val_stream.numel(),
+        "heldout_tokens": sum(map(len, data.heldout_tokens)),
+        "split": f"SHA-256 of the relative path, first 8 bytes / 2^64 < {settings.heldout_fraction} -> held-out; "
+                 f"of the rest, SHA-256 of 'validation:' + path < {settings.validation_fraction} -> validation "
+                 f"(pretraining's stopping rule only; not pretrained on, not in SFT)",
+        **sft,
+    }
+
+
+def eval_record(docs, methods: dict, strides: dict[str, int], settings: QualitySettings) -> dict[str, Any]:
+    """The ``eval`` block of the results: what was scored, at which widths and strides."""
+    seg = settings.segment_length
+    return {
+        "documents": len(docs),
+        "tokens_scored": methods["backbone_window"]["num_targets"],
+        "document_tokens": sum(map(len, docs)),
+        "segment_length": seg,
+        "window": seg,
+        "stride": strides["equal_width"],
+        "stride_matched": strides["matched"],
+        "recall_query": settings.recall_query,
+        "width": "every backbone baseline and LoRA alone read windows of segment_length tokens (the backbone's "
+                 "pretraining window), the number of new tokens HMT reads per segment pass; HMT's pass also holds "
+                 f"2 memory slots and {settings.num_sensory} sensory tokens",
+        "note": "recall_query='segment' (the paper's): the memory read at a segment's start is chosen with the "
+                "first half of that segment (lookahead through the recall weights; values are past memories "
+                "only)" if settings.recall_query == "segment" else "recall_query='previous': strictly causal",
+    }
+
+
+def backbone_record(pre: dict) -> dict[str, Any]:
+    """The ``backbone`` block of the results: its size and how its pretraining went."""
+    curve = pre["validation_curve"]
+    return {"parameters": pre["parameters"], "pretrain_seconds": pre["seconds"], "pretrain_steps_run": pre["steps"],
+            "stopped": pre["stopped"], "validation_curve": curve,
+            "final_validation_loss": curve[-1]["validation_loss"],
+            "pretrain_final_loss": sum(pre["losses"][-20:]) / max(1, len(pre["losses"][-20:])),
+            "pretrain_loss_curve": pre["losses"][:: max(1, len(pre["losses"]) // 100)]}
+
+
+def run(settings: QualitySettings, command: str, out_dir: Optional[Path] = None) -> dict:
+    """The whole benchmark; returns the results dictionary (also written as JSON + PNG)."""
+    start = time.perf_counter()
+    log = O.logger(start)
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    data = load_data(settings, log)
+    backbone, pre = pretrain(data, settings, log)
+    docs = K.eval_documents(data.heldout_tokens, settings.segment_length, settings.eval_min_segments,
+                            settings.eval_max_segments, settings.eval_max_documents)
+    strides, ppt = accounting(docs, settings, log)
+    methods, training, sft = train_and_score_all(backbone, data, docs, settings, strides, log)
     results = {
         "benchmark": "long-document LM quality on the Python 3.11 docs (Debian python3.11-doc *.rst.txt)",
         "command": command,
-        "corpus": {
-            "dir": settings.corpus_dir,
-            "documents": len(paths),
-            "train_documents": len(train_paths),
-            "validation_documents": len(val_paths),
-            "heldout_documents": len(heldout_paths),
-            "train_characters": sum(map(len, train_texts)),
-            "heldout_characters": sum(map(len, heldout_texts)),
-            "pretrain_tokens": stream.numel(),
-            "validation_tokens": val_stream.numel(),
-            "heldout_tokens": sum(map(len, heldout_tokens)),
-            "split": f"SHA-256 of the relative path, first 8 bytes / 2^64 < {settings.heldout_fraction} -> held-out; "
-                     f"of the rest, SHA-256 of 'validation:' + path < {settings.validation_fraction} -> validation "
-                     f"(pretraining's stopping rule only; not pretrained on, not in SFT)",
-            "sft_pieces_available": sft_available,
-            "sft_pieces_used": len(dataset),
-        },
-        "eval": {
-            "documents": len(docs),
-            "tokens_scored": counts["backbone_window"],
-            "document_tokens": sum(map(len, docs)),
-            "segment_length": seg,
-            "window": seg,
-            "stride": strides["equal_width"],
-            "stride_matched": strides["matched"],
-            "recall_query": settings.recall_query,
-            "width": "every backbone baseline and LoRA alone read windows of segment_length tokens (the backbone's "
-                     "pretraining window), the number of new tokens HMT reads per segment pass; HMT's pass also holds "
-                     f"2 memory slots and {settings.num_sensory} sensory tokens",
-            "note": "recall_query='segment' (the paper's): the memory read at a segment's start is chosen with the "
-                    "first half of that segment (lookahead through the recall weights; values are past memories "
-                    "only)" if settings.recall_query == "segment" else "recall_query='previous': strictly causal",
-        },
+        "corpus": corpus_record(data, settings, sft),
+        "eval": eval_record(docs, methods, strides, settings),
         "methods": methods,
         "positions_per_token": {m: ppt[m] for m in methods},  # backbone positions run per scored token
         "positions_per_token_note": "counted over the scored documents: segment + summary passes for HMT (real "
                                     "positions), the windows' total width for the sliding windows, T - 1 for windows",
-        "hmt_nominal_positions_per_token": nominal_hmt_positions_per_token(hmt_cfg),
+        "hmt_nominal_positions_per_token": nominal_hmt_positions_per_token(hmt_config(settings, lora=False)),
         "comparisons": comparisons(methods),
-        "backbone": {"parameters": n_params, "pretrain_seconds": pretrain_s, "pretrain_steps_run": pre["steps"],
-                     "stopped": pre["stopped"], "validation_curve": curve,
-                     "final_validation_loss": curve[-1]["validation_loss"],
-                     "pretrain_final_loss": sum(pre["losses"][-20:]) / max(1, len(pre["losses"][-20:])),
-                     "pretrain_loss_curve": pre["losses"][:: max(1, len(pre["losses"]) // 100)]},
+        "backbone": backbone_record(pre),
         "training": training,
         "settings": asdict(settings),
         "versions": versions(),
         "wall_seconds": time.perf_counter() - start,
     }
-    out_dir = out_dir or C.OUTPUT
+    out_dir = out_dir or O.OUTPUT
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{settings.output_name}.json").write_text(json.dumps(results, indent=2))
     write_plot(results, out_dir / f"{settings.output_name}.png")
     print_table(results)
     print(markdown_table(results))
-    _step(f"wrote {out_dir / (settings.output_name + '.json')} and .png", start)
+    log(f"wrote {out_dir / (settings.output_name + '.json')} and .png")
     return results
 
 
@@ -833,7 +666,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-from", metavar="JSON", default=None,
                    help="redraw the PNG next to an existing results file (same name, .png) and exit")
     p.add_argument("--no-lora", action="store_true", help="skip HMT + LoRA and LoRA alone (the two LoRA rows)")
-    C.add_output_arguments(p)
+    O.add_output_arguments(p)
     return p
 
 
@@ -852,17 +685,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.no_lora:
         overrides["lora"] = False
     settings = quick_settings(**overrides) if args.quick else QualitySettings(**overrides)
-    if not list_documents(settings.corpus_dir):
-        print(missing_corpus_message(settings.corpus_dir), file=sys.stderr)
+    if not K.list_documents(settings.corpus_dir):
+        print(K.missing_corpus_message(settings.corpus_dir), file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, settings.threads))
-    import datasets
-    import transformers
-
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    command = "python -m benchmarks.quality" + ("".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
-    run(settings, command, C.output_dir(args))
+    run(settings, O.quoted_command("python -m benchmarks.quality", argv), O.output_dir(args))
     return 0
 
 

@@ -9,7 +9,7 @@ settings), and for needle examples of ``--length`` tokens (the needle planted in
 held-out text) measures, per method:
 
 * **recall at the question**: the recall weights of the LAST segment (the one that asks the question) over the
-  cached memories, through `hmt_adapter.memory.observe_recall`: the weight on the needle's segment, the rank of that
+  cached memories, through `hmt_adapter.engine.memory.observe_recall`: the weight on the needle's segment, the rank of that
   segment, and where the largest weight falls (by segment index), against the uniform weight ``1 / N``;
 * **key in memory**: a linear probe (multinomial logistic regression, trained on half of the examples, scored on
   the other half) from the memory embedding ``e_j`` of the needle's segment ``j`` to the key, against the same
@@ -26,14 +26,20 @@ import argparse
 import json
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
+import peft
 import torch
 
-from benchmarks import _common as C
-from benchmarks import long_context as LC
-from benchmarks import long_context_tasks as T
+import hmt_adapter  # noqa: F401  (registers HMT with PEFT)
+from benchmarks.lab import output as O
+from benchmarks.lab import tasks as T
+from benchmarks.lab.pretrain import prepare
+from benchmarks.lab.settings import RetrievalSettings, quick_retrieval
+from hmt_adapter.engine.memory import observe_recall
+from hmt_adapter.inference.streaming import HMTStreamer
 
 
 def needle_start(ids: list[int], marker: list[int]) -> int:
@@ -47,9 +53,6 @@ def needle_start(ids: list[int], marker: list[int]) -> int:
 @torch.no_grad()
 def inspect(model, tokenizer, examples: list[dict[str, Any]], segment_length: int) -> list[dict[str, Any]]:
     """Per example: needle segment, recall weights of the last segment, memories, answer correctness."""
-    from hmt_adapter.memory import observe_recall
-    from hmt_adapter.streaming import HMTStreamer
-
     marker = tokenizer(" The secret word is", add_special_tokens=False).input_ids
     out = []
     for e in examples:
@@ -117,11 +120,7 @@ def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = O.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for method, res in payload["methods"].items():
         segs = [p["segment"] for p in res["per_segment"]]
@@ -137,12 +136,10 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 1.02)
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"{payload['corpus']} seed {payload['seed']}, {payload['length']} tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    O.save_figure(fig, path)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.recall_diagnostics", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", required=True, help="an --output-dir of benchmarks.long_context (with adapters/)")
     p.add_argument("--backbone-cache", required=True, help="the --backbone-cache that run used")
@@ -152,8 +149,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--corpus", default=None, help="with --seed: the run's corpus when it wrote no JSON (--quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    C.add_output_arguments(p)
-    args = p.parse_args(argv)
+    O.add_output_arguments(p)
+    return p
+
+
+def run_settings(found: list[Path], args: argparse.Namespace) -> RetrievalSettings:
+    """The backbone settings of the run: from its JSON (``found``), else the ``--quick`` backbone of ``--corpus`` and
+    ``--seed``; with ``--backbone-cache``."""
+    if found:
+        s = RetrievalSettings.from_dict(json.loads(found[0].read_text())["settings"])
+    else:
+        s = quick_retrieval(corpus=args.corpus, seed=args.seed)
+    return replace(s, backbone_cache=args.backbone_cache)
+
+
+def needle_examples(prep, length: int, per_segment: int, segment_length: int) -> list[dict[str, Any]]:
+    """``per_segment`` needle examples of ``length`` tokens (held-out text) with the needle in each segment in turn."""
+    segments = length // segment_length
+    rng = random.Random(7)
+    examples = []
+    for seg in range(segments):
+        for _ in range(per_segment):  # needle at a random place inside segment `seg`
+            depth = (seg + 0.1 + 0.6 * rng.random()) / segments
+            examples.append(T.needle_example(prep.tokenizer, prep.heldout_stream, prep.vocab, length, depth, rng))
+    return examples
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
     run_dir = Path(args.run_dir)
     found = [run_dir / n for n in ("long_context.json", "long_context_partial.json") if (run_dir / n).is_file()]
     if not (run_dir / "adapters").is_dir() or (not found and args.corpus is None):
@@ -161,24 +184,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"(or --corpus/--seed for a --quick run that stopped before writing its JSON).", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    import peft
-
-    import hmt_adapter  # noqa: F401  (registers HMT with PEFT)
-
-    if found:
-        settings = json.loads(found[0].read_text())["settings"]
-        s = LC.Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
-    else:
-        s = LC.quick(corpus=args.corpus, seed=args.seed)
-    s = LC.replace(s, backbone_cache=args.backbone_cache)
-    prep = LC.prepare(s, lambda msg: print(msg, file=sys.stderr))
-    segments = args.length // s.segment_length
-    rng = random.Random(7)
-    examples = []
-    for seg in range(segments):
-        for _ in range(args.per_segment):  # needle at a random place inside segment `seg`
-            depth = (seg + 0.1 + 0.6 * rng.random()) / segments
-            examples.append(T.needle_example(prep.tokenizer, prep.heldout_stream, prep.vocab, args.length, depth, rng))
+    s = run_settings(found, args)
+    prep = prepare(s, lambda msg: print(msg, file=sys.stderr))
+    examples = needle_examples(prep, args.length, args.per_segment, s.segment_length)
     methods = args.methods or sorted(d.name for d in (run_dir / "adapters").iterdir())
     results = {}
     for method in methods:
@@ -189,10 +197,10 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{results[method]['probe_needle_segment']:.2f} vs other {results[method]['probe_other_segment']:.2f}; "
               f"recall argmax by segment {results[method]['recall_argmax_histogram']}", flush=True)
         prep.backbone = model.unload()
-    payload = {"command": C.command_line("benchmarks.recall_diagnostics"), "corpus": s.corpus, "seed": s.seed,
+    payload = {"command": O.command_line("benchmarks.recall_diagnostics"), "corpus": s.corpus, "seed": s.seed,
                "length": args.length, "run_dir": str(run_dir), "methods": results}
-    out = C.output_dir(args)
-    C.write_json(out / "recall_diagnostics.json", payload)
+    out = O.output_dir(args)
+    O.write_json(out / "recall_diagnostics.json", payload)
     plot(payload, out / "recall_diagnostics.png")
     print(f"wrote {out / 'recall_diagnostics.json'} and recall_diagnostics.png")
     return 0

@@ -28,19 +28,21 @@ Writes (to ``--output-dir``, default benchmarks/output; ``--update-results``: be
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from benchmarks import _common as C
+from benchmarks.lab import backbone as B
+from benchmarks.lab import measure as M
+from benchmarks.lab import output as O
 
 MODULE = "benchmarks.throughput"
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    C.add_output_arguments(p)
-    p.add_argument("--sizes", nargs="+", default=["h256-l4", "h512-l8"], choices=sorted(C.SIZES))
+    O.add_output_arguments(p)
+    p.add_argument("--sizes", nargs="+", default=["h256-l4", "h512-l8"], choices=sorted(B.SIZES))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     p.add_argument("--modes", nargs="+", default=["inference", "training"], choices=["inference", "training"])
     p.add_argument("--segments", type=int, default=8, help="input length in segments")
@@ -58,60 +60,14 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def inference_cases(base, hmt, ids: torch.Tensor, seg_len: int, full: bool) -> dict[str, Callable[[], Any]]:
-    """No-grad callables that produce logits for every token of ``ids`` (B, T)."""
-
-    @torch.no_grad()
-    def windows():
-        return [base(input_ids=ids[:, s : s + seg_len]).logits for s in range(0, ids.shape[1], seg_len)]
-
-    @torch.no_grad()
-    def run_hmt():
-        return hmt(input_ids=ids).logits
-
-    @torch.no_grad()
-    def run_full():
-        return base(input_ids=ids).logits
-
-    cases = {"windows": windows, "hmt": run_hmt}
-    if full:
-        cases["full"] = run_full
-    return cases
-
-
-def training_cases(base, hmt, ids: torch.Tensor, seg_len: int, full: bool) -> dict[str, Callable[[], Any]]:
-    """Forward + backward callables over ``ids`` (B, T) with the causal-LM loss on every token."""
-    embed = base.get_input_embeddings()
-    hmt_params = [p for p in hmt.parameters() if p.requires_grad]
-
-    def backbone_step(x: torch.Tensor) -> None:
-        inputs = embed(x).detach().requires_grad_(True)
-        base(inputs_embeds=inputs, labels=x).loss.backward()
-
-    def windows():
-        for s in range(0, ids.shape[1], seg_len):
-            backbone_step(ids[:, s : s + seg_len])
-
-    def run_hmt(fused: bool = False):
-        for p in hmt_params:
-            p.grad = None
-        kwargs = {"fused_lm_head": True} if fused else {}
-        hmt(input_ids=ids, labels=ids, **kwargs).loss.backward()
-
-    cases = {"windows": windows, "hmt": run_hmt, "hmt_fused": lambda: run_hmt(True)}
-    if full:
-        cases["full"] = lambda: backbone_step(ids)
-    return cases
-
-
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
-    dtype = C.parse_dtype(args.dtype)
-    limit = C.limit_ratio(args.segment_length, args.num_sensory, args.summary_fraction)
+    dtype = B.parse_dtype(args.dtype)
+    limit = M.limit_ratio(args.segment_length, args.num_sensory, args.summary_fraction)
     rows = []
     for size_name in args.sizes:
-        size = C.SIZES[size_name]
-        base = C.build_backbone(size, args.device, dtype, args.four_bit, max_positions=max(8192, args.segments * args.segment_length))
-        hmt = C.attach_hmt(base, args.segment_length, args.num_sensory, args.summary_fraction)
+        size = B.SIZES[size_name]
+        base = B.build_backbone(size, args.device, dtype, args.four_bit, max_positions=max(8192, args.segments * args.segment_length))
+        hmt = B.attach_hmt(base, args.segment_length, args.num_sensory, args.summary_fraction)
         for batch in args.batch_sizes:
             gen = torch.Generator().manual_seed(0)
             ids = torch.randint(4, size.vocab, (batch, args.segments * args.segment_length), generator=gen).to(args.device)
@@ -120,12 +76,12 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if mode == "inference":
                     hmt.eval()
                     base.eval()
-                    cases = inference_cases(base, hmt, ids, args.segment_length, not args.no_full)
+                    cases = M.inference_cases(base, hmt, ids, args.segment_length, not args.no_full)
                 else:
                     hmt.train()
                     base.train()
-                    cases = training_cases(base, hmt, ids, args.segment_length, not args.no_full)
-                timings = C.time_interleaved(cases, args.device, args.warmup, args.repeats)
+                    cases = M.training_cases(base, hmt, ids, args.segment_length, not args.no_full)
+                timings = M.time_interleaved(cases, args.device, args.warmup, args.repeats)
                 row = {"size": size_name, "batch": batch, "mode": mode, "tokens": tokens, "limit": limit}
                 for name, t in timings.items():
                     row[name] = dict(t, tokens_per_s=tokens / t["median_s"], cpu_tokens_per_s=tokens / t["cpu_median_s"])
@@ -154,7 +110,7 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path) -> None:
-    C.plot_rate_bars(
+    O.plot_rate_bars(
         rows, path, names=lambda sel: [n for n in ("windows", "hmt", "hmt_fused", "full") if n in sel[0]],
         reference=lambda r: r["windows"]["tokens_per_s"] / r["limit"] * r["target"], reference_label="HMT target",
         reference_at="hmt", tick=lambda r: f"{r['size']}\nB={r['batch']}", title=lambda mode, sel: mode,
@@ -167,7 +123,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     rows = measure(args)
     name = "throughput" + (f"-{args.tag}" if args.tag else "")
-    C.save_results(MODULE, name, args, {"rows": rows}, lambda png: plot(rows, png))
+    O.save_results(MODULE, name, args, {"rows": rows}, lambda png: plot(rows, png))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ This is the comparison a user makes when choosing between HMT and long-context f
 
 Both sides compute the loss as ``SFTTrainer.compute_loss`` does: ``-log_probs.sum() / label_mask.sum()`` over every
 token of the row. One training step is forward + backward (no optimizer step). Every (method, length) case runs in a
-fresh Python process (``--worker``) with glibc's mmap threshold fixed (see ``benchmarks/_common.py``), so its peak
+fresh Python process (``--worker``) with glibc's mmap threshold fixed (see ``benchmarks/lab/measure.py``), so its peak
 resident size is its own: it builds the model, runs ``--warmup`` untimed steps, then ``--steps`` timed ones, and
 reports the median wall time and the step peak (VmHWM reset before each step, minus the resident size before the
 step; the largest over all steps, warm-up included). A case that runs past ``--timeout`` seconds is killed and
@@ -35,18 +35,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 
+import peft
 import torch
+from trl.trainer.utils import add_fused_lm_head
 
-from benchmarks import _common as C
+from benchmarks.lab import backbone as B
+from benchmarks.lab import measure as M
+from benchmarks.lab import output as O
 
 MODULE = "benchmarks.train_length"
 METHODS = ("full-lora", "hmt-lora", "hmt-frozen")
@@ -55,8 +57,8 @@ LABELS = {"full-lora": "full attention + LoRA", "hmt-lora": "HMT + LoRA", "hmt-f
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    C.add_output_arguments(p)
-    p.add_argument("--size", default="h256-l4", help="a name of benchmarks._common.SIZES, or hH-lL[-vV] (e.g. h64-l2-v512)")
+    O.add_output_arguments(p)
+    p.add_argument("--size", default="h256-l4", help="a name of benchmarks.lab.backbone.SIZES, or hH-lL[-vV] (e.g. h64-l2-v512)")
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384, 32768],
                    help="tokens per row")
     p.add_argument("--methods", nargs="+", default=["full-lora", "hmt-lora"], choices=METHODS)
@@ -72,8 +74,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave torch's default)")
     p.add_argument("--tag", default="", help="suffix of the result files")
-    p.add_argument("--stock-malloc", action="store_true",
-                   help="keep glibc's dynamic mmap threshold (RSS then also counts freed, retained heap)")
+    M.add_stock_malloc_argument(p)
     # worker mode (one case in this process)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", default="hmt-lora", choices=METHODS, help=argparse.SUPPRESS)
@@ -82,28 +83,24 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_size(name: str) -> C.Size:
-    """``benchmarks._common.SIZES[name]``, or a size spelt ``hH-lL`` / ``hH-lL-vV`` (hidden, layers, vocab)."""
-    if name in C.SIZES:
-        return C.SIZES[name]
+def parse_size(name: str) -> B.Size:
+    """``benchmarks.lab.backbone.SIZES[name]``, or a size spelt ``hH-lL`` / ``hH-lL-vV`` (hidden, layers, vocab)."""
+    if name in B.SIZES:
+        return B.SIZES[name]
     match = re.fullmatch(r"h(\d+)-l(\d+)(?:-v(\d+))?", name)
     if match is None:
-        raise ValueError(f"--size must be one of {sorted(C.SIZES)} or look like h256-l4 / h64-l2-v512, got {name!r}.")
+        raise ValueError(f"--size must be one of {sorted(B.SIZES)} or look like h256-l4 / h64-l2-v512, got {name!r}.")
     hidden, layers, vocab = match.groups()
-    return C.Size(name, int(hidden), int(layers), int(vocab) if vocab else 32000)
+    return B.Size(name, int(hidden), int(layers), int(vocab) if vocab else 32000)
 
 
 # ---- one case -----------------------------------------------------------------------------------------------
-def build_model(method: str, size: C.Size, max_positions: int, seg_len: int, num_sensory: int, lora_r: int,
+def build_model(method: str, size: B.Size, max_positions: int, seg_len: int, num_sensory: int, lora_r: int,
                 lora_alpha: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """The trainable model of ``method`` on a fresh random Llama, gradient checkpointing on, in train mode."""
-    import peft
-
-    base = C.build_backbone(size, device, dtype, max_positions=max_positions)
+    base = B.build_backbone(size, device, dtype, max_positions=max_positions)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "full-lora":
-        from trl.trainer.utils import add_fused_lm_head
-
         # what SFTTrainer does to the model it trains (before PEFT wraps it)
         add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
         config = peft.LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
@@ -111,7 +108,7 @@ def build_model(method: str, size: C.Size, max_positions: int, seg_len: int, num
         model = peft.get_peft_model(base, config)
     else:
         extra = {"lora_r": lora_r, "lora_alpha": lora_alpha} if method == "hmt-lora" else {}
-        model = C.attach_hmt(base, seg_len, num_sensory, 0.5, **extra)
+        model = B.attach_hmt(base, seg_len, num_sensory, 0.5, **extra)
     return model.train()
 
 
@@ -127,7 +124,7 @@ def train_step(model, ids: torch.Tensor) -> float:
     return value
 
 
-def run_case(method: str, size: C.Size, length: int, *, batch: int = 1, seg_len: int = 512, num_sensory: int = 32,
+def run_case(method: str, size: B.Size, length: int, *, batch: int = 1, seg_len: int = 512, num_sensory: int = 32,
              lora_r: int = 8, lora_alpha: int = 32, warmup: int = 1, steps: int = 2, max_positions: int = 0,
              device: str = "cpu", dtype: torch.dtype = torch.float32,
              report: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
@@ -142,21 +139,14 @@ def run_case(method: str, size: C.Size, length: int, *, batch: int = 1, seg_len:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(4, size.vocab, (batch, length), generator=gen).to(device)
-    cuda = device.startswith("cuda")
     records = []
     for i in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before, reset_ok = torch.cuda.memory_allocated() / 2**20, True
-        else:
-            reset_ok = C.reset_peak_rss()
-            before = C.current_rss_mib()
+        before, reset_ok = M.step_memory_start(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         loss = train_step(model, ids)
-        C.sync(device)
+        M.sync(device)
         wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else C.peak_rss_mib()
+        peak = M.step_memory_peak(device)
         rec = {"step": i, "timed": i >= warmup, "wall_s": wall, "cpu_s": cpu, "loss": loss,
                "before_mib": before, "peak_mib": peak, "step_peak_mib": peak - before, "peak_reset": reset_ok}
         records.append(rec)
@@ -199,12 +189,10 @@ def _worker_args(args: argparse.Namespace, method: str, length: int) -> list[str
 
 def run_subprocess_case(args: argparse.Namespace, method: str, length: int) -> dict[str, Any]:
     """One case in a fresh process; a timeout or a crash is recorded with the steps finished before it."""
-    env = dict(os.environ, PYTHONPATH=str(C.REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if not (args.stock_malloc or args.device.startswith("cuda")):
-        env.update(C.FIXED_MMAP_THRESHOLD)
+    env = M.worker_env(M.malloc_env(args.stock_malloc, args.device))
     cmd = [sys.executable, "-m", MODULE, *_worker_args(args, method, length)]
     try:
-        proc = subprocess.run(cmd, cwd=C.REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, cwd=O.REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         return summarize_case(method, length, args.batch, _step_lines(out), status=f"timeout>{args.timeout:g}s")
@@ -257,13 +245,13 @@ def crossover(rows: list[dict[str, Any]], a: str, b: str, key: str) -> Optional[
 def sweep(args: argparse.Namespace, run: Callable[[argparse.Namespace, str, int], dict[str, Any]] = run_subprocess_case
           ) -> dict[str, Any]:
     rows = []
-    load = {"start": _loadavg()}
+    load = {"start": M.loadavg()}
     for length in args.lengths:
         for method in args.methods:
             row = run(args, method, length)
             rows.append(row)
             print(format_row(row), flush=True)
-    load["end"] = _loadavg()
+    load["end"] = M.loadavg()
     result: dict[str, Any] = {"rows": rows, "loadavg": load, "crossover": {}}
     hmt = [m for m in ("hmt-lora", "hmt-frozen") if m in args.methods]
     if "full-lora" in args.methods:
@@ -271,13 +259,6 @@ def sweep(args: argparse.Namespace, run: Callable[[argparse.Namespace, str, int]
             for key in ("tokens_per_s", "step_peak_mib"):
                 result["crossover"][f"{m}:{key}"] = crossover(rows, "full-lora", m, key)
     return result
-
-
-def _loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "n/a"
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -288,11 +269,7 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = O.pyplot()
     rows = result["rows"]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     styles = {"full-lora": ("C3", "o-"), "hmt-lora": ("C0", "s-"), "hmt-frozen": ("C2", "^--")}
@@ -326,9 +303,7 @@ def plot(result: dict[str, Any], path) -> None:
         ax.legend(fontsize=8)
     axes[0].set_title("one training step (forward + backward), checkpointing on")
     axes[1].set_title("peak memory of the step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    O.save_figure(fig, path)
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -390,13 +365,13 @@ def main(argv=None) -> None:
         row = run_case(args.method, parse_size(args.size), args.length, batch=args.batch, seg_len=args.segment_length,
                        num_sensory=args.num_sensory, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                        warmup=args.warmup, steps=args.steps, max_positions=args.max_positions, device=args.device,
-                       dtype=C.parse_dtype(args.dtype), report=report)
+                       dtype=B.parse_dtype(args.dtype), report=report)
         print(json.dumps(row), flush=True)
         return
     parse_size(args.size)  # fail before the first case on a bad name
     result = sweep(args)
     name = "train_length" + (f"-{args.tag}" if args.tag else "")
-    path = C.save_results(MODULE, name, args, result, lambda png: plot(result, png))
+    path = O.save_results(MODULE, name, args, result, lambda png: plot(result, png))
     print(markdown(json.loads(path.read_text())))
 
 

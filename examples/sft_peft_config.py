@@ -18,7 +18,7 @@ from datasets import Dataset, load_dataset
 from trl import SFTConfig, SFTTrainer
 
 from hmt_adapter import HMTConfig
-from hmt_adapter.training import check_max_length, check_sft_args
+from hmt_adapter.integrations.trl import check_max_length, check_sft_args
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import peft
 import torch
 
 from hmt_adapter import HMTConfig, testing
-from hmt_adapter.streaming import HMTStreamer, load_state, save_state
+from hmt_adapter.inference.streaming import HMTStreamer, load_state, save_state
 
 torch.manual_seed(0)
 model = peft.get_peft_model(

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from .config import HMTConfig
-from .memory import observe_recall
+from .tuner.config import HMTConfig
+from .engine import observe_recall
 
 METHODS = ("hmt", "backbone_window", "backbone_sliding")
 Document = Union[torch.Tensor, Sequence[int]]

@@ -3,8 +3,8 @@
 ``hmt-adapter train --help`` and mistakes in flag values are answered from these alone, in well under a second;
 the frameworks are imported only when work starts (`hmt_adapter_cli.recipes`).
 
-`HMTArguments` are `HMTConfig`'s own fields (names, types, defaults, help). Importing `hmt_adapter.config` would
-import PEFT and torch, so they are read from the source of ``hmt_adapter/config.py`` (its ``HMTConfig`` class body)
+`HMTArguments` are `HMTConfig`'s own fields (names, types, defaults, help). Importing `hmt_adapter.tuner.config` would
+import PEFT and torch, so they are read from the source of ``hmt_adapter/tuner/config.py`` (its ``HMTConfig`` class body)
 instead: one field list, in the library; `tests/test_recipes.py` checks that the two agree.
 """
 
@@ -106,7 +106,7 @@ class StageArguments:
         metadata={
             "help": "Prompt/completion data: a curriculum over input lengths (short inputs first). The rows the run "
             "reads (stage2_max_steps x the global batch; repeated or sampled from the data) are ordered with "
-            "hmt_adapter.training.curriculum_order on their token counts, so the longest input allowed grows from "
+            "hmt_adapter.integrations.trl.curriculum_order on their token counts, so the longest input allowed grows from "
             "curriculum_min_segments segments to the longest over the first curriculum_ramp_fraction of training, "
             "and read in that order (train_sampling_strategy='sequential')."
         },
@@ -131,11 +131,11 @@ _FACTORIES = {"list": list, "dict": dict}
 
 
 def _config_source() -> str:
-    """The path of ``hmt_adapter/config.py``, found without importing the ``hmt_adapter`` package."""
+    """The path of ``hmt_adapter/tuner/config.py``, found without importing the ``hmt_adapter`` package."""
     spec = importlib.util.find_spec("hmt_adapter")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("hmt_adapter is not installed: pip install hmt-adapter")
-    return os.path.join(list(spec.submodule_search_locations)[0], "config.py")
+    return os.path.join(list(spec.submodule_search_locations)[0], "tuner", "config.py")
 
 
 def _field_spec(node: ast.AnnAssign) -> tuple[str, Any, Any]:

@@ -161,7 +161,7 @@ def _load_for_eval(args: argparse.Namespace):
     import torch
     from transformers import AutoTokenizer
 
-    from hmt_adapter.config import HMTConfig
+    from hmt_adapter.tuner.config import HMTConfig
     from hmt_adapter_cli.hub import HubSource, check_hub_sources
     from hmt_adapter_cli.recipes import ModelArguments, load_model_and_tokenizer
 

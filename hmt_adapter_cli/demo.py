@@ -218,7 +218,7 @@ def evaluate(model, sets, settings: DemoSettings, window: Optional[int] = None) 
 # HMT training with TRL
 # ---------------------------------------------------------------------------------------------------------
 def hmt_config(settings: DemoSettings, lora_r: int = 0):
-    from hmt_adapter.config import HMTConfig
+    from hmt_adapter.tuner.config import HMTConfig
 
     return HMTConfig(
         task_type="CAUSAL_LM",
@@ -294,8 +294,12 @@ def save_and_reload(peft_model, backbone_dir: Path, adapter_dir: Path, probe: to
     reloaded.eval()
     before = answer_logits(peft_model, probe, batch)
     after = answer_logits(reloaded, probe, batch)
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    adapter_only = all("hmt_" in k or "lora_" in k for k in weights)
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+    from hmt_adapter.tuner.weights import ADAPTER_KEY_MARKER
+
+    weights = load_file(str(adapter_dir / SAFETENSORS_WEIGHTS_NAME))
+    adapter_only = all(ADAPTER_KEY_MARKER in k for k in weights)  # HMT's LoRA weights are '.hmt_lora_A/B' too
     return reloaded, float((before - after).abs().max()), adapter_only
 
 

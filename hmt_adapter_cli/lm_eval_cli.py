@@ -5,7 +5,7 @@
 
 Every argument is lm-eval's; ``hmt-adapter lm-eval --help`` prints what the ``hmt`` model takes, then lm-eval's
 help. lm-eval's parser answers help and argument errors before torch and transformers are imported; the ``hmt``
-model (`hmt_adapter.lm_eval`) is registered only when an evaluation starts.
+model (`hmt_adapter.integrations.lm_eval`) is registered only when an evaluation starts.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _missing_lm_eval(exc: ImportError) -> ValueError:
 
 def _register_hmt() -> None:
     try:
-        import hmt_adapter.lm_eval  # noqa: F401  (registers the "hmt" model)
+        import hmt_adapter.integrations.lm_eval  # noqa: F401  (registers the "hmt" model)
     except ImportError as exc:
         raise _missing_lm_eval(exc) from None
 

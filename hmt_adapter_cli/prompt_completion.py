@@ -32,7 +32,7 @@ DATA_FORMATS = ("auto", "text", "prompt_completion")
 @dataclass(frozen=True)
 class Curriculum:
     """Short inputs first: the longest input allowed grows from ``min_segments`` segments to the longest row over
-    the first ``ramp_fraction`` of training (`hmt_adapter.training.curriculum_order`)."""
+    the first ``ramp_fraction`` of training (`hmt_adapter.integrations.trl.curriculum_order`)."""
 
     min_segments: int = 2
     ramp_fraction: float = 0.5
@@ -105,9 +105,9 @@ def curriculum_rows(lengths: Sequence[int], rows_read: int, segment_length: int,
     """Indices into the data of the ``rows_read`` rows a run reads, in curriculum order (read them sequentially).
 
     The ramp spans the whole run, not one pass over the data: the data are repeated or sampled to the run's length
-    (`run_rows`) first, then ordered by `hmt_adapter.training.curriculum_order` on their token counts.
+    (`run_rows`) first, then ordered by `hmt_adapter.integrations.trl.curriculum_order` on their token counts.
     """
-    from hmt_adapter.training import curriculum_order
+    from hmt_adapter.integrations.trl import curriculum_order
 
     rows = run_rows(len(lengths), rows_read, seed)
     order = curriculum_order([lengths[r] for r in rows], segment_length, curriculum.min_segments,
@@ -131,9 +131,11 @@ def _two_rate_optimizer(model: Any, lora_learning_rate: float, args: Any):
     ``args.learning_rate`` (HMT + LoRA with LoRA at a backbone-sized rate)."""
     import torch
 
+    from hmt_adapter.tuner.weights import LORA_KEY_MARKER
+
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trainable if "hmt_lora_" in n], "lr": lora_learning_rate},
-              {"params": [p for n, p in trainable if "hmt_lora_" not in n], "lr": args.learning_rate}]
+    groups = [{"params": [p for n, p in trainable if LORA_KEY_MARKER in n], "lr": lora_learning_rate},
+              {"params": [p for n, p in trainable if LORA_KEY_MARKER not in n], "lr": args.learning_rate}]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
 
 
@@ -173,7 +175,7 @@ def train_prompt_completion(
         tokenizer: the backbone's tokenizer (TRL's ``processing_class``).
         sft_args: TRL's `SFTConfig`; used as given (learning rate, schedule, clipping, batch, seed, ...), except that
             ``max_length`` never truncates: rows longer than a ``max_length`` that is not None are a `ValueError`
-            (`hmt_adapter.training.check_max_length`), and ``completion_only_loss`` None means True.
+            (`hmt_adapter.integrations.trl.check_max_length`), and ``completion_only_loss`` None means True.
         curriculum: order the rows the run reads by `curriculum_rows` and read them in order
             (``train_sampling_strategy="sequential"``); None leaves the trainer's sampling as configured.
         lora_learning_rate: a separate learning rate for HMT's LoRA weights (needs a `PeftModel`).
@@ -184,7 +186,7 @@ def train_prompt_completion(
     """
     from trl import SFTTrainer
 
-    from hmt_adapter.training import check_max_length, check_sft_args
+    from hmt_adapter.integrations.trl import check_max_length, check_sft_args
 
     args = copy.deepcopy(sft_args)
     limit, args.max_length = args.max_length, None  # checked below instead: a row is never cut

@@ -14,7 +14,7 @@ A recipe is a flat YAML file whose keys are the fields of the dataclasses below 
 hostfile is given; use torchrun there.)
 
 Stage 1 trains HMT without recall (``use_recall=False``) on chunks of ``stage1_segments`` segments; stage 2
-attaches HMT with recall, loads the stage-1 weights (`hmt_adapter.training.load_stage1_weights`) and trains on
+attaches HMT with recall, loads the stage-1 weights (`hmt_adapter.integrations.trl.load_stage1_weights`) and trains on
 chunks of ``stage2_segments`` segments. The learning rate decays by ``lr_decay_factor`` every
 ``lr_decay_steps`` optimizer steps (the paper: x0.9 every 100 steps). The final adapter is saved to
 ``output_dir`` (stage 1's to ``output_dir/stage1``).
@@ -55,7 +55,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from hmt_adapter.config import HMTConfig
+from hmt_adapter.tuner.config import HMTConfig
 
 from .arguments import (  # noqa: F401  (re-exported: the recipe dataclasses live in the light arguments module)
     PATH_OR_ID_FIELDS, PATH_FIELDS, PATH_RULE, RECIPE_DATACLASSES, DataArguments, HMTArguments, ModelArguments,
@@ -319,7 +319,7 @@ def _step_decay_trainer_cls():
 def _stage_dataset(docs: list[list[int]], segments: int, segment_length: int):
     from datasets import Dataset
 
-    from hmt_adapter.training import chunk_token_ids
+    from hmt_adapter.integrations.trl import chunk_token_ids
 
     chunks = chunk_token_ids(docs, segments * segment_length, min_tokens=2)
     if not chunks:
@@ -332,7 +332,7 @@ def train_stage(
     max_steps: int, output_dir: str,
 ):
     """Train one stage; ``model`` is a base model (with ``config``) or a PeftModel (``config=None``)."""
-    from hmt_adapter.training import check_max_length, check_sft_args
+    from hmt_adapter.integrations.trl import check_max_length, check_sft_args
 
     args = copy.deepcopy(sft_args)
     args.max_steps, args.output_dir = max_steps, output_dir
@@ -382,7 +382,7 @@ def run_prompt_completion(model_args: ModelArguments, data_args: DataArguments, 
     """One stage with recall on whole prompt/completion rows (no stage 1): `train_prompt_completion`."""
     import peft
 
-    from hmt_adapter.training import load_stage1_weights
+    from hmt_adapter.integrations.trl import load_stage1_weights
 
     model, tokenizer = load_model_and_tokenizer(model_args)
     report: dict[str, Any] = {"output_dir": sft_args.output_dir, "world_size": sft_args.world_size}
@@ -408,7 +408,7 @@ def run_two_stages(model_args: ModelArguments, data_args: DataArguments, hmt_arg
     import peft
     from peft import get_peft_model_state_dict
 
-    from hmt_adapter.training import load_stage1_weights
+    from hmt_adapter.integrations.trl import load_stage1_weights
 
     sft_args.max_length = None  # rows are chunked to the stage's length here, never truncated by TRL
     model, tokenizer = load_model_and_tokenizer(model_args)
@@ -439,7 +439,7 @@ def run_two_stages(model_args: ModelArguments, data_args: DataArguments, hmt_arg
 def _record_training(model: Any, output_dir: str, model_args: ModelArguments, data_args: DataArguments,
                      stage: StageArguments, report: dict) -> None:
     """Add how the adapter was trained (and its last logged losses) to the saved adapter's model card."""
-    from hmt_adapter.model_card import write_model_card
+    from hmt_adapter.tuner.model_card import write_model_card
 
     config = model.peft_config["default"]
     data = data_args.dataset_name or os.path.basename(str(data_args.data_files))

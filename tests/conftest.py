@@ -1,20 +1,11 @@
-"""Shared pytest fixtures. Everything is built locally; no Hub access."""
+"""Shared pytest fixtures of the library's tests (the thread count and the per-test seed are the repository's
+conftest.py). Everything is built locally; no Hub access."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from hmt_adapter import testing as hmt_testing
-
-torch.set_num_threads(2)
-
-
-@pytest.fixture(autouse=True)
-def seed() -> int:
-    """Seed torch's global RNG before every test."""
-    torch.manual_seed(0)
-    return 0
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from hmt_adapter import HMTConfig
-from hmt_adapter.distributed import save_adapter, shard_model
+from hmt_adapter.integrations.fsdp import save_adapter, shard_model
 from hmt_adapter.testing import tiny_causal_lm
 
 

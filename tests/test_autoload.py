@@ -80,6 +80,6 @@ def test_a_fresh_interpreter_loads_an_adapter_without_importing_hmt_adapter(tmp_
         print(type(auto.base_model).__module__)
     """, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == "hmt_adapter.model"
+    assert proc.stdout.split()[-1] == "hmt_adapter.tuner.model"
     logits = torch.load(tmp_path / "logits.pt")
     assert torch.equal(logits["auto"], expected) and torch.equal(logits["plain"], expected)

@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 import hmt_adapter
 from hmt_adapter import HMTConfig
 from hmt_adapter import testing as hmt_testing
-from hmt_adapter.memory import observe_recall
+from hmt_adapter.engine.memory import observe_recall
 
 SEG = 8
 

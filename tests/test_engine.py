@@ -57,12 +57,20 @@ def test_window_rule_is_shared_by_forward_and_streaming(mode) -> None:
     assert query_known(HMTConfig(segment_length=8, use_recall=False), 0)
 
 
-def _imports(path: pathlib.Path) -> set[str]:
-    """Modules of the package that ``path`` imports (relative imports resolved to hmt_adapter.*)."""
+def _imports(path: pathlib.Path, typing_only: bool = False) -> set[str]:
+    """Modules of the package that ``path`` imports at run time (relative imports resolved to hmt_adapter.*);
+    with ``typing_only``, those imported only under ``if TYPE_CHECKING:`` instead."""
     tree = ast.parse(path.read_text())
     package = ".".join(("hmt_adapter",) + path.relative_to(PACKAGE).parent.parts)
+    typing_nodes = {
+        id(inner) for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
     found = set()
     for node in ast.walk(tree):
+        if (id(node) in typing_nodes) != typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package.split(".")
             base = base[: len(base) - node.level + 1]
@@ -74,14 +82,31 @@ def _imports(path: pathlib.Path) -> set[str]:
     return found
 
 
-def test_no_import_circle_in_the_package() -> None:
+def _modules(typing_only: bool = False) -> dict[str, set[str]]:
+    """{module: package modules it imports}, a package import counted as its ``__init__`` module."""
     modules = {}
     for path in PACKAGE.rglob("*.py"):
         parts = path.relative_to(PACKAGE).with_suffix("").parts
         name = ".".join(("hmt_adapter",) + (parts[:-1] if parts[-1] == "__init__" else parts))
-        modules[name] = {m for m in _imports(path) if m != name}
-    for name, deps in modules.items():  # expand package imports to the package's own module
+        modules[name] = {m for m in _imports(path, typing_only) if m != name}
+    for name, deps in modules.items():  # expand "from . import x" to the module x where there is one
         modules[name] = {d for d in deps if d in modules}
+    return modules
+
+
+#: The package's layers, lowest first: a module imports its own layer and the ones below, never one above.
+LAYERS = ("hmt_adapter.engine", "hmt_adapter.inference", "hmt_adapter.tuner", "hmt_adapter.integrations")
+ON_TOP = ("hmt_adapter", "hmt_adapter.evaluation", "hmt_adapter.testing")  # the package's face and its users
+
+
+def _layer(module: str) -> int:
+    if module in ON_TOP:
+        return len(LAYERS)
+    return next(i for i, layer in enumerate(LAYERS) if module == layer or module.startswith(layer + "."))
+
+
+def test_no_import_circle_in_the_package() -> None:
+    modules = _modules()
     visiting, done = [], set()
 
     def visit(name: str) -> None:
@@ -97,8 +122,23 @@ def test_no_import_circle_in_the_package() -> None:
 
     for name in modules:
         visit(name)
-    engine = {m for m in modules if m.startswith("hmt_adapter.engine")}
-    callers = {"hmt_adapter.forward", "hmt_adapter.streaming", "hmt_adapter.generation", "hmt_adapter.model"}
-    for module in engine:
-        assert not (modules[module] & callers), f"{module} imports a caller of the engine"
-    assert "hmt_adapter.model" not in modules["hmt_adapter.streaming"] | modules["hmt_adapter.generation"]
+
+
+def test_folders_are_layers_and_no_import_runs_up() -> None:
+    """engine < inference < tuner < integrations (< the package face, evaluation, testing): every import, typing-only
+    ones included, stays in its layer or goes down; the engine is the only place the computation lives."""
+    for typing_only in (False, True):
+        for module, deps in _modules(typing_only).items():
+            if module in ON_TOP:
+                continue
+            for dep in deps:
+                assert _layer(dep) <= _layer(module), f"{module} imports {dep}, a layer above it"
+
+
+def test_callers_use_the_engine_through_its_face() -> None:
+    """Outside the engine, only ``hmt_adapter.engine`` itself is imported (its ``__init__`` names what is public)."""
+    for module, deps in _modules().items():
+        if module.startswith("hmt_adapter.engine"):
+            continue
+        inner = sorted(d for d in deps if d.startswith("hmt_adapter.engine."))
+        assert not inner, f"{module} imports engine modules {inner} around hmt_adapter.engine"

@@ -36,7 +36,7 @@ def known_prefix_reference(model, tokens: torch.Tensor, prompt_len: int) -> torc
         x = runner.bb.embed(tokens[:, n * seg : (n + 1) * seg])
         known = min(width, max(0, prompt_len - n * seg))
         query = runner.summary_queries(x[:, :known], torch.tensor([known])) if n else None
-        memory, _ = runner.read(state, query)
+        memory, _ = runner.memory_source(state, query).read(runner.params)
         hidden, e_raw = runner.segment_pass(memory, state.sensory, x, torch.tensor([x.shape[1]]))
         out.append(runner.bb.logits(hidden))
         state = runner.advance(state, x, e_raw)

@@ -63,7 +63,7 @@ def test_a_streamer_receives_exactly_the_returned_tokens() -> None:
 def test_stop_strings_stop_generation() -> None:
     import peft
 
-    from benchmarks.quality import train_tokenizer
+    from benchmarks.lab.tokenizer import train_tokenizer
     from hmt_adapter import HMTConfig
     from hmt_adapter.testing import tiny_causal_lm
 

@@ -19,7 +19,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 import fixtures  # noqa: E402
 from hmt_adapter import HMTConfig  # noqa: E402
-from hmt_adapter.lm_eval import HMTLM  # noqa: E402
+from hmt_adapter.integrations.lm_eval import HMTLM  # noqa: E402
 from hmt_adapter.testing import DEFAULT_WORDS, tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 WINDOW = 64  # the backbone's max_position_embeddings; contexts below are 3-6x longer

@@ -6,7 +6,7 @@ import torch
 
 import fixtures
 from hmt_adapter import HMTConfig
-from hmt_adapter.streaming import HMTStreamer, load_state, save_state
+from hmt_adapter.inference.streaming import HMTStreamer, load_state, save_state
 
 SEG = 8
 
@@ -101,7 +101,7 @@ def test_a_stream_state_records_every_config_field_that_changes_the_computation(
     """Derived, not listed: every HMTConfig field except the exempt training-only ones (a new field is included)."""
     from dataclasses import fields
 
-    from hmt_adapter.engine.incremental import STATE_CONFIG_FIELDS, STATE_EXEMPT_FIELDS
+    STATE_CONFIG_FIELDS, STATE_EXEMPT_FIELDS = HMTConfig.stream_state_fields(), HMTConfig.STREAM_STATE_EXEMPT
 
     own = [f.name for f in fields(HMTConfig) if f.name in HMTConfig.__annotations__]
     assert set(STATE_CONFIG_FIELDS) == set(own) - set(STATE_EXEMPT_FIELDS)

@@ -9,6 +9,7 @@ import torch
 
 import hmt_adapter  # noqa: F401
 from hmt_adapter import HMTConfig
+from hmt_adapter.engine import observe_recall
 from hmt_adapter import testing as T
 
 L = 8  # segment_length
@@ -98,17 +99,25 @@ def test_use_recall_false_has_no_recall_parameters() -> None:
 def test_recall_query_causality(recall_query: str) -> None:
     """'previous' is strictly causal: changing token p changes no logits before p. 'segment' looks ahead."""
     model = _model(recall_query=recall_query).eval()
+    with torch.no_grad():  # a sharp recall (a fresh adapter's is nearly uniform), so the lookahead shows in the logits
+        model.base_model.hmt_layer().hmt_recall_q["default"].weight.mul_(1e3)
     ids = _ids(30, batch=1)
     changed = ids.clone()
     p = 2 * L + 1  # inside the summary window of segment 2
     changed[0, p] = 4 if ids[0, p] != 4 else 5
-    with torch.no_grad():
+    weights: list[torch.Tensor] = []
+    with torch.no_grad(), observe_recall(weights.append):
         a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
     assert not torch.equal(a[:, p:], b[:, p:])
+    segment_2 = [w for w in weights if w.shape[-1] == 2]  # the recall of segment 2 reads 2 memories, once per call
     if recall_query == "previous":
         assert torch.equal(a[:, :p], b[:, :p])
+        assert torch.equal(segment_2[0], segment_2[1])
     else:
-        assert not torch.allclose(a[:, 2 * L : p], b[:, 2 * L : p])  # the documented lookahead
+        # the documented lookahead: segment 2's recall weights are chosen with its first tokens, token p included,
+        # and the logits before p read the memory they select
+        assert not torch.allclose(segment_2[0], segment_2[1])
+        assert not torch.allclose(a[:, 2 * L : p], b[:, 2 * L : p])
 
 
 def test_memory_projection_off() -> None:

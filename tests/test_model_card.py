@@ -7,7 +7,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from hmt_adapter import HMTConfig
-from hmt_adapter.model_card import write_model_card
+from hmt_adapter.tuner.model_card import write_model_card
 from hmt_adapter.testing import tiny_causal_lm
 
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import hmt_adapter  # noqa: F401
 from hmt_adapter import HMTConfig
-from hmt_adapter.lora import HMTLoraLinear
+from hmt_adapter.tuner.lora import HMTLoraLinear
 from hmt_adapter.testing import tiny_causal_lm
 import fixtures
 

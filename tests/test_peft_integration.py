@@ -95,9 +95,12 @@ def test_disable_adapter_gives_the_base_model() -> None:
     with torch.no_grad():
         base_out = reference(input_ids=ids, labels=ids)
         with_hmt = model(input_ids=ids).logits
+        assert model.base_model.hmt_enabled()
         with model.disable_adapter():
+            assert not model.base_model.hmt_enabled()
             out = model(input_ids=ids, labels=ids)
         after = model(input_ids=ids).logits
+    assert model.base_model.hmt_enabled()
     assert torch.equal(out.logits, base_out.logits) and torch.equal(out.loss, base_out.loss)
     assert not torch.allclose(with_hmt, base_out.logits)  # the adapter does change the model
     assert torch.equal(after, with_hmt)  # and is back on after the context

@@ -1,4 +1,4 @@
-"""Fails loudly if a PEFT release breaks what hmt_adapter._peft_shim relies on."""
+"""Fails loudly if a PEFT release breaks what hmt_adapter.tuner._peft_shim relies on."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import PeftType
 
 import hmt_adapter
-from hmt_adapter import HMTConfig, HMTModel, _peft_shim
+from hmt_adapter import HMTConfig, HMTModel
+from hmt_adapter.tuner import _peft_shim
 
 
 def test_enum_member_resolves() -> None:
@@ -40,4 +41,4 @@ def test_peft_version_within_pinned_range() -> None:
     low, high = re.fullmatch(r"peft>=([\d.]+),<([\d.]+)", spec.replace(" ", "")).groups()
     assert Version(low) <= Version(peft.__version__) < Version(high), (
         f"PEFT {peft.__version__} is outside the tested range {spec}: re-run the suite and update the pin "
-        f"and hmt_adapter/_peft_shim.py")
+        f"and hmt_adapter/tuner/_peft_shim.py")

@@ -1,5 +1,6 @@
 """Prompt/completion training (`hmt_adapter_cli.prompt_completion`): completion-only loss on whole rows, the curriculum
-the trainer really reads, one-line data errors, and the long-context benchmark training through the same code."""
+the trainer really reads, one-line data errors (that the long-context benchmark trains through the same code:
+benchmarks/tests/test_long_context.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from trl import SFTConfig
 
 from hmt_adapter import HMTConfig
 from hmt_adapter.testing import tiny_causal_lm, tiny_tokenizer
-from hmt_adapter.training import curriculum_order
+from hmt_adapter.integrations.trl import curriculum_order
 from hmt_adapter_cli import prompt_completion as P
 from hmt_adapter_cli.recipes import parse_recipe, run_recipe
 
@@ -191,73 +192,3 @@ def test_recipe_on_prompt_completion_rows_trains_one_stage_with_recall(tmp_path)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "loss on the completion only" in card and "curriculum over input lengths" in card
 
-
-# ---- the long-context benchmark trains through the same code ----------------------------------------------------
-def reference_train_hmt(backbone, tokenizer, dataset, method, s, work):
-    """`benchmarks.long_context.train_hmt` before it went through `train_prompt_completion` (copied verbatim)."""
-    from trl import SFTTrainer
-
-    from benchmarks.long_context import hmt_config
-
-    model = peft.get_peft_model(backbone, hmt_config(method, s))
-    args = SFTConfig(
-        output_dir=work, max_steps=s.hmt_steps, per_device_train_batch_size=s.hmt_batch, learning_rate=s.hmt_lr,
-        lr_scheduler_type=s.hmt_schedule, warmup_steps=max(1, s.hmt_steps // 30), max_length=None,
-        max_grad_norm=s.hmt_max_grad_norm, weight_decay=0.0,
-        train_sampling_strategy="sequential" if s.curriculum else "random",
-        completion_only_loss=True, gradient_checkpointing=False, logging_steps=max(1, s.hmt_steps // 10),
-        save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=s.seed, disable_tqdm=True,
-    )
-    optimizers = (None, None)
-    if s.lora_lr > 0:  # two parameter groups: LoRA (hmt_lora_*) at lora_lr, the memory parameters at hmt_lr
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for n, p in trainable if "hmt_lora_" in n], "lr": s.lora_lr},
-                  {"params": [p for n, p in trainable if "hmt_lora_" not in n], "lr": s.hmt_lr}]
-        optimizers = (torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0), None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         optimizers=optimizers)
-    trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return model.eval(), losses
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    from benchmarks import long_context_tasks as T
-    from benchmarks import quality as Q
-
-    text = ("The interpreter reads a module, compiles it to bytecode and runs it. Functions are objects; a class "
-            "defines attributes and methods. The standard library offers modules for files, text and time. ") * 40
-    tok = Q.train_tokenizer([text, T.task_sentences(repeats=5)], vocab_size=600)
-    return tok, tok(text, add_special_tokens=False).input_ids, T.Vocab.of(tok)
-
-
-@pytest.mark.parametrize("method, curriculum", [("hmt_write_gate_spread_stable", True), ("hmt_write_lora_slow", False)])
-def test_benchmark_training_runs_the_recipe_code_with_the_same_losses(tmp_path, monkeypatch, corpus, method,
-                                                                      curriculum):
-    from benchmarks import _common as C
-    from benchmarks import long_context as L
-
-    tok, stream, vocab = corpus
-    s = L.quick(segment_length=32, num_sensory=2, recall_dim=8, hmt_steps=4, hmt_batch=2, max_train_segments=3,
-                curriculum=curriculum, seed=0)
-    ms = L.method_settings(method, s)
-    dataset = L.train_dataset(tok, stream, vocab, ms, L.hmt_config(method, s).num_sensory)
-
-    def train(fn, work):
-        backbone = C.llama(len(tok), 32, 2, 4, 64, 128, True, seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        backbone.eval().requires_grad_(False)
-        torch.manual_seed(s.seed + 31)  # as the benchmark's run does before train_hmt
-        model, losses = fn(backbone, tok, dataset, method, ms, str(tmp_path / work))
-        return losses, {n: p.detach().clone() for n, p in model.named_parameters() if "hmt_" in n}
-
-    calls = []
-    shared = P.train_prompt_completion
-    monkeypatch.setattr(P, "train_prompt_completion", lambda *a, **k: calls.append(k) or shared(*a, **k))
-    new_losses, new_params = train(L.train_hmt, "new")
-    assert len(calls) == 1  # the benchmark trained through the recipe's function
-    assert (calls[0]["lora_learning_rate"] is not None) == (ms.lora_lr > 0)
-    old_losses, old_params = train(reference_train_hmt, "old")
-    assert len(new_losses) == 4 and new_losses == old_losses
-    assert new_params.keys() == old_params.keys()
-    assert all(torch.equal(new_params[n], old_params[n]) for n in new_params)

@@ -114,7 +114,7 @@ def test_the_package_tiny_tokenizer_has_no_length_limit() -> None:
 
 def test_lm_eval_hmt_model_lifts_the_tokenizer_limit() -> None:
     pytest.importorskip("lm_eval")
-    from hmt_adapter.lm_eval import HMTLM
+    from hmt_adapter.integrations.lm_eval import HMTLM
 
     model = peft.get_peft_model(tiny_causal_lm("llama"), HMTConfig(segment_length=8, num_sensory=2, recall_dim=8))
     lm = HMTLM(pretrained=model.eval(), tokenizer=tiny_tokenizer(model_max_length=64), batch_size=1)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from hmt_adapter import HMTConfig
 from hmt_adapter_cli.recipes import HMTArguments, hmt_config, parse_recipe, run_recipe
 from hmt_adapter.testing import tiny_causal_lm
-from hmt_adapter.training import load_stage1_weights
+from hmt_adapter.integrations.trl import load_stage1_weights
 
 RECIPES = os.path.join(os.path.dirname(__file__), os.pardir, "recipes")
 TINY = os.path.join(RECIPES, "tiny-offline.yaml")

@@ -9,7 +9,7 @@ import torch
 import fixtures
 from hmt_adapter import HMTConfig, testing
 from hmt_adapter.engine import SegmentLayout
-from hmt_adapter.streaming import HMTStreamer, HMTStreamState, load_state, save_state
+from hmt_adapter.inference.streaming import HMTStreamer, HMTStreamState, load_state, save_state
 
 SEG = 8
 

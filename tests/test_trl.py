@@ -13,7 +13,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from hmt_adapter import HMTConfig
 from hmt_adapter.testing import tiny_causal_lm, tiny_tokenizer
-from hmt_adapter.training import check_max_length, check_sft_args, chunk_token_ids
+from hmt_adapter.integrations.trl import check_max_length, check_sft_args, chunk_token_ids
 
 PATTERN = "the cat sees the dog . the king reads a book ."
 

@@ -21,7 +21,8 @@ from typing import Union
 
 import torch
 
-from ..config import HMTConfig
+from .settings import EngineSettings
+
 
 Index = Union[int, torch.Tensor]
 
@@ -109,7 +110,7 @@ class SegmentLayout:
         return write.to(like.dtype).unsqueeze(1)
 
 
-def summary_window_start(config: HMTConfig, segment_start: Index) -> Index:
+def summary_window_start(config: EngineSettings, segment_start: Index) -> Index:
     """The recall-query rule: first token of segment n's summary window, in the caller's token coordinates.
 
     ``recall_query="segment"`` (the paper's): the segment's own first ``summary_length`` tokens (fewer in a short
@@ -121,7 +122,7 @@ def summary_window_start(config: HMTConfig, segment_start: Index) -> Index:
     return segment_start
 
 
-def query_known(config: HMTConfig, tokens_in_segment: int) -> bool:
+def query_known(config: EngineSettings, tokens_in_segment: int) -> bool:
     """Whether segment n's memory can be read once ``tokens_in_segment`` of its tokens are known (streaming and
     generation): at once without recall or with ``"previous"``; after ``summary_length`` tokens with ``"segment"``."""
     return not config.use_recall or config.recall_query == "previous" or tokens_in_segment >= config.summary_length

@@ -9,13 +9,13 @@ ONE KV cache over all rows:
   (R, S) marks them. A step appends one slot to every row, runs it at the row's own position
   (`SegmentLayout.token_position`), with an attention mask hiding every slot that is not the row's;
 * when a group's segment fills, its rows and those of every other group filling at the same step close it
-  together: the write slot on their cached slots (one call), `incremental._close` (memory written, sensory carried,
-  the new segment's recall query from ONE summary pass for all of them, memory read), then the new segment's prefix
-  ``[m ; sensory]`` (one call). Their slots are replaced and the cache is compacted (each row's slots moved to the
+  together: the write slot on their cached slots (one call), the stream's `close_segment` (memory written, sensory
+  carried), the new segments' recall queries from ONE summary pass for all of them (`HMTRunner.recall_queries`),
+  the stream's `read_memory`, then the new segment's prefix ``[m ; sensory]`` (one call). Their slots are replaced and the cache is compacted (each row's slots moved to the
   left, unused columns dropped), so its width stays within about two segments.
 
-One step is `feed_tokens` of one token followed by `flush` (the new segment's query is fixed with the tokens
-known, as generation needs), computed with the same layout, positions, write slot and `_close` as streaming;
+One step is the stream's `feed` of one token followed by `finish` (the new segment's query is fixed with the
+tokens known, as generation needs), computed with the same layout, positions, write slot and `close_segment`;
 hidden states equal that to float tolerance (the prefix and a segment's first token now run as two cached calls).
 """
 
@@ -26,9 +26,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .incremental import HMTStreamState, _close, _fix_memory, _queries, _window, select_rows
 from .layout import SegmentLayout
 from .runner import HMTRunner
+from .stream import HMTStreamState, close_segment, read_memory
 
 
 def _layers(kv: Any) -> list:
@@ -53,17 +53,26 @@ def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
 _ADDITIVE_4D = ("sdpa", "eager")
 
 
-def _step_mask(runner: HMTRunner, valid: torch.Tensor, like: torch.Tensor) -> Optional[torch.Tensor]:
-    """The attention mask of a call adding ONE slot per row on a cache whose slots are ``valid`` (B, S): None
-    when every slot is valid (a plainly causal call); else (B, 1, 1, S + 1) additive in ``like``'s dtype for
-    sdpa / eager attention, or the (B, S + 1) padding mask transformers turns into one."""
+def _blocked(runner: HMTRunner, valid: torch.Tensor) -> Optional[torch.Tensor]:
+    """The attention mask over a cache whose slots are ``valid`` (B, S): None when every slot is valid (a plainly
+    causal call); else (B, 1, 1, S) additive in the embeddings' dtype for sdpa / eager attention, or the (B, S)
+    bool padding mask transformers turns into one. A call adding one slot per row extends it with `_with_new_slot`."""
     if bool(valid.all()):
         return None
-    keep = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
     if getattr(runner.bb.model.config, "_attn_implementation", None) not in _ADDITIVE_4D:
-        return keep
-    blocked = torch.full((), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
-    return torch.where(keep, torch.zeros((), dtype=like.dtype, device=like.device), blocked)[:, None, None, :]
+        return valid
+    dtype = runner.bb.embed_dtype
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=valid.device)
+    return torch.where(valid, torch.zeros((), dtype=dtype, device=valid.device), blocked)[:, None, None, :]
+
+
+def _with_new_slot(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`_blocked`'s mask with one more (valid) slot at the end of every row."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return torch.cat([mask, mask.new_zeros(*mask.shape[:-1], 1)], dim=-1)
 
 
 class RaggedStreams:
@@ -71,33 +80,39 @@ class RaggedStreams:
 
     Args:
         runner: the `HMTRunner` of this call.
-        states: one `HMTStreamState` per group, each with its open segment's memory fixed (after `flush`); they
+        states: one `HMTStreamState` per group, each with its open segment's memory fixed (after `finish`); they
             are taken over (their own KV caches move into the shared one; ``state.kv`` becomes None). Rows of the
             shared batch are the groups' rows in order: group g holds rows ``blocks[g]``.
     """
 
     def __init__(self, runner: HMTRunner, states: Sequence[HMTStreamState]) -> None:
         if any(s.memory is None for s in states):
-            raise ValueError("RaggedStreams needs every group's memory fixed (flush the states first).")
+            raise ValueError("RaggedStreams needs every group's memory fixed (finish the states first).")
         self.runner = runner
         self.states = list(states)
         self.kv: Any = None
         self.valid: Optional[torch.Tensor] = None  # (R, S) bool
+        self._mask: Optional[torch.Tensor] = None  # `_blocked(valid)`, kept up to date by `_set_valid`
         self._index_blocks()
         cached = [g for g, s in enumerate(self.states) if s.kv is not None]
         opened = [g for g, s in enumerate(self.states) if s.kv is None]
-        width = max([1 + s.carry.sensory.shape[1] + s.kv_tokens for s in self.states])
+        width = max([1 + s.carry.sensory.shape[1] + s.released for s in self.states])
         device = self.states[0].pending.device
         self.valid = torch.zeros(self.rows, width, dtype=torch.bool, device=device)
         for g in cached:
             state = self.states[g]
-            self._place([g], state.kv, 1 + state.carry.sensory.shape[1] + state.kv_tokens)
+            self._place([g], state.kv, 1 + state.carry.sensory.shape[1] + state.released)
             state.kv = None
         if opened:
             self._open(opened)
         self._sliding = self._sliding_window(self.kv)
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------
+    def _set_valid(self, valid: torch.Tensor) -> None:
+        """Replace the valid-slot map (R, S) and the attention mask built from it (once per change, not per token)."""
+        self.valid = valid
+        self._mask = _blocked(self.runner, valid)
+
     def _sliding_window(self, kv: Any) -> Optional[int]:
         """The smallest sliding window of the backbone's cache layers (None without one). A sliding layer keeps
         its last ``window - 1`` slots: the shared cache is compacted before it grows that wide, which keeps every
@@ -141,8 +156,9 @@ class RaggedStreams:
             keys, values = _pad(mine.keys, width), _pad(mine.values, width)
             keys[rows], values[rows] = _pad(theirs.keys[:, :, :width], width), _pad(theirs.values[:, :, :width], width)
             _set(mine, keys, values)
-        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.rows, width - self.valid.shape[1])], dim=1)
-        self.valid[rows] = torch.arange(width, device=rows.device).unsqueeze(0) < lengths.unsqueeze(1)
+        valid = torch.cat([self.valid, self.valid.new_zeros(self.rows, width - self.valid.shape[1])], dim=1)
+        valid[rows] = torch.arange(width, device=rows.device).unsqueeze(0) < lengths.unsqueeze(1)
+        self._set_valid(valid)
 
     def _compact(self) -> None:
         """Move each row's valid slots to the left (in order) and drop the columns no row uses."""
@@ -155,7 +171,7 @@ class RaggedStreams:
             for layer in _layers(self.kv):
                 index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
                 _set(layer, layer.keys.gather(2, index), layer.values.gather(2, index))
-        self.valid = torch.arange(width, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
+        self._set_valid(torch.arange(width, device=counts.device).unsqueeze(0) < counts.unsqueeze(1))
 
     def _subset(self, rows: torch.Tensor) -> Any:
         """A cache over ``rows`` only (a copy: what runs on it does not touch the shared cache)."""
@@ -174,7 +190,7 @@ class RaggedStreams:
         for g in groups:
             state = self.states[g]
             pieces.append(SegmentLayout.prefix(state.memory, state.carry.sensory, runner.bb.embed(state.pending)))
-            state.kv_tokens = state.pending.shape[1]
+            state.released = state.pending.shape[1]
         width = max(p.shape[1] for p in pieces)
         embeds = torch.cat([torch.cat([p, p.new_zeros(p.shape[0], width - p.shape[1], p.shape[2])], dim=1)
                             for p in pieces])
@@ -187,23 +203,22 @@ class RaggedStreams:
         runner, cfg = self.runner, self.runner.config
         rows = self._rows_of(groups)
         states = [self.states[g] for g in groups]
-        layouts = [SegmentLayout.of(s.carry.sensory) for s in states]
-        slot = torch.cat([lay.write_slot(runner.write_input(s.memory), s.carry.sensory) for lay, s in zip(layouts, states)])
-        where = torch.cat([torch.full((s.batch_size,), lay.write_position(s.pending.shape[1]), device=rows.device)
-                           for lay, s in zip(layouts, states)])
-        valid = self.valid[rows]
-        hidden, _ = runner.extend(slot, self._subset(rows), where, _step_mask(runner, valid, slot))
-        e_raw = hidden[:, 0].split([s.batch_size for s in states])
+        sizes = [s.batch_size for s in states]
+        slot = torch.cat([s.layout.write_slot(runner.write_input(s.memory), s.carry.sensory) for s in states])
+        where = torch.cat([torch.full((s.batch_size,), s.layout.write_position(s.pending.shape[1]), device=rows.device)
+                           for s in states])
+        hidden, _ = runner.extend(slot, self._subset(rows), where, _with_new_slot(_blocked(runner, self.valid[rows])))
         # the next segments' recall queries (the rule's window among the tokens known: "previous" reads the end of
         # the closed segment, "segment" has none yet and reads [s ; s]) in one summary pass
-        windows = [_window(cfg, s.pending, s.pending.shape[1]) for s in states]
+        ended = [s.pending for s in states]
         queries: list[Optional[torch.Tensor]] = [None] * len(states)
         if cfg.use_recall:
-            queries = list(_queries(runner, torch.cat(windows).unsqueeze(0))[0].split([s.batch_size for s in states]))
-        for state, e, window, query in zip(states, e_raw, windows, queries):
-            _close(runner, state, state.pending, e, {state.segment + 1: query})
-            if state.memory is None:
-                _fix_memory(runner, state, window, query)
+            tokens = torch.cat(ended)
+            at = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=rows.device)
+            queries = list(runner.recall_queries(tokens, at, at).split(sizes))
+        for state, x_ids, e, query in zip(states, ended, hidden[:, 0].split(sizes), queries):
+            close_segment(runner, state, x_ids, e)
+            read_memory(runner, state, query=query)
         self._open(groups)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -213,16 +228,15 @@ class RaggedStreams:
         starts = []
         for state, rows in zip(self.states, self.blocks):
             t = state.pending.shape[1]
-            starts.append(torch.full((rows.numel(),), SegmentLayout.of(state.carry.sensory).token_position(t),
-                                     device=tokens.device))
+            starts.append(torch.full((rows.numel(),), state.layout.token_position(t), device=tokens.device))
             state.pending = torch.cat([state.pending, tokens[rows].unsqueeze(1)], dim=1)
             state.tokens_seen += 1
-            state.kv_tokens = state.pending.shape[1]
+            state.released = state.pending.shape[1]
         if self._sliding is not None and self.valid.shape[1] + 2 > self._sliding:
             self._compact()  # a sliding layer would drop the oldest slots: move every row's slots left first
         embeds = runner.bb.embed(tokens.unsqueeze(1))
-        mask = _step_mask(runner, self.valid, embeds)
-        hidden, self.kv = runner.extend(embeds, self.kv, torch.cat(starts), mask)
+        self._mask = _with_new_slot(self._mask)  # the new slot is every row's own: valid
+        hidden, self.kv = runner.extend(embeds, self.kv, torch.cat(starts), self._mask)
         self.valid = torch.cat([self.valid, self.valid.new_ones(self.rows, 1)], dim=1)
         full = [g for g, s in enumerate(self.states) if s.pending.shape[1] == runner.config.segment_length]
         if full:
@@ -243,14 +257,14 @@ class RaggedStreams:
                 continue
             if not bool(inside[offset : offset + count].all()):
                 raise ValueError("rows of a decoding group must stay together (beams reorder within a prompt)")
-            select_rows(state, index[offset : offset + count] - block[0])
+            state.select(index[offset : offset + count] - block[0])
             keep_states.append(state)
             offset += count
         if offset != index.numel():
             raise ValueError("rows of a decoding group must stay together (beams reorder within a prompt)")
         dropped = index.numel() < self.rows
         self.kv.reorder_cache(index)
-        self.valid = self.valid[index]
+        self._set_valid(self.valid[index])
         self.states = keep_states
         self._index_blocks()
         if dropped:

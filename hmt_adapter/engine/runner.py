@@ -4,13 +4,14 @@
 between calls. What HMT carries from one segment to the next is an explicit `MemoryState`, taken and returned:
 
     state = runner.start(batch_size, like=embeds)                   # segment 0 reads m_0
-    queries = runner.summary_queries(windows, lengths)              # one batched pass for all segments
-    memory, weights = runner.read(state, query_n)                   # m_n
+    queries = runner.recall_queries(tokens, starts, ends)           # one batched summary pass for all segments
+    memory, weights = runner.memory_source(state, query_n).read(runner.params)    # m_n
     hidden_x, e_raw = runner.segment_pass(memory, state.sensory, x, x_len)
     state = runner.advance(state, x, e_raw)                         # e_n cached, sensory carried, n + 1
 
-The full forward (`hmt_adapter.forward`), streaming and generation (`hmt_adapter.engine.incremental`) drive
-these methods; the token layout of a pass is `SegmentLayout`'s.
+The whole-batch forward (`hmt_adapter.engine.forward`) and the stream (`hmt_adapter.engine.stream`) drive these
+methods, both through `hmt_adapter.engine.step.run_segment` for a whole segment; the token layout of a pass is
+`SegmentLayout`'s.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from ..backbone import Backbone
-from ..config import HMTConfig
-from ..memory import HMTParams, MemoryCache, notify_recall, query_space, recall, recall_key, to_memory_space
-from .layout import SegmentLayout, frame, read_after
+from .backbone import Backbone
+from .layout import SegmentLayout, frame, read_after, summary_window_start
+from .memory import HMTParams, MemoryCache, notify_recall, query_space, read_memory, recall_key, to_memory_space
+from .settings import EngineSettings
 
 
 @dataclass
@@ -61,25 +61,19 @@ class MemorySource:
             return None, None
         return torch.stack(self.values, dim=1), torch.stack(self.keys, dim=1)
 
-
-def _stack_and_recall(source: MemorySource, params: HMTParams) -> tuple[torch.Tensor, torch.Tensor]:
-    values, keys = source.stacked()
-    return recall(source.query, values, keys, params)
+    def read(self, params: HMTParams) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """m_n (B, d) and the recall weights (B, N) (None when the memory is read as it is): `read_memory`, the
+        function the segment step uses too."""
+        return read_memory(self.memory, self.query, *self.stacked(), params)
 
 
 class HMTRunner:
-    """Stateless driver of one HMT adapter on one backbone (see the module docstring).
+    """Stateless driver of one HMT adapter on one backbone (see the module docstring)."""
 
-    ``checkpoint_recall``: recompute memory recall in backward instead of letting autograd save each
-    segment's stacked copy of the cache (O(segments x recall_window) memory). Set by callers that
-    checkpoint segments.
-    """
-
-    def __init__(self, backbone: Backbone, params: HMTParams, config: HMTConfig, checkpoint_recall: bool = False) -> None:
+    def __init__(self, backbone: Backbone, params: HMTParams, config: EngineSettings) -> None:
         self.bb = backbone
         self.params = params
         self.config = config
-        self.checkpoint_recall = checkpoint_recall
 
     # ---- state --------------------------------------------------------------------------------------------
     def start(self, batch_size: int, like: torch.Tensor) -> MemoryState:
@@ -92,9 +86,11 @@ class HMTRunner:
         """The state after segment ``state.segment``: its memory e_n written, sensory carried.
 
         Args:
-            x: (B, L, d) the segment's token embeddings (full segments; a short last segment is never continued).
+            x: (B, L, d) the segment's token embeddings, or its (B, L) token ids (full segments; a short last segment
+                is never continued).
             e_raw: (B, d) last-layer hidden state at the segment's write slot.
         """
+        x = x if x.is_floating_point() else self.bb.embed(x)
         return self.write(state, x, *self.encode_memory(e_raw))
 
     def encode_memory(self, e_raw: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -118,6 +114,33 @@ class HMTRunner:
         return out.detach() if self.block_start(segment + 1) == segment + 1 else out
 
     # ---- summary pass -------------------------------------------------------------------------------------
+    def recall_queries(
+        self, tokens: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Recall queries of P segments in ONE summary pass: the one place a query's tokens are chosen.
+
+        Segment p lies in row ``rows[p]`` of ``tokens`` and starts at column ``starts[p]``; its window is the rule's
+        (`summary_window_start`: its own first ``summary_length`` tokens, or the ``summary_length`` before it),
+        cut to the columns ``[0, ends[p])`` that are known (a short last segment, a stream that has not seen them).
+
+        Args:
+            tokens: (B, T) token ids or (B, T, d) token embeddings.
+            starts, ends: (P,) int64 columns; rows: (P,) rows of ``tokens`` (None: P = B, segment p in row p).
+
+        Returns:
+            (P, d) recall queries.
+        """
+        if rows is None:
+            rows = torch.arange(tokens.shape[0], device=tokens.device)
+        width = self.config.summary_length
+        first = torch.as_tensor(summary_window_start(self.config, starts), device=tokens.device)
+        lengths = (torch.minimum(first + width, ends) - first.clamp(min=0)).clamp(min=0)  # (P,)
+        first = first.clamp(min=0)
+        cols = (first.unsqueeze(1) + torch.arange(width, device=tokens.device)).clamp(max=max(tokens.shape[1] - 1, 0))
+        window = tokens[rows.unsqueeze(1), cols] if tokens.shape[1] else tokens.new_zeros(rows.shape[0], width, *tokens.shape[2:])
+        embeds = window if window.is_floating_point() else self.bb.embed(window)  # (P, width, d); past a length: junk
+        return self.summary_queries(embeds, lengths)
+
     def summary_queries(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Run ``[s ; tokens[:length] ; s]`` for P summary windows in ONE batched backbone pass.
 
@@ -151,24 +174,13 @@ class HMTRunner:
         values, keys = state.cache.detached_before(first_attached)  # fresh lists: later appends don't reach a recompute
         return MemorySource(query=query, values=values, keys=keys)
 
-    def read(self, state: MemoryState, query: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The memory embedding m_n read by segment ``state.segment`` (the recall observers see its weights).
-
-        Args:
-            query: (B, d) recall query of the segment (ignored without recall or for n == 0).
-
-        Returns:
-            m_n (B, d) in the adapter's dtype and the recall weights over the cache (B, N) (None without recall).
-        """
-        source = self.memory_source(state, query)
-        if source.values is None:
-            return source.memory, None
-        if self.checkpoint_recall and torch.is_grad_enabled():
-            memory, weights = checkpoint(_stack_and_recall, source, self.params, use_reentrant=False)
-        else:
-            memory, weights = _stack_and_recall(source, self.params)
+    def read(self, state: MemoryState, query: Optional[torch.Tensor]) -> torch.Tensor:
+        """m_n (B, d) for segment ``state.segment`` read outside a segment step (a stream fixing its memory before
+        the segment's tokens run): `memory_source` and `read_memory`, exactly what `segment_step` does, with the
+        recall observers notified."""
+        memory, weights = self.memory_source(state, query).read(self.params)
         notify_recall(weights)
-        return memory, weights
+        return memory
 
     # ---- segment pass -------------------------------------------------------------------------------------
     def write_input(self, memory: torch.Tensor) -> torch.Tensor:
@@ -192,6 +204,34 @@ class HMTRunner:
         layout = SegmentLayout.of(sensory)
         hidden = self.bb.run(layout.pack(memory, sensory, x, x_len, self.write_input(memory))).last_hidden_state
         return layout.unpack(hidden, x_len, x.shape[1])
+
+    def extend_tokens(
+        self, memory: torch.Tensor, sensory: torch.Tensor, ids: torch.Tensor, start: int, past_key_values
+    ) -> tuple[torch.Tensor, object]:
+        """Run a segment's tokens ``ids[:, start:]`` (B, t) on its KV cache: the cached form of `segment_pass`.
+
+        ``past_key_values`` None: a new cache, built from ``[m ; sensory ; ids]`` (`SegmentLayout.prefix`; the
+        first ``start`` tokens were returned before); else the cache over ``[m ; sensory ; ids[:, :start]]``.
+        Returns the hidden states of tokens ``start ..`` (B, t - start, d) and the cache.
+        """
+        layout = SegmentLayout.of(sensory)
+        if past_key_values is None:
+            hidden, kv = self.extend(layout.prefix(memory, sensory, self.bb.embed(ids)), None, 0)
+            return hidden[:, layout.token_position(start) :], kv
+        new = self.bb.embed(ids[:, start:])
+        if not new.shape[1]:
+            return new, past_key_values
+        return self.extend(new, past_key_values, layout.token_position(start))
+
+    def extend_write_slot(
+        self, memory: torch.Tensor, sensory: torch.Tensor, length: int, past_key_values
+    ) -> torch.Tensor:
+        """Run the write slot after ``length`` tokens on a segment's KV cache: e_raw (B, d), the hidden state
+        `segment_pass` returns for a whole segment."""
+        layout = SegmentLayout.of(sensory)
+        slot = layout.write_slot(self.write_input(memory), sensory)
+        hidden, _ = self.extend(slot, past_key_values, layout.write_position(length))
+        return hidden[:, 0]
 
     def extend(
         self, embeds: torch.Tensor, past_key_values, start: Union[int, torch.Tensor],

@@ -1,0 +1,211 @@
+"""Long-context retrieval tasks on real text, as lm-evaluation-harness task definitions (YAML + local JSONL).
+
+- needle: the key sentence "The secret word is KEY." planted at a chosen depth (0-100%) of real text of a chosen
+  length; the context ends with "What is the secret word? The secret word is" and the answer is KEY.
+- facts_qa1 (BABILong qa1 style): facts "NAME went to the PLACE." about a few people scattered through the text;
+  the question asks where one of them is; the answer is the last place that person went (one supporting fact).
+- facts_qa2 (two supporting facts): "NAME picked up the OBJECT." then later "NAME went to the PLACE."; the question
+  asks where the object is.
+
+Every answer is a single token of the benchmark's tokenizer, and each task is lm-eval ``multiple_choice`` over its
+candidate set: one loglikelihood pass over the context scores every candidate (lm-eval's logits cache groups
+single-token continuations of one context). Accuracy is the argmax over candidates; chance is 1 / candidates.
+The filler text is real prose (a corpus of `benchmarks.lab.corpus`).
+
+The same tasks are the training episodes of the retrieval benchmarks (`random_episode`, `episode_ids`) and the probe of
+a backbone's in-window answers (`in_window_accuracy`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+KEYS = ("apple", "river", "candle", "mirror", "garden", "silver", "thunder", "pepper", "castle", "forest",
+        "rocket", "violin", "tiger", "orange", "window", "dragon", "island", "marble", "planet", "winter",
+        "yellow", "hammer", "jacket", "pirate", "bridge", "cactus", "falcon", "lemon", "meadow", "saddle")
+NAMES = ("Mary", "John", "Sandra", "Daniel", "Alice", "Peter", "Emma", "Oliver")
+PLACES = ("kitchen", "garden", "office", "hallway", "bathroom", "bedroom", "cellar", "library")
+OBJECTS = ("football", "apple", "milk", "key", "book", "hat")
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def task_sentences(repeats: int = 200) -> str:
+    """Every task sentence with every answer word, ``repeats`` times: added to the tokenizer's training text so
+    that the answers become single tokens (the episodes are part of the backbone's training data anyway)."""
+    lines = [f"The secret word is {k}. What is the secret word? The secret word is {k}." for k in KEYS]
+    lines += [f"{n} went to the {p}. Where is {n}? {n} is in the {p}." for n in NAMES for p in PLACES]
+    lines += [f"{n} picked up the {o}. Where is the {o}? The {o} is in the {p}." for n in NAMES for o in OBJECTS
+              for p in PLACES[:2]]
+    return " ".join(lines * repeats)
+
+
+def single_token_words(tokenizer: Any, words: Sequence[str]) -> list[str]:
+    """The words that the tokenizer encodes as ONE token after a space (so an answer is one token)."""
+    return [w for w in words if len(tokenizer(" " + w, add_special_tokens=False).input_ids) == 1]
+
+
+@dataclass
+class Vocab:
+    """The single-token candidate sets of one tokenizer."""
+
+    keys: list[str]
+    names: list[str]
+    places: list[str]
+    objects: list[str]
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> "Vocab":
+        vocab = cls(*(single_token_words(tokenizer, words) for words in (KEYS, NAMES, PLACES, OBJECTS)))
+        if min(len(vocab.keys), len(vocab.names), len(vocab.places)) < 4 or len(vocab.objects) < 2:
+            raise ValueError(f"Too few single-token answer words for this tokenizer: {vocab}. Use a larger vocabulary.")
+        return vocab
+
+
+def _filler(stream: Sequence[int], n: int, rng: random.Random) -> list[int]:
+    start = rng.randrange(0, max(1, len(stream) - n))
+    return list(stream[start : start + n])
+
+
+def _plant(filler: list[int], pieces: list[tuple[float, list[int]]]) -> list[int]:
+    """Insert token pieces into ``filler`` at relative positions (0 = start, 1 = end), in order of position."""
+    out, last = [], 0
+    for depth, piece in sorted(pieces, key=lambda p: p[0]):
+        cut = min(len(filler), max(last, round(depth * len(filler))))
+        out += filler[last:cut] + piece
+        last = cut
+    return out + filler[last:]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def needle_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, depth: float,
+                   rng: random.Random) -> dict[str, Any]:
+    """A needle example whose context is ``length`` tokens (before re-tokenization of the decoded text)."""
+    key = rng.choice(vocab.keys)
+    needle = _encode(tokenizer, f" The secret word is {key}.")
+    question = _encode(tokenizer, " What is the secret word? The secret word is")
+    filler = _filler(stream, max(0, length - len(needle) - len(question)), rng)
+    ids = _plant(filler, [(depth, needle)]) + question
+    return {"context": tokenizer.decode(ids), "choices": [" " + k for k in vocab.keys], "answer": vocab.keys.index(key),
+            "depth": depth, "length": length}
+
+
+def facts_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, depth: float, rng: random.Random,
+                  kind: str = "qa1", num_facts: int = 6) -> dict[str, Any]:
+    """A BABILong-style example: ``num_facts`` facts about 3 people; the supporting fact sits at ``depth``."""
+    names = rng.sample(vocab.names, 3)
+    target = names[0]
+    facts: list[tuple[float, str]] = []
+    place = rng.choice(vocab.places)
+    if kind == "qa1":
+        facts.append((depth, f" {target} went to the {place}."))
+        question, answer_pool = f" Where is {target}? {target} is in the", vocab.places
+    elif kind == "qa2":
+        obj = rng.choice(vocab.objects)
+        pick = rng.uniform(0.0, depth) if depth > 0 else 0.0
+        facts += [(pick, f" {target} picked up the {obj}."), (depth, f" {target} went to the {place}.")]
+        question, answer_pool = f" Where is the {obj}? The {obj} is in the", vocab.places
+    else:
+        raise ValueError(f"kind must be 'qa1' or 'qa2', got {kind!r}.")
+    # distractors: other people move anywhere; the target only moves before its supporting fact
+    while len(facts) < num_facts:
+        who = rng.choice(names[1:])
+        facts.append((rng.random(), f" {who} went to the {rng.choice(vocab.places)}."))
+    if depth > 0 and rng.random() < 0.5:  # an earlier, superseded move of the target
+        facts.append((rng.uniform(0.0, depth) * 0.999, f" {target} went to the {rng.choice(vocab.places)}."))
+    pieces = [(d, _encode(tokenizer, t)) for d, t in facts]
+    q_ids = _encode(tokenizer, question)
+    filler = _filler(stream, max(0, length - sum(len(p) for _, p in pieces) - len(q_ids)), rng)
+    ids = _plant(filler, pieces) + q_ids
+    return {"context": tokenizer.decode(ids), "choices": [" " + p for p in answer_pool],
+            "answer": answer_pool.index(place), "depth": depth, "length": length}
+
+
+def make_examples(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, n: int,
+                  seed: int) -> list[dict[str, Any]]:
+    """``n`` examples of ``task`` ('needle', 'facts_qa1', 'facts_qa2') at ``length`` tokens, depths in turn."""
+    rng = random.Random(f"{task}-{length}-{seed}")
+    return [example(task, tokenizer, stream, vocab, length, DEPTHS[i % len(DEPTHS)], rng) for i in range(n)]
+
+
+def example(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, depth: float,
+            rng: random.Random) -> dict[str, Any]:
+    """One example of ``task`` ('needle', 'facts_qa1', 'facts_qa2') with its supporting fact at ``depth``."""
+    if task == "needle":
+        return needle_example(tokenizer, stream, vocab, length, depth, rng)
+    return facts_example(tokenizer, stream, vocab, length, depth, rng, kind=task.split("_")[1])
+
+
+def chance(examples: Sequence[dict[str, Any]]) -> float:
+    """Accuracy of a uniform guess among each example's candidates."""
+    return sum(1 / len(e["choices"]) for e in examples) / len(examples)
+
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_task(directory: Path, name: str, examples: Sequence[dict[str, Any]]) -> Path:
+    """Write ``name.jsonl`` and the lm-eval task ``name.yaml`` into ``directory``; returns the YAML path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    path = directory / f"{name}.yaml"
+    path.write_text(TASK_YAML.format(name=name, data=data.resolve()))
+    return path
+
+
+# ---- episodes: a task example as training data ------------------------------------------------------------------------
+def episode_ids(tokenizer: Any, example: dict[str, Any]) -> tuple[list[int], int]:
+    """(context ids + answer id, index of the answer token)."""
+    ids = tokenizer(example["context"], add_special_tokens=False).input_ids
+    answer = tokenizer(example["choices"][example["answer"]], add_special_tokens=False).input_ids
+    return ids + answer, len(ids)
+
+
+def random_episode(tokenizer, stream, vocab, length: int, rng: random.Random, tasks=("needle", "needle", "facts_qa1",
+                   "facts_qa2"), max_depth: float = 1.0, depth: Optional[float] = None) -> dict[str, Any]:
+    """One training episode of a task drawn from ``tasks``, its supporting fact at ``depth`` (default: a uniform
+    depth in [0, max_depth))."""
+    task = rng.choice(tasks)
+    if depth is None:
+        depth = rng.random() * max_depth
+    return example(task, tokenizer, stream, vocab, length, depth, rng)
+
+
+@torch.no_grad()
+def in_window_accuracy(model, tokenizer, examples: list[dict[str, Any]]) -> float:
+    """Share of in-window episodes whose answer is the argmax over the candidates at the last position."""
+    model.eval()
+    hits = 0
+    for e in examples:
+        ids = torch.tensor([tokenizer(e["context"], add_special_tokens=False).input_ids])
+        logits = model(input_ids=ids).logits[0, -1]
+        cands = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in e["choices"]]
+        hits += int(max(range(len(cands)), key=lambda i: logits[cands[i]].item()) == e["answer"])
+    model.train()
+    return hits / len(examples)

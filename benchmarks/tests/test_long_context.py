@@ -1,0 +1,75 @@
+"""The long-context benchmark (benchmarks/long_context.py) trains its adapters with the product's own training code
+(`hmt_adapter_cli.prompt_completion.train_prompt_completion`, which `hmt-adapter train` runs on prompt/completion
+data), with the same losses and weights as the benchmark's own trainer had before."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from benchmarks import long_context as L
+from benchmarks.lab import tasks as T
+from benchmarks.lab.backbone import llama
+from benchmarks.lab.corpus import TINY_TEXT
+from benchmarks.lab.tokenizer import train_tokenizer
+from hmt_adapter_cli import prompt_completion as P
+
+
+def reference_train_hmt(backbone, tokenizer, dataset, method, s, work):
+    """`benchmarks.long_context.train_hmt` before it went through `train_prompt_completion` (copied verbatim)."""
+    model = peft.get_peft_model(backbone, L.hmt_config(method, s))
+    args = SFTConfig(
+        output_dir=work, max_steps=s.hmt_steps, per_device_train_batch_size=s.hmt_batch, learning_rate=s.hmt_lr,
+        lr_scheduler_type=s.hmt_schedule, warmup_steps=max(1, s.hmt_steps // 30), max_length=None,
+        max_grad_norm=s.hmt_max_grad_norm, weight_decay=0.0,
+        train_sampling_strategy="sequential" if s.curriculum else "random",
+        completion_only_loss=True, gradient_checkpointing=False, logging_steps=max(1, s.hmt_steps // 10),
+        save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=s.seed, disable_tqdm=True,
+    )
+    optimizers = (None, None)
+    if s.lora_lr > 0:  # two parameter groups: LoRA (hmt_lora_*) at lora_lr, the memory parameters at hmt_lr
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in trainable if "hmt_lora_" in n], "lr": s.lora_lr},
+                  {"params": [p for n, p in trainable if "hmt_lora_" not in n], "lr": s.hmt_lr}]
+        optimizers = (torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0), None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         optimizers=optimizers)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return model.eval(), losses
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    tok = train_tokenizer([TINY_TEXT, T.task_sentences(repeats=5)], vocab_size=600)
+    return tok, tok(TINY_TEXT, add_special_tokens=False).input_ids, T.Vocab.of(tok)
+
+
+@pytest.mark.parametrize("method, curriculum", [("hmt_write_gate_spread_stable", True), ("hmt_write_lora_slow", False)])
+def test_benchmark_training_runs_the_recipe_code_with_the_same_losses(tmp_path, monkeypatch, corpus, method,
+                                                                      curriculum):
+    tok, stream, vocab = corpus
+    s = L.quick(segment_length=32, num_sensory=2, recall_dim=8, hmt_steps=4, hmt_batch=2, max_train_segments=3,
+                curriculum=curriculum, seed=0)
+    ms = L.method_settings(method, s)
+    dataset = L.train_dataset(tok, stream, vocab, ms, L.hmt_config(method, s).num_sensory)
+
+    def train(fn, work):
+        backbone = llama(len(tok), 32, 2, 4, 64, 128, True, seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        backbone.eval().requires_grad_(False)
+        torch.manual_seed(s.seed + 31)  # as the benchmark's run does before train_hmt
+        model, losses = fn(backbone, tok, dataset, method, ms, str(tmp_path / work))
+        return losses, {n: p.detach().clone() for n, p in model.named_parameters() if "hmt_" in n}
+
+    calls = []
+    shared = P.train_prompt_completion
+    monkeypatch.setattr(P, "train_prompt_completion", lambda *a, **k: calls.append(k) or shared(*a, **k))
+    new_losses, new_params = train(L.train_hmt, "new")
+    assert len(calls) == 1  # the benchmark trained through the recipe's function
+    assert (calls[0]["lora_learning_rate"] is not None) == (ms.lora_lr > 0)
+    old_losses, old_params = train(reference_train_hmt, "old")
+    assert len(new_losses) == 4 and new_losses == old_losses
+    assert new_params.keys() == old_params.keys()
+    assert all(torch.equal(new_params[n], old_params[n]) for n in new_params)

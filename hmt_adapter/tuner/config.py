@@ -1,0 +1,254 @@
+"""Configuration of the HMT adapter."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
+
+from . import _peft_shim  # noqa: F401  (adds PeftType.HMT before any config is built)
+from .weights import check_adapter_weights
+
+RECALL_QUERIES = ("segment", "previous")
+WRITE_TOKENS = ("memory", "learned")
+LOSS_SCOPES = ("all", "last_segment")
+
+
+@dataclass
+class HMTConfig(PeftConfig):
+    """Configuration of a Hierarchical Memory Transformer (HMT, arXiv 2405.06067) adapter.
+
+    HMT lets a frozen causal LM read an input of any length segment by segment. Every segment pass sees
+    ``[memory ; sensory ; segment ; memory]``: a memory embedding recalled from the cache of past segment
+    memories, the last ``num_sensory`` token embeddings of the previous segment, the ``segment_length`` new
+    tokens, and the memory again at the write position, whose last-layer hidden state becomes the segment's
+    memory embedding. The backbone therefore sees ``segment_length + num_sensory + 2`` positions.
+
+    Example:
+        ```py
+        >>> import peft, hmt_adapter
+        >>> config = hmt_adapter.HMTConfig(task_type="CAUSAL_LM", segment_length=256, num_sensory=32)
+        >>> model = peft.get_peft_model(base_model, config)
+        ```
+    """
+
+    segment_length: int = field(
+        default=256,
+        metadata={"help": "New tokens per segment. The paper uses 1024 for OPT-350M, 512 for OPT-2.7B, 256 for Llama-2-7B."},
+    )
+    num_sensory: int = field(
+        default=32,
+        metadata={"help": "Token embeddings of the previous segment prepended to each segment (sensory memory)."},
+    )
+    recall_window: int = field(
+        default=300,
+        metadata={"help": "Number of past memory embeddings kept for recall (long-term memory, N in the paper)."},
+    )
+    recall_dim: int = field(
+        default=4096,
+        metadata={"help": "Width h of the recall query/key projections W_q, W_k (d -> h)."},
+    )
+    summary_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Fraction of a segment's tokens read by the summary pass that makes its recall query: "
+            "ceil(segment_length * summary_fraction) tokens. Rounds up (the reference rounds half to even, so "
+            "e.g. 0.5 of an odd segment length gives one token more here)."
+        },
+    )
+    memory_projection: bool = field(
+        default=True,
+        metadata={
+            "help": "Map memory embeddings back into the input-embedding space (rescale to the embeddings' typical "
+            "norm, then a learned d x d projection initialised to the identity)."
+        },
+    )
+    write_token: Literal["memory", "learned"] = field(
+        default="learned",
+        metadata={
+            "help": "What sits at the write position whose hidden state becomes the segment's memory: 'learned' (the "
+            "default: [m ; sensory ; x ; w], a learned write token w, the same for every segment) or 'memory' (the "
+            "paper's [m ; sensory ; x ; m]: the memory just read, again). With a frozen backbone 'learned' lets the "
+            "write position act as a fixed question to the segment while m carries what was remembered: every "
+            "retrieving run in BENCHMARKS.md used it, and the paper's layout stayed at chance or learned to write "
+            "only segment 0 with the same recipe."
+        },
+    )
+    memory_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "Off by default. Gate the recalled memory with a learned scalar g, zero at init: segment n >= 1 reads "
+            "m_0 + tanh(g) (recall - m_0), so training starts from what every segment reads at segment 0 and the "
+            "recalled memory enters only as far as it helps (the zero-init gate of LLaMA-Adapter, PEFT's "
+            "adaption_prompt, applied to HMT's read slot). Only with use_recall. Measured in BENCHMARKS.md: a closed "
+            "gate can also keep the memory from starting to learn (it stayed near 0 on one of the runs), so it is "
+            "off by default."
+        },
+    )
+    recall_query: Literal["segment", "previous"] = field(
+        default="segment",
+        metadata={
+            "help": "'segment': the paper's query, from the first tokens of the segment itself (looks ahead under "
+            "teacher forcing). 'previous': from the last tokens before the segment (strictly causal)."
+        },
+    )
+    bptt_depth: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Truncated BPTT through memory: the memory carried between segments is detached at the start of "
+            "every block of K segments, so a loss at segment n reaches at most segments n-K+1..n. None: no truncation."
+        },
+    )
+    use_recall: bool = field(
+        default=True,
+        metadata={"help": "False is the paper's stage 1: the previous segment's memory is read directly, no recall."},
+    )
+    loss_scope: Literal["all", "last_segment"] = field(
+        default="all",
+        metadata={
+            "help": "'all': the usual causal-LM loss over every labelled token. 'last_segment': the reference "
+            "implementation's protocol: only the last segment_length labels of each row (all of them in a shorter "
+            "row), the first of them predicted from the position before them."
+        },
+    )
+    init_std: float = field(
+        default=0.02,
+        metadata={"help": "Std of the normal init of W_q and W_k. m_0 and s start at the mean input embedding."},
+    )
+    base_embedding_dim: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Input-embedding width of the backbone the adapter was attached to. Filled in when attached and "
+            "checked when loading, so an adapter is never loaded onto a backbone of another width."
+        },
+    )
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "If > 0, also train LoRA of this rank on the backbone, saved in the same adapter (HMT + LoRA)."},
+    )
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (used when lora_r > 0)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (used when lora_r > 0)."})
+    lora_target_modules: Optional[Union[list[str], str]] = field(
+        default="all-linear",
+        metadata={"help": "Modules that get LoRA when lora_r > 0; PEFT's syntax ('all-linear', names or a regex)."},
+    )
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Filled in when the adapter is attached: the backbone modules it wraps (the input embeddings, "
+            "plus LoRA's targets when lora_r > 0). Leave it unset; choose LoRA's targets with lora_target_modules."
+        },
+    )
+
+    #: Keys of the weights file this config was loaded with (set by `from_pretrained` for a local adapter; not a
+    #: field, so never saved). None: unknown (a new adapter, a Hub adapter, a config built by hand).
+    saved_weight_keys: ClassVar[Optional[frozenset[str]]] = None
+
+    def __post_init__(self) -> None:
+        # HMT adapts causal LMs only; without a task type PEFT would build a plain PeftModel whose forward
+        # bypasses the adapter, so the only valid value is also the default.
+        if self.task_type is None:
+            self.task_type = "CAUSAL_LM"
+        super().__post_init__()
+        self.peft_type = PeftType.HMT  # registered by hmt_adapter.tuner._peft_shim
+        if isinstance(self.lora_target_modules, list):
+            self.lora_target_modules = list(self.lora_target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject invalid values and combinations with a `ValueError`/`TypeError` that names the field."""
+        for name in ("segment_length", "num_sensory", "recall_window", "recall_dim", "lora_r", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"HMTConfig.{name} must be an int, got {type(value).__name__} ({value!r}).")
+        if self.segment_length < 1:
+            raise ValueError(f"HMTConfig.segment_length must be >= 1, got {self.segment_length}.")
+        if self.num_sensory < 0:
+            raise ValueError(f"HMTConfig.num_sensory must be >= 0, got {self.num_sensory}.")
+        if self.recall_window < 1:
+            raise ValueError(f"HMTConfig.recall_window must be >= 1 (memories kept for recall), got {self.recall_window}.")
+        if self.recall_dim < 1:
+            raise ValueError(f"HMTConfig.recall_dim must be >= 1, got {self.recall_dim}.")
+        if isinstance(self.summary_fraction, bool) or not isinstance(self.summary_fraction, (int, float)):
+            raise TypeError(f"HMTConfig.summary_fraction must be a float in (0, 1], got {self.summary_fraction!r}.")
+        if not 0.0 < float(self.summary_fraction) <= 1.0:
+            raise ValueError(f"HMTConfig.summary_fraction must be in (0, 1], got {self.summary_fraction}.")
+        if self.write_token not in WRITE_TOKENS:
+            raise ValueError(f"HMTConfig.write_token must be one of {WRITE_TOKENS}, got {self.write_token!r}.")
+        if self.recall_query not in RECALL_QUERIES:
+            raise ValueError(f"HMTConfig.recall_query must be one of {RECALL_QUERIES}, got {self.recall_query!r}.")
+        if self.loss_scope not in LOSS_SCOPES:
+            raise ValueError(f"HMTConfig.loss_scope must be one of {LOSS_SCOPES}, got {self.loss_scope!r}.")
+        if self.bptt_depth is not None:
+            if isinstance(self.bptt_depth, bool) or not isinstance(self.bptt_depth, int):
+                raise TypeError(f"HMTConfig.bptt_depth must be an int or None, got {self.bptt_depth!r}.")
+            if self.bptt_depth < 1:
+                raise ValueError(
+                    f"HMTConfig.bptt_depth must be >= 1 (segments a loss reaches back through memory) or None, "
+                    f"got {self.bptt_depth}."
+                )
+        if not isinstance(self.use_recall, bool):
+            raise TypeError(f"HMTConfig.use_recall must be a bool, got {self.use_recall!r}.")
+        if not isinstance(self.memory_gate, bool):
+            raise TypeError(f"HMTConfig.memory_gate must be a bool, got {self.memory_gate!r}.")
+        if self.memory_gate and not self.use_recall:
+            raise ValueError("HMTConfig.memory_gate gates the recalled memory: it needs use_recall=True.")
+        if not isinstance(self.memory_projection, bool):
+            raise TypeError(f"HMTConfig.memory_projection must be a bool, got {self.memory_projection!r}.")
+        if self.lora_r < 0:
+            raise ValueError(f"HMTConfig.lora_r must be >= 0 (0 disables LoRA), got {self.lora_r}.")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"HMTConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.task_type != "CAUSAL_LM":
+            raise ValueError(f"HMTConfig.task_type must be 'CAUSAL_LM' (HMT adapts causal LMs), got {self.task_type!r}.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config; for a local adapter directory, also check its weights file before anything is attached.
+
+        A corrupt or truncated ``adapter_model.safetensors`` (or one that does not match ``base_embedding_dim``)
+        raises `ValueError` here, before PEFT changes the model. The file's keys are kept on the config
+        (``saved_weight_keys``, not saved): attaching it to a backbone whose adapter would have other keys raises
+        `ValueError` before anything is attached (`HMTModel._check_new_adapter_config`).
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        directory = str(pretrained_model_name_or_path)
+        if subfolder:
+            directory = os.path.join(directory, subfolder)
+        if os.path.isdir(directory):
+            config.saved_weight_keys = check_adapter_weights(directory, getattr(config, "base_embedding_dim", None))
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save ``adapter_config.json``; next to saved adapter weights, also the HMT model card (README.md)."""
+        super().save_pretrained(save_directory, **kwargs)
+        if any(os.path.isfile(os.path.join(save_directory, name)) for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+            from .model_card import write_model_card
+
+            write_model_card(save_directory, self)
+
+    #: Fields that cannot change how a stream continues (training-only settings and bookkeeping); every other field
+    #: HMTConfig declares is recorded in a saved stream state and checked when it is used (`stream_state_fields`).
+    STREAM_STATE_EXEMPT: ClassVar[tuple[str, ...]] = ("loss_scope", "bptt_depth", "init_std", "lora_dropout", "target_modules")
+
+    @classmethod
+    def stream_state_fields(cls) -> tuple[str, ...]:
+        """The fields a stream state depends on: every field HMTConfig itself declares (not PEFT's base config's)
+        except `STREAM_STATE_EXEMPT`, so a field added later is recorded and checked unless exempted on purpose."""
+        own = HMTConfig.__annotations__
+        return tuple(f.name for f in fields(cls) if f.name in own and f.name not in cls.STREAM_STATE_EXEMPT)
+
+    @property
+    def summary_length(self) -> int:
+        """Tokens read by the summary pass: ``ceil(segment_length * summary_fraction)``."""
+        return max(1, math.ceil(round(self.segment_length * float(self.summary_fraction), 6)))
+
+    @property
+    def positions_per_segment(self) -> int:
+        """Positions the backbone sees in a segment pass: memory, sensory, segment, memory."""
+        return self.segment_length + self.num_sensory + 2
