@@ -166,9 +166,8 @@ def read_memory(runner: HMTRunner, state: HMTStreamState, query: Optional[torch.
     """Fix m_n, the memory the open segment reads: with its recall query (B, d) ``query``, or the query of
     ``window`` (B, t) token ids laid out from the open segment's first column (the rule picks the query's tokens
     among them), or, with neither, from no tokens (``[s ; s]``)."""
-    if query is None and runner.config.use_recall and len(state.cache) > 0:
-        tokens = window if window is not None else state.pending[:, :0]
-        query = _queries_at(runner, tokens, 0)
+    if query is None:
+        query = _query_at(runner, state, window if window is not None else state.pending[:, :0], 0)
     state.memory = runner.read(state.carry, query)
 
 
@@ -184,8 +183,8 @@ def close_segment(runner: HMTRunner, state: HMTStreamState, x_ids: torch.Tensor,
 def _whole_segment(runner: HMTRunner, state: HMTStreamState, ids: torch.Tensor,
                    query: Optional[torch.Tensor]) -> torch.Tensor:
     """Run a segment that arrives whole through `run_segment` and advance the state: its hidden states (B, L, d)."""
-    if state.memory is None and query is None and runner.config.use_recall and len(state.cache) > 0:
-        query = _queries_at(runner, ids, 0)
+    if state.memory is None and query is None:
+        query = _query_at(runner, state, ids, 0)
     x = runner.bb.embed(ids)
     x_len = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
     result, state.carry = run_segment(runner, state.carry, query, x, x_len, HeadRequest(hidden=True), memory=state.memory)
@@ -199,8 +198,8 @@ def _open_next(runner: HMTRunner, state: HMTStreamState, ended: torch.Tensor,
     """After segment n closed on the (B, L) tokens ``ended``: read segment n + 1's memory now if its query is
     already known (its window lies in ``ended``, or there is no recall)."""
     if query_known(runner.config, 0):
-        if query is None and runner.config.use_recall and len(state.cache) > 0:
-            query = _queries_at(runner, ended, ended.shape[1])
+        if query is None:
+            query = _query_at(runner, state, ended, ended.shape[1])
         read_memory(runner, state, query=query)
 
 
@@ -226,9 +225,11 @@ def _collect(out: list[torch.Tensor], piece: Optional[torch.Tensor], hidden: Rel
 
 
 # ---- recall queries --------------------------------------------------------------------------------------------
-def _queries_at(runner: HMTRunner, tokens: torch.Tensor, segment_start: int) -> torch.Tensor:
-    """The recall query (B, d) of the segment starting at column ``segment_start`` of ``tokens`` (B, T), every
-    column of which is known."""
+def _query_at(runner: HMTRunner, state: HMTStreamState, tokens: torch.Tensor, segment_start: int) -> Optional[torch.Tensor]:
+    """The recall query (B, d) of the segment starting at column ``segment_start`` of ``tokens`` (B, T), every column
+    of which is known; None when the open segment recalls nothing (no recall, or nothing cached yet)."""
+    if not runner.config.use_recall or len(state.cache) == 0:
+        return None
     b, device = tokens.shape[0], tokens.device
     starts = torch.full((b,), segment_start, dtype=torch.long, device=device)
     ends = torch.full((b,), tokens.shape[1], dtype=torch.long, device=device)
