@@ -131,7 +131,8 @@ def _episode_batch(tokenizer, stream: torch.Tensor, filler: list[int], vocab, s:
     rows, episodes = [], []
     for i in range(s.pretrain_batch):
         if rng.random() < s.episode_fraction:
-            ids, _ = T.episode_ids(tokenizer, T.random_episode(tokenizer, filler, vocab, window - 2, rng))
+            episode = T.random_episode(tokenizer, filler, vocab, window - 2, rng, tuple(s.pretrain_tasks))
+            ids, _ = T.episode_ids(tokenizer, episode)
             ids = ids[-window:]
             ids = [0] * (window - len(ids)) + ids  # left-padded: the answer is the last token
             episodes.append(i)
@@ -145,13 +146,17 @@ def _episode_batch(tokenizer, stream: torch.Tensor, filler: list[int], vocab, s:
 def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: RetrievalSettings,
                            log: Callable[[str], None]) -> dict[str, Any]:
     """Short windows of the corpus, a fraction of them whole task episodes that fit in the window, until the
-    backbone answers held-in-window needles (``target_in_window``) or ``pretrain_steps`` run out."""
+    backbone answers in-window needles (``target_in_window``) and in-window qa1 questions
+    (``target_qa1_in_window``), not before ``pretrain_min_steps``, or ``pretrain_steps`` run out. Both in-window
+    accuracies are logged at every check."""
     rng = random.Random(s.seed + 11)
     gen = torch.Generator().manual_seed(s.seed + 1)
     filler = stream.tolist()
     window = s.segment_length
     probe_rng = random.Random(s.seed + 12)
     probe = [T.needle_example(tokenizer, filler, vocab, window - 2, probe_rng.random(), probe_rng) for _ in range(64)]
+    qa1_rng = random.Random(s.seed + 13)
+    qa1_probe = [T.facts_example(tokenizer, filler, vocab, window - 2, qa1_rng.random(), qa1_rng) for _ in range(64)]
     optim = _adamw(model, s.pretrain_lr)
     warmup = max(1, s.pretrain_steps // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / warmup))
@@ -168,9 +173,12 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
         losses.append(out.loss.item())
         if step % s.pretrain_check_every == 0 or step == s.pretrain_steps:
             acc = T.in_window_accuracy(model, tokenizer, probe)
-            curve.append({"step": step, "loss": sum(losses[-20:]) / len(losses[-20:]), "needle_in_window": acc})
-            log(f"pretraining step {step}: loss {curve[-1]['loss']:.2f}, in-window needle accuracy {100 * acc:.0f}%")
-            if acc >= s.target_in_window and step >= s.pretrain_min_steps:
+            qa1 = T.in_window_accuracy(model, tokenizer, qa1_probe)
+            curve.append({"step": step, "loss": sum(losses[-20:]) / len(losses[-20:]), "needle_in_window": acc,
+                          "qa1_in_window": qa1})
+            log(f"pretraining step {step}: loss {curve[-1]['loss']:.2f}, in-window accuracy: needle {100 * acc:.0f}%, "
+                f"qa1 {100 * qa1:.0f}%")
+            if acc >= s.target_in_window and qa1 >= s.target_qa1_in_window and step >= s.pretrain_min_steps:
                 break
     model.eval().requires_grad_(False)
     return {"losses": losses[::10], "curve": curve, "steps": step}
@@ -199,9 +207,18 @@ BACKBONE_FIELDS = ("corpus", "seed", "vocab_size", "hidden_size", "num_layers", 
                    "pretrain_check_every", "pretrain_min_steps", "target_in_window")
 
 
+#: Fields the backbone depends on that came later: in the key only when they differ from their defaults, so the
+#: backbones cached before them keep their keys.
+LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks")
+
+
 def backbone_key(s: RetrievalSettings) -> str:
     """`BACKBONE_FIELDS` as a short hash, prefixed with the corpus and seed (the cache's folder name)."""
-    spec = json.dumps({f: getattr(s, f) for f in BACKBONE_FIELDS}, sort_keys=True)
+    spec = {f: getattr(s, f) for f in BACKBONE_FIELDS}
+    defaults = RetrievalSettings()
+    spec.update({f: list(getattr(s, f)) if isinstance(getattr(s, f), tuple) else getattr(s, f)
+                 for f in LATER_BACKBONE_FIELDS if getattr(s, f) != getattr(defaults, f)})
+    spec = json.dumps(spec, sort_keys=True)
     return f"{s.corpus}-seed{s.seed}-" + hashlib.sha256(spec.encode()).hexdigest()[:10]
 
 

@@ -59,6 +59,8 @@ class RetrievalSettings(Settings):
     pretrain_check_every: int = 250
     pretrain_min_steps: int = 0  # keep pretraining at least this long even once the in-window target is reached
     target_in_window: float = 0.95  # pretraining stops once the backbone answers this share of in-window needles
+    target_qa1_in_window: float = 0.0  # ... and this share of in-window qa1 questions (0: not a stopping condition)
+    pretrain_tasks: tuple = ("needle", "needle", "facts_qa1", "facts_qa2")  # an episode's task, drawn from these
 
 
 #: The retrieval backbone of ``--quick`` runs (the one every retrieval result on record uses).

@@ -102,3 +102,31 @@ def test_hmt_training_episodes_put_the_needle_beyond_the_window_and_grow_in_leng
     assert max(segments[:4]) <= 3 and max(segments[half:]) >= s.max_train_segments - 1
     anywhere = LC.train_dataset(tok, stream, vocab, replace(s, evidence="anywhere", curriculum=False), s.num_sensory)
     assert anywhere["input_ids"] != data["input_ids"]
+
+
+def _segments(data, segment_length: int) -> list[int]:
+    return [-(-len(ids) // segment_length) for ids in data["input_ids"]]
+
+
+def test_curriculum_ramp_fraction_sets_when_the_longest_inputs_arrive(tok, stream) -> None:
+    """The longest training input reaches the maximum after ``curriculum_ramp_fraction`` of the episodes: with 1.0
+    the first half never holds a maximum-length input, with 0.25 the second quarter already does; 0.5 (the default)
+    draws exactly the episodes the benchmark drew before the knob existed (its old formula, ``2 * i / total``)."""
+    vocab = T.Vocab.of(tok)
+    s = LC.quick(segment_length=32, hmt_steps=24, hmt_batch=2, max_train_segments=8)
+    slow = _segments(LC.train_dataset(tok, stream, vocab, replace(s, curriculum_ramp_fraction=1.0), 4), 32)
+    fast = _segments(LC.train_dataset(tok, stream, vocab, replace(s, curriculum_ramp_fraction=0.25), 4), 32)
+    n = len(slow)
+    assert max(slow[: n // 2]) <= 5  # at most 2 + 6 * 0.5 segments (+1 for re-tokenization)
+    assert max(fast[n // 4 : n // 2]) >= 7
+    assert LC.train_dataset(tok, stream, vocab, s, 4)["input_ids"] == LC.train_dataset(
+        tok, stream, vocab, replace(s, curriculum_ramp_fraction=0.5), 4)["input_ids"]
+
+
+def test_hmt_seed_draws_other_episodes_and_defaults_to_the_backbone_seed(tok, stream) -> None:
+    vocab = T.Vocab.of(tok)
+    s = LC.quick(segment_length=32, hmt_steps=6, hmt_batch=2, max_train_segments=4, seed=3)
+    same = LC.train_dataset(tok, stream, vocab, replace(s, hmt_seed=3), 4)["input_ids"]
+    assert LC.train_dataset(tok, stream, vocab, s, 4)["input_ids"] == same
+    assert LC.train_dataset(tok, stream, vocab, replace(s, hmt_seed=4), 4)["input_ids"] != same
+    assert LC.adapter_seed(s) == 3 and LC.adapter_seed(replace(s, hmt_seed=7)) == 7

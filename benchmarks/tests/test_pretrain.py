@@ -1,0 +1,60 @@
+"""The retrieval backbone's pretraining (benchmarks/lab/pretrain.py): its stopping rule and its cache key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+
+import torch
+
+from benchmarks.lab import pretrain
+from benchmarks.lab import tasks as T
+from benchmarks.lab.backbone import tiny_backbone
+from benchmarks.lab.corpus import TINY_TEXT as TEXT
+from benchmarks.lab.settings import RetrievalSettings, quick_retrieval
+from benchmarks.lab.tokenizer import train_tokenizer
+
+
+def _tiny(**overrides):
+    s = quick_retrieval(vocab_size=600, hidden_size=32, num_layers=1, num_heads=2, segment_length=64,
+                        pretrain_steps=4, pretrain_batch=2, pretrain_check_every=2, pretrain_min_steps=0,
+                        target_in_window=0.0, **overrides)
+    tok = train_tokenizer([TEXT, T.task_sentences(repeats=5)], vocab_size=s.vocab_size)
+    torch.manual_seed(0)
+    return s, tok, tiny_backbone(s, len(tok)), torch.tensor(tok(TEXT, add_special_tokens=False).input_ids)
+
+
+def test_pretraining_waits_for_the_qa1_target_and_logs_both_in_window_accuracies() -> None:
+    s, tok, model, stream = _tiny()
+    done = pretrain.pretrain_with_episodes(model, tok, stream, T.Vocab.of(tok), s, lambda _: None)
+    assert done["steps"] == 2  # the needle target (0) is met at the first check
+    assert set(done["curve"][0]) >= {"needle_in_window", "qa1_in_window"}
+    s, tok, model, stream = _tiny(target_qa1_in_window=1.01)  # a qa1 target no backbone meets: runs to the cap
+    done = pretrain.pretrain_with_episodes(model, tok, stream, T.Vocab.of(tok), s, lambda _: None)
+    assert done["steps"] == 4 and len(done["curve"]) == 2
+
+
+def test_pretraining_episodes_come_from_pretrain_tasks() -> None:
+    import random
+
+    s, tok, _, stream = _tiny(pretrain_tasks=("facts_qa1",))
+    question = tok(" Where is", add_special_tokens=False).input_ids
+    secret = tok(" The secret word is", add_special_tokens=False).input_ids
+    batch, episodes = pretrain._episode_batch(tok, stream, stream.tolist(), T.Vocab.of(tok),
+                                              replace(s, episode_fraction=1.0, pretrain_batch=6),
+                                              random.Random(0), torch.Generator().manual_seed(0))
+    assert episodes == list(range(6))
+    for row in batch.tolist():
+        windows = [row[i : i + len(question)] for i in range(len(row))]
+        assert question in windows and secret not in [row[i : i + len(secret)] for i in range(len(row))]
+
+
+def test_backbone_key_keeps_the_old_keys_at_the_defaults_and_changes_with_the_later_fields() -> None:
+    s = quick_retrieval(corpus="austen", seed=1)
+    old = json.dumps({f: getattr(s, f) for f in pretrain.BACKBONE_FIELDS}, sort_keys=True)  # the key before them
+    assert pretrain.backbone_key(s) == "austen-seed1-" + hashlib.sha256(old.encode()).hexdigest()[:10]
+    keys = {pretrain.backbone_key(s), pretrain.backbone_key(replace(s, target_qa1_in_window=0.9)),
+            pretrain.backbone_key(replace(s, pretrain_tasks=("needle", "facts_qa1")))}
+    assert len(keys) == 3
+    assert RetrievalSettings().target_qa1_in_window == 0.0
