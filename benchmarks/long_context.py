@@ -70,6 +70,14 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hmt_write_spread_stable": ({"write_token": "learned"},
                                 {"placement": "segment", "in_window_fraction": 0.25, "hmt_max_grad_norm": 1.0,
                                  "hmt_schedule": "cosine"}),
+    # that recipe with LoRA r=8 on the backbone at a backbone-sized rate (1e-3; the backbone was pretrained at 2e-3)
+    "hmt_write_lora_spread_stable": ({"write_token": "learned", "lora_r": 8, "lora_alpha": 32},
+                                     {"placement": "segment", "in_window_fraction": 0.25, "hmt_max_grad_norm": 1.0,
+                                      "hmt_schedule": "cosine", "lora_lr": 1e-3}),
+    # that recipe with the write token started at the embedding of the question's last token (" is")
+    "hmt_write_init_spread_stable": ({"write_token": "learned", "write_token_init_text": " The secret word is"},
+                                     {"placement": "segment", "in_window_fraction": 0.25, "hmt_max_grad_norm": 1.0,
+                                      "hmt_schedule": "cosine"}),
     "hmt_write_gate_stable": ({"write_token": "learned", "memory_gate": True},
                               {"hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
@@ -89,6 +97,7 @@ class Settings(RetrievalSettings):
     """Every knob (the retrieval backbone's, `RetrievalSettings`, and these); defaults are the full protocol, `quick`
     scales it down."""
 
+    hmt_seed: int = -1  # the adapter's initial weights and training draws (-1: the backbone's ``seed``)
     hmt_steps: int = 600
     hmt_batch: int = 16
     hmt_lr: float = 1e-2
@@ -96,7 +105,8 @@ class Settings(RetrievalSettings):
     lora_lr: float = 0.0  # learning rate of the LoRA part of HMT + LoRA (0: the same as hmt_lr)
     hmt_schedule: str = "constant_with_warmup"
     evidence: str = "beyond"  # where training puts the supporting fact: "beyond" the window, or "anywhere"
-    curriculum: bool = True  # the longest training input grows from 2 segments to the maximum over the first half
+    curriculum: bool = True  # the longest training input grows from 2 segments to the maximum ...
+    curriculum_ramp_fraction: float = 0.5  # ... over this share of the steps
     min_train_segments: int = 2  # shortest training input (segments)
     placement: str = "depth"  # "depth": the fact at a uniform token depth; "segment": in a uniformly drawn segment
     in_window_fraction: float = 0.0  # share of training episodes with the fact inside the last segment (do no harm)
@@ -120,6 +130,11 @@ QUICK = dict(num_sensory=8, recall_dim=128, hmt_steps=2000, max_train_segments=8
 
 def quick(**overrides: Any) -> Settings:
     return Settings(**{**RETRIEVAL_QUICK, **QUICK, **overrides})
+
+
+def adapter_seed(s: Settings) -> int:
+    """The seed of the adapter's initial weights and training draws: ``hmt_seed``, or the backbone's ``seed``."""
+    return s.seed if s.hmt_seed < 0 else s.hmt_seed
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -160,14 +175,14 @@ def fact_depth(s: Settings, segments: int, num_sensory: int, rng: random.Random)
 
 def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
     """Episodes of min..max_train_segments segments of ``s.train_tasks``, answer-only loss by default."""
-    rng = random.Random(s.seed + 21)
+    rng = random.Random(adapter_seed(s) + 21)
     rows = {"input_ids": [], "completion_mask": []}
     total = s.hmt_steps * s.hmt_batch
     low = s.min_train_segments
     for i in range(total):
         longest = s.max_train_segments
         if s.curriculum:  # read in order (train_hmt samples sequentially): short first, the maximum by half-way
-            longest = low + round((s.max_train_segments - low) * min(1.0, 2 * i / total))
+            longest = low + round((s.max_train_segments - low) * min(1.0, i / (s.curriculum_ramp_fraction * total)))
         segments = rng.randint(low, longest)
         length = segments * s.segment_length - 1
         depth, _ = fact_depth(s, segments, num_sensory, rng)
@@ -180,10 +195,14 @@ def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
 
 
 # ---- methods ---------------------------------------------------------------------------------------------
-def hmt_config(method: str, s: Settings):
+def hmt_config(method: str, s: Settings, tokenizer_path: Optional[str] = None):
+    """The method's `HMTConfig`; ``tokenizer_path`` (a saved tokenizer) for a method whose write token starts from
+    text."""
     kwargs = dict(segment_length=s.segment_length, num_sensory=s.num_sensory, recall_dim=s.recall_dim,
                   recall_window=4096, recall_query=s.recall_query)
     kwargs.update(METHOD_SPECS[method][0])
+    if "write_token_init_text" in kwargs:
+        kwargs["tokenizer_name_or_path"] = tokenizer_path
     return HMTConfig(**kwargs)
 
 
@@ -192,18 +211,19 @@ def method_settings(method: str, s: Settings) -> Settings:
     return replace(s, **METHOD_SPECS[method][1])
 
 
-def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str):
+def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str,
+              tokenizer_path: Optional[str] = None):
     """Train the method's adapter on the episodes with the product's own training code: `hmt-adapter train` on
     prompt/completion data runs the same `train_prompt_completion`, so the evidence and the recipe cannot drift
     apart. The episodes already come in curriculum order (`train_dataset`) and are read in that order."""
-    model = peft.get_peft_model(backbone, hmt_config(method, s))
+    model = peft.get_peft_model(backbone, hmt_config(method, s, tokenizer_path))
     args = SFTConfig(
         output_dir=work, max_steps=s.hmt_steps, per_device_train_batch_size=s.hmt_batch, learning_rate=s.hmt_lr,
         lr_scheduler_type=s.hmt_schedule, warmup_steps=max(1, s.hmt_steps // 30), max_length=None,
         max_grad_norm=s.hmt_max_grad_norm, weight_decay=0.0,
         train_sampling_strategy="sequential" if s.curriculum else "random",
         completion_only_loss=True, gradient_checkpointing=False, logging_steps=max(1, s.hmt_steps // 10),
-        save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=s.seed, disable_tqdm=True,
+        save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=adapter_seed(s), disable_tqdm=True,
     )
     # lora_lr > 0: two parameter groups, LoRA (hmt_lora_*) at lora_lr and the memory parameters at hmt_lr
     trainer = P.train_prompt_completion(model, dataset, tokenizer, args,
@@ -283,9 +303,11 @@ def train_method(method: str, backbone, prep: Prepared, stream: list[int], s: Se
     Returns (the model, its logged training losses, tanh of its memory gate if it has one)."""
     ms = method_settings(method, s)
     dataset = train_dataset(prep.tokenizer, stream, prep.vocab, ms, hmt_config(method, s).num_sensory)
-    torch.manual_seed(s.seed + 31)  # HMT's initial weights: the same whether the backbone was cached or not
+    tokenizer_path = out_dir / "tokenizer"  # for a write token that starts from text (and for the diagnostics)
+    prep.tokenizer.save_pretrained(tokenizer_path)
+    torch.manual_seed(adapter_seed(s) + 31)  # HMT's initial weights: the same whether the backbone was cached or not
     with tempfile.TemporaryDirectory() as work:
-        model, losses = train_hmt(backbone, prep.tokenizer, dataset, method, ms, work)
+        model, losses = train_hmt(backbone, prep.tokenizer, dataset, method, ms, work, str(tokenizer_path))
     model.save_pretrained(out_dir / "adapters" / method)
     gate = [p for n, p in model.named_parameters() if "hmt_memory_gate" in n]
     return model, losses, math.tanh(gate[0].item()) if gate else None
@@ -521,9 +543,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=None)
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--max-train-segments", type=int, default=None)
+    p.add_argument("--target-qa1-in-window", type=float, default=None,
+                   help="pretraining also runs until the backbone answers this share of in-window qa1 questions")
+    p.add_argument("--pretrain-tasks", nargs="+", default=None, choices=("needle", "facts_qa1", "facts_qa2"),
+                   help="the tasks of pretraining's in-window episodes, drawn uniformly (repeat one to weight it)")
     p.add_argument("--answer-weight", type=float, default=None, help="pretraining: extra CE weight on episode answers")
     p.add_argument("--hmt-batch", type=int, default=None)
     p.add_argument("--hmt-lr", type=float, default=None)
+    p.add_argument("--curriculum-ramp-fraction", type=float, default=None,
+                   help="share of the steps over which the longest training input grows to the maximum (0.5)")
     p.add_argument("--no-curriculum", action="store_true", help="draw every training input's length uniformly")
     p.add_argument("--evidence", choices=("beyond", "anywhere"), default=None,
                    help="where HMT's training episodes put the supporting fact")
@@ -532,6 +560,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-query", choices=("segment", "previous"), default=None)
     p.add_argument("--all-token-loss", action="store_true", help="train HMT on every token, not only the answer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hmt-seed", type=int, default=None,
+                   help="seed of the adapter's initial weights and training draws (default: --seed)")
     p.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
                    help="draw the PNGs from these result files (their rows side by side) instead of running")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
@@ -544,7 +574,8 @@ def make_parser() -> argparse.ArgumentParser:
 OVERRIDES = ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", "min_train_segments", "threads",
              "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr", "episode_fraction",
              "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence", "examples",
-             "examples_longest")
+             "examples_longest", "hmt_seed", "target_qa1_in_window",
+             "curriculum_ramp_fraction")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -553,7 +584,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides.update({key: getattr(args, key) for key in OVERRIDES if getattr(args, key) is not None})
     if args.methods:
         overrides["methods"] = tuple(args.methods)
-    for key in ("needle_lengths", "facts_lengths"):
+    for key in ("needle_lengths", "facts_lengths", "pretrain_tasks"):
         if getattr(args, key):
             overrides[key] = tuple(getattr(args, key))
     if args.all_token_loss:
