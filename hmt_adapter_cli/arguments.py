@@ -120,9 +120,9 @@ class StageArguments:
 
 
 # ---- HMTConfig's fields, read from its source --------------------------------------------------------------
-#: HMTConfig fields that are not recipe settings: the runner sets use_recall per stage; the others are
-#: filled in when the adapter is attached.
-NOT_RECIPE_FIELDS = ("use_recall", "base_embedding_dim", "target_modules")
+#: HMTConfig fields that are not recipe settings: the runner sets use_recall per stage and tokenizer_name_or_path to
+#: the recipe's tokenizer; the others are filled in when the adapter is attached.
+NOT_RECIPE_FIELDS = ("use_recall", "base_embedding_dim", "target_modules", "tokenizer_name_or_path")
 _ANNOTATION_NAMES = {
     "Optional": Optional, "Union": Union, "Literal": Literal, "Any": Any,
     "list": list, "dict": dict, "tuple": tuple, "str": str, "int": int, "float": float, "bool": bool,

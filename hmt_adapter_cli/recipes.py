@@ -69,9 +69,16 @@ _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"
 _DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
 
-def hmt_config(args: Any, use_recall: bool) -> HMTConfig:
-    """The `HMTConfig` of a recipe's HMT arguments for one stage (raises HMTConfig's own errors)."""
+def hmt_config(args: Any, use_recall: bool, model_args: Optional[ModelArguments] = None) -> HMTConfig:
+    """The `HMTConfig` of a recipe's HMT arguments for one stage (raises HMTConfig's own errors); a write token that
+    starts from text (``write_token_init_text``) is tokenized with the recipe's tokenizer (``model_args``)."""
     kwargs = dataclasses.asdict(args)
+    if kwargs.get("write_token_init_text") is not None and model_args is not None:
+        source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+        if source and source.startswith(TESTING_SCHEME) and not model_args.tokenizer_name_or_path:
+            raise ValueError(f"write_token_init_text needs a tokenizer on disk or on the Hub, and {source} has none: "
+                             "set tokenizer_name_or_path, or leave write_token_init_text unset.")
+        kwargs["tokenizer_name_or_path"] = source
     targets = kwargs.get("lora_target_modules")
     if isinstance(targets, str) and "," in targets:
         kwargs["lora_target_modules"] = [t.strip() for t in targets.split(",") if t.strip()]
@@ -159,7 +166,7 @@ def parse_recipe(path: Optional[str], overrides: Sequence[str] = ()) -> tuple:
     if not model_args.model_name_or_path:
         raise ValueError("The recipe must set model_name_or_path (a Hub id, a local directory or hmt-testing:llama).")
     _check_data_files(data_args)
-    hmt_config(hmt_args, use_recall=True)  # HMTConfig validates every HMT value now, before anything is loaded
+    hmt_config(hmt_args, use_recall=True, model_args=model_args)  # HMTConfig validates every HMT value now, before anything is loaded
     curriculum_of(stage)  # and the curriculum's
     if "max_length" not in given:  # rows are never truncated; a max_length the recipe sets is checked, not applied
         sft_args.max_length = None
@@ -386,7 +393,7 @@ def run_prompt_completion(model_args: ModelArguments, data_args: DataArguments, 
 
     model, tokenizer = load_model_and_tokenizer(model_args)
     report: dict[str, Any] = {"output_dir": sft_args.output_dir, "world_size": sft_args.world_size}
-    peft_model = peft.get_peft_model(model, hmt_config(hmt_args, use_recall=True))
+    peft_model = peft.get_peft_model(model, hmt_config(hmt_args, use_recall=True, model_args=model_args))
     if stage.stage1_adapter is not None:
         loaded = load_stage1_weights(peft_model, stage.stage1_adapter)
         report["stage2_init"] = {"loaded": len(loaded.loaded), "fresh_recall_params": loaded.missing_recall}
@@ -419,12 +426,12 @@ def run_two_stages(model_args: ModelArguments, data_args: DataArguments, hmt_arg
     if stage1_weights is None and stage.stage1_max_steps > 0:
         stage1_dir = os.path.join(sft_args.output_dir, "stage1")
         data = _stage_dataset(docs, stage.stage1_segments, hmt_args.segment_length)
-        trainer = train_stage(model, hmt_config(hmt_args, use_recall=False), data, tokenizer, sft_args, stage, stage.stage1_max_steps, stage1_dir)
+        trainer = train_stage(model, hmt_config(hmt_args, use_recall=False, model_args=model_args), data, tokenizer, sft_args, stage, stage.stage1_max_steps, stage1_dir)
         report["stage1"] = {"dir": stage1_dir, "losses": logged_losses(trainer)}
         stage1_weights = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
         model = trainer.model.unload()  # the plain backbone again, for the stage-2 adapter
         del trainer
-    peft_model = peft.get_peft_model(model, hmt_config(hmt_args, use_recall=True))
+    peft_model = peft.get_peft_model(model, hmt_config(hmt_args, use_recall=True, model_args=model_args))
     if stage1_weights is not None:
         loaded = load_stage1_weights(peft_model, stage1_weights)
         report["stage2_init"] = {"loaded": len(loaded.loaded), "fresh_recall_params": loaded.missing_recall}

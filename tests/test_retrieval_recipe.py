@@ -120,3 +120,31 @@ def test_a_backbone_folder_without_its_tokenizer_is_a_one_line_error(demo_layout
             os.remove(folder / name)
     with pytest.raises(ValueError, match=r"holds no tokenizer .* run `hmt-adapter demo` again"):
         run_recipe(*parse_recipe(RECIPE, ["--stage2_max_steps", "1"]))
+
+
+def test_recipe_write_token_init_text_starts_w_at_the_prompts_last_token_with_the_recipes_tokenizer(demo_layout):
+    """write_token_init_text in a recipe: tokenized with the recipe's own tokenizer (the backbone folder); with a
+    zero learning rate the saved write token is exactly that token's input embedding."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hmt_adapter_cli.cli import main
+
+    code = main(["train", RECIPE, "--stage2_max_steps", "1", "--per_device_train_batch_size", "2",
+                 "--learning_rate", "0", "--warmup_steps", "0", "--write_token_init_text", "?"])
+    assert code == 0
+    out = demo_layout / "outputs" / "retrieval-tiny"
+    config = HMTConfig.from_pretrained(str(out))
+    folder = demo_layout / "hmt-demo-output" / "backbone"
+    assert config.write_token_init_text == "?" and os.path.samefile(config.tokenizer_name_or_path, folder)
+    (w,) = [v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "hmt_write_token" in k]
+    embeddings = AutoModelForCausalLM.from_pretrained(str(folder)).get_input_embeddings().weight
+    assert torch.equal(w, embeddings[tiny_tokenizer()("?", add_special_tokens=False).input_ids[-1]])
+
+
+def test_recipe_write_token_init_text_on_a_testing_backbone_without_a_tokenizer_is_refused(tmp_path):
+    from hmt_adapter_cli.recipes import parse_recipe
+
+    with pytest.raises(ValueError, match="needs a tokenizer on disk or on the Hub"):
+        parse_recipe(None, ["--model_name_or_path", "hmt-testing:llama", "--output_dir", str(tmp_path),
+                            "--dataset_name", "x", "--write_token_init_text", "?"])

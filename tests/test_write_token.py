@@ -56,3 +56,59 @@ def test_learned_write_token_gets_gradient():
 def test_bad_write_token_is_refused():
     with pytest.raises(ValueError, match="write_token"):
         HMTConfig(write_token="last")
+
+
+def _write_token(model):
+    return next(p for n, p in model.named_parameters() if "hmt_write_token" in n)
+
+
+def test_write_token_init_text_starts_w_at_the_last_tokens_embedding_and_loads_without_the_tokenizer(tmp_path):
+    """Like PEFT's prompt tuning from text: w starts at the input embedding of the text's last token; everything
+    else starts as without it; a saved adapter loads (for inference) without reading the tokenizer again."""
+    from hmt_adapter.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    backbone = fixtures.tiny_causal_lm("llama")
+    target = backbone.get_input_embeddings().weight[tok(" is", add_special_tokens=False).input_ids[-1]].clone()
+    config = dict(segment_length=SEG, write_token_init_text="what is the word? the word is",
+                  tokenizer_name_or_path=str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    model = peft.get_peft_model(backbone, HMTConfig(**config))
+    assert torch.equal(_write_token(model).detach(), target)
+    other_backbone = fixtures.tiny_causal_lm("llama")
+    torch.manual_seed(0)
+    plain = peft.get_peft_model(other_backbone, HMTConfig(segment_length=SEG))
+    assert not torch.equal(_write_token(plain).detach(), target)
+    others = lambda m: {n: p for n, p in m.named_parameters() if "hmt_" in n and "write_token" not in n}  # noqa: E731
+    assert all(torch.equal(p, others(plain)[n]) for n, p in others(model).items())  # the same draws otherwise
+    with torch.no_grad():
+        _write_token(model).add_(0.5)  # trained
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "tok" / "tokenizer.json").unlink()  # the tokenizer is gone: loading must not need it
+    loaded = peft.PeftModel.from_pretrained(fixtures.tiny_causal_lm("llama"), tmp_path / "adapter")
+    assert torch.equal(_write_token(loaded), _write_token(model).detach())
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"write_token_init_text": "is"}, ValueError, "tokenizer_name_or_path"),
+    ({"write_token_init_text": "is", "tokenizer_name_or_path": "t", "write_token": "memory"}, ValueError,
+     "write_token='learned'"),
+    ({"write_token_init_text": "", "tokenizer_name_or_path": "t"}, TypeError, "non-empty string"),
+])
+def test_write_token_init_text_is_checked(overrides, error, match):
+    with pytest.raises(error, match=match):
+        HMTConfig(**overrides)
+
+
+def test_write_token_init_text_beyond_the_backbones_vocabulary_or_unknown_is_refused(tmp_path):
+    from hmt_adapter.testing import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    with pytest.raises(ValueError, match="is the unknown token"):
+        peft.get_peft_model(fixtures.tiny_causal_lm("llama"), HMTConfig(
+            segment_length=SEG, write_token_init_text="the zzqx", tokenizer_name_or_path=str(tmp_path / "tok")))
+    tiny_tokenizer(vocab=[f"w{i}" for i in range(300)]).save_pretrained(tmp_path / "big")
+    with pytest.raises(ValueError, match="beyond the backbone's 128 input embeddings"):
+        peft.get_peft_model(fixtures.tiny_causal_lm("llama"), HMTConfig(
+            segment_length=SEG, write_token_init_text="w299", tokenizer_name_or_path=str(tmp_path / "big")))

@@ -78,6 +78,22 @@ class HMTConfig(PeftConfig):
             "only segment 0 with the same recipe."
         },
     )
+    write_token_init_text: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Start the learned write token at the input embedding of the LAST token of this text (tokenized "
+            "with tokenizer_name_or_path), as PEFT's prompt tuning starts from text: the words that come right "
+            "before an answer in your prompts (' is' for '... The secret word is'). The write position then begins "
+            "as a question to its segment, so its hidden state already holds what an answer would need and only "
+            "the read has to be learned. None: the mean input embedding plus noise. Used only when the adapter is "
+            "created for training (not when loading saved weights). Measured in BENCHMARKS.md."
+        },
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "The tokenizer of write_token_init_text (a Hub name or a local folder). `hmt-adapter "
+                  "train` fills in the recipe's tokenizer."},
+    )
     memory_gate: bool = field(
         default=False,
         metadata={
@@ -192,6 +208,16 @@ class HMTConfig(PeftConfig):
                     f"HMTConfig.bptt_depth must be >= 1 (segments a loss reaches back through memory) or None, "
                     f"got {self.bptt_depth}."
                 )
+        if self.write_token_init_text is not None:
+            if not isinstance(self.write_token_init_text, str) or not self.write_token_init_text:
+                raise TypeError(f"HMTConfig.write_token_init_text must be a non-empty string or None, got "
+                                f"{self.write_token_init_text!r}.")
+            if self.write_token != "learned":
+                raise ValueError("HMTConfig.write_token_init_text starts the learned write token: it needs "
+                                 f"write_token='learned', got write_token={self.write_token!r}.")
+            if not self.tokenizer_name_or_path:
+                raise ValueError("HMTConfig.write_token_init_text needs tokenizer_name_or_path (the backbone's "
+                                 "tokenizer, a Hub name or a local folder) to turn the text into a token.")
         if not isinstance(self.use_recall, bool):
             raise TypeError(f"HMTConfig.use_recall must be a bool, got {self.use_recall!r}.")
         if not isinstance(self.memory_gate, bool):
@@ -234,7 +260,10 @@ class HMTConfig(PeftConfig):
 
     #: Fields that cannot change how a stream continues (training-only settings and bookkeeping); every other field
     #: HMTConfig declares is recorded in a saved stream state and checked when it is used (`stream_state_fields`).
-    STREAM_STATE_EXEMPT: ClassVar[tuple[str, ...]] = ("loss_scope", "bptt_depth", "init_std", "lora_dropout", "target_modules")
+    STREAM_STATE_EXEMPT: ClassVar[tuple[str, ...]] = (
+        "loss_scope", "bptt_depth", "init_std", "lora_dropout", "target_modules", "write_token_init_text",
+        "tokenizer_name_or_path",
+    )
 
     @classmethod
     def stream_state_fields(cls) -> tuple[str, ...]:

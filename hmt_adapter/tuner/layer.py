@@ -23,6 +23,26 @@ from ._peft_shim import HMT_PREFIX
 from .config import HMTConfig
 
 
+def write_token_init_id(config: HMTConfig, vocab_size: int) -> int:
+    """The token whose input embedding starts the learned write token: the last token of
+    ``config.write_token_init_text`` under ``config.tokenizer_name_or_path``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
+    ids = tokenizer(config.write_token_init_text, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"HMTConfig.write_token_init_text {config.write_token_init_text!r} has no tokens under the "
+                         f"tokenizer {config.tokenizer_name_or_path!r}.")
+    if ids[-1] == tokenizer.unk_token_id:
+        raise ValueError(f"The last token of write_token_init_text {config.write_token_init_text!r} is the unknown "
+                         f"token of {config.tokenizer_name_or_path!r}: choose text the tokenizer knows.")
+    if ids[-1] >= vocab_size:
+        raise ValueError(f"The tokenizer {config.tokenizer_name_or_path!r} gives token id {ids[-1]} for "
+                         f"write_token_init_text, beyond the backbone's {vocab_size} input embeddings: is it the "
+                         "backbone's tokenizer?")
+    return ids[-1]
+
+
 class HMTTunerLayer(BaseTunerLayer):
     """Base of every layer an HMT adapter injects (`HMTModel.tuner_layer_cls`). None of them can be merged into
     the backbone: HMT's memory is computed at run time and has no merged form."""
@@ -147,15 +167,19 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         weight = self.base_layer.weight
         d = weight.shape[1]
         factory = _adapter_factory(weight)
+        meta = weight.device.type == "meta"
         with torch.no_grad():
-            if weight.device.type == "meta":
+            if meta:
                 mean = torch.zeros(d, **factory)
             else:
                 mean = weight.float().mean(dim=0).to(factory["dtype"])
             # m_0 and s start at the mean embedding, a point the frozen backbone has seen, plus small noise.
             self.hmt_memory_init[adapter_name] = nn.Parameter(mean + config.init_std * torch.randn(d, **factory))
             if config.write_token == "learned":
-                self.hmt_write_token[adapter_name] = nn.Parameter(mean + config.init_std * torch.randn(d, **factory))
+                start = mean + config.init_std * torch.randn(d, **factory)
+                if config.write_token_init_text is not None and not config.inference_mode and not meta:
+                    start = weight[write_token_init_id(config, weight.shape[0])].to(factory["dtype"]).clone()
+                self.hmt_write_token[adapter_name] = nn.Parameter(start)
             if config.use_recall:
                 self.hmt_summary_token[adapter_name] = nn.Parameter(mean + config.init_std * torch.randn(d, **factory))
                 self.hmt_recall_q[adapter_name] = nn.Linear(d, config.recall_dim, bias=False, **factory)
