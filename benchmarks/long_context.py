@@ -302,9 +302,10 @@ def train_method(method: str, backbone, prep: Prepared, stream: list[int], s: Se
     """Train ``method``'s adapter on its episodes and save it under ``adapters/METHOD`` (for the recall diagnostics).
     Returns (the model, its logged training losses, tanh of its memory gate if it has one)."""
     ms = method_settings(method, s)
-    dataset = train_dataset(prep.tokenizer, stream, prep.vocab, ms, hmt_config(method, s).num_sensory)
     tokenizer_path = out_dir / "tokenizer"  # for a write token that starts from text (and for the diagnostics)
     prep.tokenizer.save_pretrained(tokenizer_path)
+    dataset = train_dataset(prep.tokenizer, stream, prep.vocab, ms,
+                            hmt_config(method, s, str(tokenizer_path)).num_sensory)
     torch.manual_seed(adapter_seed(s) + 31)  # HMT's initial weights: the same whether the backbone was cached or not
     with tempfile.TemporaryDirectory() as work:
         model, losses = train_hmt(backbone, prep.tokenizer, dataset, method, ms, work, str(tokenizer_path))

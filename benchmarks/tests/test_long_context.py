@@ -73,3 +73,25 @@ def test_benchmark_training_runs_the_recipe_code_with_the_same_losses(tmp_path, 
     assert len(new_losses) == 4 and new_losses == old_losses
     assert new_params.keys() == old_params.keys()
     assert all(torch.equal(new_params[n], old_params[n]) for n in new_params)
+
+
+def test_a_method_whose_write_token_starts_from_text_trains_through_the_run(tmp_path, corpus):
+    """`train_method` hands the run's tokenizer to the method's `HMTConfig`: with a zero learning rate the trained
+    write token is exactly the input embedding of the question's last token (' is')."""
+    from types import SimpleNamespace
+
+    tok, stream, vocab = corpus
+    s = L.quick(segment_length=32, num_sensory=2, recall_dim=8, hmt_steps=2, hmt_batch=2, max_train_segments=3,
+                hmt_lr=0.0, seed=0)
+    backbone = llama(len(tok), 32, 2, 4, 64, 128, True, seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    backbone.eval().requires_grad_(False)
+    prep = SimpleNamespace(tokenizer=tok, vocab=vocab)
+    model, losses, gate = L.train_method("hmt_write_init_spread_stable", backbone, prep, stream, s, tmp_path)
+    assert len(losses) == 2 and gate is None
+    config = model.peft_config["default"]
+    assert config.write_token_init_text == " The secret word is"
+    assert config.tokenizer_name_or_path == str(tmp_path / "tokenizer")
+    (w,) = [p for n, p in model.named_parameters() if "hmt_write_token" in n]
+    is_id = tok(" The secret word is", add_special_tokens=False).input_ids[-1]
+    assert torch.equal(w.detach(), backbone.get_input_embeddings().weight[is_id])
+    assert (tmp_path / "adapters" / "hmt_write_init_spread_stable" / "adapter_config.json").is_file()
