@@ -16,6 +16,10 @@ held-out text) measures, per method:
   probe on the memory of a segment without the needle (chance 1 / keys);
 * **answer**: whether the model's argmax over the key candidates is right, by needle segment.
 
+With ``--at-init`` each adapter is also inspected as its training started (its saved config, fresh initial
+weights): whether the memory holds the key before any training, which is what a write token that starts from text
+(`HMTConfig.write_token_init_text`) changes.
+
 Writes ``recall_diagnostics.json`` and ``recall_diagnostics.png`` (recall weight on the needle's segment and probe
 accuracy, by the needle's segment, one line per method) into ``--output-dir``.
 """
@@ -149,6 +153,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=None, help="with --seed: the run's corpus when it wrote no JSON (--quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--at-init", action="store_true",
+                   help="also inspect each adapter as training started it: its saved config, fresh initial weights")
     O.add_output_arguments(p)
     return p
 
@@ -175,6 +181,18 @@ def needle_examples(prep, length: int, per_segment: int, segment_length: int) ->
     return examples
 
 
+def fresh_adapter(backbone, adapter_dir: Path, seed: int):
+    """The adapter saved in ``adapter_dir`` as its training started: the same config, initial weights drawn as the
+    long-context run draws them for its ``seed`` (``torch.manual_seed(seed + 31)``; a run's ``--hmt-seed`` is not
+    read back)."""
+    from hmt_adapter import HMTConfig
+
+    config = HMTConfig.from_pretrained(str(adapter_dir))
+    config.inference_mode = False  # as created for training (a write token that starts from text needs this)
+    torch.manual_seed(seed + 31)
+    return peft.get_peft_model(backbone, config)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     run_dir = Path(args.run_dir)
@@ -190,13 +208,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     methods = args.methods or sorted(d.name for d in (run_dir / "adapters").iterdir())
     results = {}
     for method in methods:
-        model = peft.PeftModel.from_pretrained(prep.backbone, run_dir / "adapters" / method).eval()
-        rows = inspect(model, prep.tokenizer, examples, s.segment_length)
-        results[method] = summarise(rows, len(prep.vocab.keys))
-        print(f"{method}: accuracy {results[method]['accuracy']:.2f}, probe (needle segment) "
-              f"{results[method]['probe_needle_segment']:.2f} vs other {results[method]['probe_other_segment']:.2f}; "
-              f"recall argmax by segment {results[method]['recall_argmax_histogram']}", flush=True)
-        prep.backbone = model.unload()
+        adapters = [(method, lambda: peft.PeftModel.from_pretrained(prep.backbone, run_dir / "adapters" / method))]
+        if args.at_init:
+            adapters.append((f"{method} (at init)", lambda: fresh_adapter(prep.backbone, run_dir / "adapters" / method,
+                                                                          s.seed)))
+        for name, build in adapters:
+            model = build().eval()
+            results[name] = summarise(inspect(model, prep.tokenizer, examples, s.segment_length), len(prep.vocab.keys))
+            print(f"{name}: accuracy {results[name]['accuracy']:.2f}, probe (needle segment) "
+                  f"{results[name]['probe_needle_segment']:.2f} vs other {results[name]['probe_other_segment']:.2f}; "
+                  f"recall argmax by segment {results[name]['recall_argmax_histogram']}", flush=True)
+            prep.backbone = model.unload()
     payload = {"command": O.command_line("benchmarks.recall_diagnostics"), "corpus": s.corpus, "seed": s.seed,
                "length": args.length, "run_dir": str(run_dir), "methods": results}
     out = O.output_dir(args)

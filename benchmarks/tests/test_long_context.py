@@ -94,4 +94,12 @@ def test_a_method_whose_write_token_starts_from_text_trains_through_the_run(tmp_
     (w,) = [p for n, p in model.named_parameters() if "hmt_write_token" in n]
     is_id = tok(" The secret word is", add_special_tokens=False).input_ids[-1]
     assert torch.equal(w.detach(), backbone.get_input_embeddings().weight[is_id])
-    assert (tmp_path / "adapters" / "hmt_write_init_spread_stable" / "adapter_config.json").is_file()
+    saved = tmp_path / "adapters" / "hmt_write_init_spread_stable"
+    assert (saved / "adapter_config.json").is_file()
+    # the recall diagnostics' --at-init rebuilds it as training started it: with lr 0, the trained weights exactly
+    from benchmarks.recall_diagnostics import fresh_adapter
+
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if "hmt_" in n}
+    fresh = fresh_adapter(model.unload(), saved, s.seed)
+    assert {n: p.detach() for n, p in fresh.named_parameters() if "hmt_" in n}.keys() == trained.keys()
+    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters() if "hmt_" in n)
