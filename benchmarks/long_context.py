@@ -104,6 +104,7 @@ class Settings(RetrievalSettings):
     hmt_max_grad_norm: float = 0.0  # 0: no clipping (Adam's per-parameter scaling already bounds the steps)
     lora_lr: float = 0.0  # learning rate of the LoRA part of HMT + LoRA (0: the same as hmt_lr)
     hmt_schedule: str = "constant_with_warmup"
+    hmt_logging_steps: int = 0  # log the training loss every this many steps (0: a tenth of the steps)
     evidence: str = "beyond"  # where training puts the supporting fact: "beyond" the window, or "anywhere"
     curriculum: bool = True  # the longest training input grows from 2 segments to the maximum ...
     curriculum_ramp_fraction: float = 0.5  # ... over this share of the steps
@@ -195,14 +196,18 @@ def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
 
 
 # ---- methods ---------------------------------------------------------------------------------------------
-def hmt_config(method: str, s: Settings, tokenizer_path: Optional[str] = None):
-    """The method's `HMTConfig`; ``tokenizer_path`` (a saved tokenizer) for a method whose write token starts from
-    text."""
+def hmt_config(method: str, s: Settings, tokenizer_path: Optional[str] = None,
+               overrides: Optional[dict[str, Any]] = None):
+    """The method's `HMTConfig`, with ``overrides`` on top; ``tokenizer_path`` (a saved tokenizer) for a write token
+    that starts from text."""
     kwargs = dict(segment_length=s.segment_length, num_sensory=s.num_sensory, recall_dim=s.recall_dim,
                   recall_window=4096, recall_query=s.recall_query)
     kwargs.update(METHOD_SPECS[method][0])
-    if "write_token_init_text" in kwargs:
+    kwargs.update(overrides or {})
+    if kwargs.get("write_token_init_text"):
         kwargs["tokenizer_name_or_path"] = tokenizer_path
+    else:
+        kwargs.pop("write_token_init_text", None)
     return HMTConfig(**kwargs)
 
 
@@ -212,17 +217,17 @@ def method_settings(method: str, s: Settings) -> Settings:
 
 
 def train_hmt(backbone, tokenizer, dataset, method: str, s: Settings, work: str,
-              tokenizer_path: Optional[str] = None):
+              tokenizer_path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None):
     """Train the method's adapter on the episodes with the product's own training code: `hmt-adapter train` on
     prompt/completion data runs the same `train_prompt_completion`, so the evidence and the recipe cannot drift
     apart. The episodes already come in curriculum order (`train_dataset`) and are read in that order."""
-    model = peft.get_peft_model(backbone, hmt_config(method, s, tokenizer_path))
+    model = peft.get_peft_model(backbone, hmt_config(method, s, tokenizer_path, overrides))
     args = SFTConfig(
         output_dir=work, max_steps=s.hmt_steps, per_device_train_batch_size=s.hmt_batch, learning_rate=s.hmt_lr,
         lr_scheduler_type=s.hmt_schedule, warmup_steps=max(1, s.hmt_steps // 30), max_length=None,
         max_grad_norm=s.hmt_max_grad_norm, weight_decay=0.0,
         train_sampling_strategy="sequential" if s.curriculum else "random",
-        completion_only_loss=True, gradient_checkpointing=False, logging_steps=max(1, s.hmt_steps // 10),
+        completion_only_loss=True, gradient_checkpointing=False, logging_steps=s.hmt_logging_steps or max(1, s.hmt_steps // 10),
         save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=adapter_seed(s), disable_tqdm=True,
     )
     # lora_lr > 0: two parameter groups, LoRA (hmt_lora_*) at lora_lr and the memory parameters at hmt_lr
@@ -297,19 +302,21 @@ def hmt_lm(model, tokenizer):
     return HMTLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
 
 
-def train_method(method: str, backbone, prep: Prepared, stream: list[int], s: Settings, out_dir: Path
+def train_method(method: str, backbone, prep: Prepared, stream: list[int], s: Settings, out_dir: Path,
+                 overrides: Optional[dict[str, Any]] = None, name: Optional[str] = None
                  ) -> tuple[Any, list[float], Optional[float]]:
-    """Train ``method``'s adapter on its episodes and save it under ``adapters/METHOD`` (for the recall diagnostics).
+    """Train ``method``'s adapter (its `HMTConfig` with ``overrides`` on top) on its episodes and save it under
+    ``adapters/NAME`` (``name`` defaults to the method; for the recall diagnostics).
     Returns (the model, its logged training losses, tanh of its memory gate if it has one)."""
     ms = method_settings(method, s)
     tokenizer_path = out_dir / "tokenizer"  # for a write token that starts from text (and for the diagnostics)
     prep.tokenizer.save_pretrained(tokenizer_path)
     dataset = train_dataset(prep.tokenizer, stream, prep.vocab, ms,
-                            hmt_config(method, s, str(tokenizer_path)).num_sensory)
+                            hmt_config(method, s, str(tokenizer_path), overrides).num_sensory)
     torch.manual_seed(adapter_seed(s) + 31)  # HMT's initial weights: the same whether the backbone was cached or not
     with tempfile.TemporaryDirectory() as work:
-        model, losses = train_hmt(backbone, prep.tokenizer, dataset, method, ms, work, str(tokenizer_path))
-    model.save_pretrained(out_dir / "adapters" / method)
+        model, losses = train_hmt(backbone, prep.tokenizer, dataset, method, ms, work, str(tokenizer_path), overrides)
+    model.save_pretrained(out_dir / "adapters" / (name or method))
     gate = [p for n, p in model.named_parameters() if "hmt_memory_gate" in n]
     return model, losses, math.tanh(gate[0].item()) if gate else None
 

@@ -8,11 +8,12 @@ one HMT stage (recall on) on such rows with TRL's `SFTTrainer`, optionally in a 
 score), which is how `benchmarks/long_context.py` builds its episodes.
 
 What the long-context benchmark measured to work with a frozen backbone (``recipes/retrieval-tiny.yaml`` is the
-recipe): ``HMTConfig(write_token="learned", memory_gate=True)``, the curriculum (short inputs first, every length by
-half-way), a learning rate of 1e-2 with a cosine decay after ~1/30 of the steps of warmup, gradient clipping at 1.0,
-batch 16, no weight decay, and, on the data side, facts spread over every segment of the prompts with about a
-quarter of them inside the last segment, so the adapter also learns not to break what the backbone answers in its
-own window.
+recipe): ``HMTConfig(write_token="learned", write_token_init_text=...)`` with the write token started at the
+embedding of the words that end the prompts before the answer (no memory gate: a closed gate kept the memory from
+starting to learn), the curriculum (short inputs first, every length by half-way), a learning rate of 1e-2 with a
+cosine decay after ~1/30 of the steps of warmup, gradient clipping at 1.0, batch 16, no weight decay, and, on the
+data side, facts spread over every segment of the prompts with about a quarter of them inside the last segment, so
+the adapter also learns not to break what the backbone answers in its own window.
 
 The frameworks are imported inside the functions: importing this module costs nothing.
 """

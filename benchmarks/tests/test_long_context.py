@@ -103,3 +103,32 @@ def test_a_method_whose_write_token_starts_from_text_trains_through_the_run(tmp_
     fresh = fresh_adapter(model.unload(), saved, s.seed)
     assert {n: p.detach() for n, p in fresh.named_parameters() if "hmt_" in n}.keys() == trained.keys()
     assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters() if "hmt_" in n)
+
+
+def test_train_method_overrides_start_the_write_token_elsewhere_and_nothing_else(tmp_path, corpus):
+    """The onset benchmark's starts (`benchmarks.write_init_onset`): ``overrides`` replace the method's write-token
+    text ('.', or None for the random start) while every other initial weight stays the same draw, and ``name``
+    picks the adapter's folder."""
+    from types import SimpleNamespace
+
+    tok, stream, vocab = corpus
+    s = L.quick(segment_length=32, num_sensory=2, recall_dim=8, hmt_steps=2, hmt_batch=2, max_train_segments=3,
+                hmt_lr=0.0, seed=0, hmt_logging_steps=1)
+    backbone = llama(len(tok), 32, 2, 4, 64, 128, True, seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    backbone.eval().requires_grad_(False)
+    prep = SimpleNamespace(tokenizer=tok, vocab=vocab)
+    weights = {}
+    for name, text in (("dot", "."), ("random", None), ("is", " The secret word is")):
+        model, losses, _ = L.train_method("hmt_write_init_spread_stable", backbone, prep, stream, s, tmp_path,
+                                          overrides={"write_token_init_text": text}, name=name)
+        assert len(losses) == 2  # logged every step
+        assert model.peft_config["default"].write_token_init_text == text
+        assert (tmp_path / "adapters" / name / "adapter_config.json").is_file()
+        weights[name] = {n: p.detach().clone() for n, p in model.named_parameters() if "hmt_" in n}
+        backbone = model.unload()
+    embedding = backbone.get_input_embeddings().weight
+    (key,) = [n for n in weights["dot"] if "hmt_write_token" in n]
+    assert torch.equal(weights["dot"][key], embedding[tok(".", add_special_tokens=False).input_ids[-1]])
+    assert not any(torch.equal(weights["random"][key], row) for row in embedding)
+    for name in ("dot", "random"):
+        assert all(torch.equal(p, weights["is"][n]) for n, p in weights[name].items() if n != key)

@@ -1,0 +1,131 @@
+"""When does HMT's memory start to work? Training-loss curves of one recipe with the write token started three ways.
+
+    apt-get install -y python3-doc r-cran-janeaustenr   # the corpora (Debian), see benchmarks/lab/corpus.py
+    PYTHONPATH=. python -m benchmarks.write_init_onset --corpus austen --seed 1 \\
+        --backbone-cache benchmarks/output/backbones --steps 600
+
+trains `benchmarks.long_context`'s recipe ``hmt_write_init_spread_stable`` (frozen backbone, learned write token,
+facts spread over every segment with a quarter inside the last one, clipped gradients, cosine rate) on the same
+backbone and the same episodes, once per ``--init-texts`` entry: ``default`` (the write token's usual random start),
+and the write token started at the input embedding of the last token of each given text (`HMTConfig.
+write_token_init_text`; ``" The secret word is"`` ends on the question's own last token, ``"."`` on a token
+without the question's meaning). Every other parameter starts from the same draw. The answer-only loss is logged
+every ``--log-every`` steps: a memory that has not started to work sits on the plateau of guessing among the keys
+(~ln 30 = 3.4 at first, ~2.7 once the backbone's prior over keys is learned), and a working one falls below 1.
+
+No evaluation is run (that is `benchmarks.long_context`); this measures only how soon learning starts, the
+quantity that varied from under 200 steps to never across draws of the same backbone before the write token was
+started from text. Writes ``write_init_onset.json`` and ``write_init_onset.png`` (one loss curve per start) to
+``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import torch
+import transformers
+
+from benchmarks import long_context as LC
+from benchmarks.lab import output as O
+from benchmarks.lab.pretrain import corpus_of, prepare
+
+METHOD = "hmt_write_init_spread_stable"
+QUESTION_END = " The secret word is"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.write_init_onset", description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", default="austen", help="a corpus of benchmarks/lab/corpus.py")
+    p.add_argument("--seed", type=int, default=1, help="the backbone's seed (and the adapter's)")
+    p.add_argument("--backbone-cache", default=None, metavar="DIR",
+                   help="reuse (or store) the pretrained backbone here, as benchmarks.long_context does")
+    p.add_argument("--steps", type=int, default=600, help="training steps of each start (the recipe's schedule)")
+    p.add_argument("--log-every", type=int, default=50, help="log the training loss every this many steps")
+    p.add_argument("--init-texts", nargs="+", default=["default", QUESTION_END, "."],
+                   help="'default' (random start) or a text whose last token starts the write token")
+    p.add_argument("--threads", type=int, default=1)
+    O.add_output_arguments(p)
+    return p
+
+
+def settings(args: argparse.Namespace) -> LC.Settings:
+    """The long-context benchmark's --quick settings at this corpus, seed and training length."""
+    argv = ["--quick", "--corpus", args.corpus, "--seed", str(args.seed), "--hmt-steps", str(args.steps),
+            "--threads", str(args.threads), "--methods", METHOD]
+    if args.backbone_cache:
+        argv += ["--backbone-cache", args.backbone_cache]
+    s = LC.settings_from_args(LC.make_parser().parse_args(argv))
+    return replace(s, hmt_logging_steps=args.log_every)
+
+
+def run(args: argparse.Namespace, command: str, out_dir: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    log = O.logger(start)
+    s = settings(args)
+    prep = prepare(s, log)
+    backbone, stream = prep.backbone, prep.train_stream.tolist()
+    curves: dict[str, dict[str, Any]] = {}
+    for text in args.init_texts:
+        init = None if text == "default" else text
+        began = time.perf_counter()
+        model, losses, _ = LC.train_method(METHOD, backbone, prep, stream, s, out_dir,
+                                           overrides={"write_token_init_text": init},
+                                           name=f"{METHOD}-init-{len(curves)}")
+        steps = [args.log_every * (i + 1) for i in range(len(losses))]
+        curves[text] = {"write_token_init_text": init, "steps": steps, "loss": losses,
+                        "seconds": time.perf_counter() - began}
+        log(f"start {text!r}: loss " + " ".join(f"{x:.2f}" for x in losses))
+        backbone = model.unload()
+    payload = {"command": command, "machine": O.machine_info("cpu"), "method": METHOD,
+               "settings": asdict(s), "curves": curves, "seconds": time.perf_counter() - start}
+    path = O.write_json(out_dir / "write_init_onset.json", payload)
+    plot(payload, out_dir / "write_init_onset.png")
+    log(f"wrote {path} and write_init_onset.png")
+    return payload
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    plt = O.pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for text, curve in payload["curves"].items():
+        label = "random start (default)" if text == "default" else f"started at {text!r}"
+        ax.plot(curve["steps"], curve["loss"], marker="o", ms=3, label=label)
+    s = payload["settings"]
+    ax.set_xlabel("training step")
+    ax.set_ylabel("answer-only training loss")
+    ax.set_title(f"{s['corpus']}, seed {s['seed']}: when the memory starts to work", fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    O.save_figure(fig, path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.steps < 1 or args.log_every < 1:
+        print("write_init_onset: --steps and --log-every must be positive", file=sys.stderr)
+        return 2
+    s = settings(args)
+    try:
+        corpus = corpus_of(s)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if not corpus.documents():
+        print(corpus.missing_message(), file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, args.threads))
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    run(args, O.quoted_command("PYTHONPATH=. python -m benchmarks.write_init_onset", argv), O.output_dir(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
