@@ -78,6 +78,12 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hmt_write_init_spread_stable": ({"write_token": "learned", "write_token_init_text": " The secret word is"},
                                      {"placement": "segment", "in_window_fraction": 0.25, "hmt_max_grad_norm": 1.0,
                                       "hmt_schedule": "cosine"}),
+    # that recipe with recall scores scaled by ln N (HMTConfig.recall_scale="log_n"): a recall that keeps its focus
+    # over 1023 memories after training over at most 7
+    "hmt_write_init_logn_spread_stable": ({"write_token": "learned", "write_token_init_text": " The secret word is",
+                                           "recall_scale": "log_n"},
+                                          {"placement": "segment", "in_window_fraction": 0.25,
+                                           "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_gate_stable": ({"write_token": "learned", "memory_gate": True},
                               {"hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),

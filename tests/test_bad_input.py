@@ -37,6 +37,7 @@ def _assert_untouched(base: nn.Module, embedding: nn.Module) -> None:
         (dict(summary_fraction=1.5), ValueError, "summary_fraction"),
         (dict(summary_fraction="half"), TypeError, "summary_fraction"),
         (dict(recall_query="next"), ValueError, "recall_query"),
+        (dict(recall_scale="log"), ValueError, "recall_scale"),
         (dict(loss_scope="first_segment"), ValueError, "loss_scope"),
         (dict(bptt_depth=0), ValueError, "bptt_depth"),
         (dict(bptt_depth=2.5), TypeError, "bptt_depth"),

@@ -94,6 +94,21 @@ def test_segment_step_compiles_to_two_graphs_and_matches_eager_with_recall(recal
     _assert_same_grads(grads_e, grads_c)
 
 
+def test_log_n_recall_compiles_without_recompiling_for_longer_caches() -> None:
+    """recall_scale="log_n" reads ln N off the scores tensor: still two graphs, none per cache length."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled, counter = _pair(recall_scale="log_n")
+    for length, seed in ((4 * SEG + 3, 0), (7 * SEG + 5, 1)):
+        ids, mask = _batch(length, seed=seed)
+        out_e, grads_e = _train_call(eager, ids, mask)
+        out_c, grads_c = _train_call(compiled, ids, mask)
+        torch.testing.assert_close(out_c.loss, out_e.loss, rtol=1e-5, atol=1e-6)
+        _assert_same_grads(grads_e, grads_c)
+    assert counter.frame_count == 2
+    assert not counters["graph_break"]
+
+
 def test_fused_lm_head_path_matches_eager(recall_pair) -> None:
     eager, compiled, counter = recall_pair
     ids, mask = _batch(3 * SEG + 2)

@@ -132,3 +132,14 @@ def test_train_method_overrides_start_the_write_token_elsewhere_and_nothing_else
     assert not any(torch.equal(weights["random"][key], row) for row in embedding)
     for name in ("dot", "random"):
         assert all(torch.equal(p, weights["is"][n]) for n, p in weights[name].items() if n != key)
+
+
+def test_every_method_is_a_valid_hmt_config_with_its_own_knobs(tmp_path):
+    """Each HMT method of the benchmark builds its `HMTConfig` (validated) and carries its spec's fields."""
+    s = L.quick()
+    for method, (config_overrides, _) in L.METHOD_SPECS.items():
+        config = L.hmt_config(method, s, str(tmp_path))
+        for field, value in config_overrides.items():
+            assert getattr(config, field) == value, (method, field)
+        assert (config.tokenizer_name_or_path is not None) == bool(config.write_token_init_text), method
+    assert L.hmt_config("hmt_write_init_logn_spread_stable", s, str(tmp_path)).recall_scale == "log_n"

@@ -29,6 +29,7 @@ class HMTParams:
     memory_proj: Optional[torch.Tensor]  # (d, d)
     memory_gate: Optional[torch.Tensor]  # () gate g on the recalled memory (memory_gate=True), else None
     embed_norm: torch.Tensor  # () typical norm of an input-embedding row
+    recall_log_n: bool = False  # recall_scale="log_n": recall scores also scaled by ln N (N memories recalled over)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -97,7 +98,8 @@ def recall_key(memory: torch.Tensor, params: HMTParams) -> Optional[torch.Tensor
 def recall(
     query: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, params: HMTParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Memory recall: ``softmax((W_q q)(W_k M)^T / sqrt(h)) M``, gated to ``m_0 + tanh(g) (. - m_0)`` with a memory gate.
+    """Memory recall: ``softmax((W_q q)(W_k M)^T / sqrt(h)) M`` (with ``recall_log_n`` the scores are also scaled by
+    ``ln N``), gated to ``m_0 + tanh(g) (. - m_0)`` with a memory gate.
 
     Pure (no observers are called here, so the segment step compiles whole; callers pass the weights to
     `notify_recall`).
@@ -112,6 +114,8 @@ def recall(
     """
     q = F.linear(query.to(params.dtype), params.w_q)  # (B, h)
     scores = torch.einsum("bh,bnh->bn", q, keys) / math.sqrt(q.shape[-1])
+    if params.recall_log_n:  # ln N from the tensor itself: no Python number of memories for torch.compile to guard on
+        scores = scores * torch.ones_like(scores).sum(-1, keepdim=True).log()
     weights = scores.softmax(dim=-1)
     memory = torch.einsum("bn,bnd->bd", weights, values)
     if params.memory_gate is not None:

@@ -14,6 +14,7 @@ from . import _peft_shim  # noqa: F401  (adds PeftType.HMT before any config is 
 from .weights import check_adapter_weights
 
 RECALL_QUERIES = ("segment", "previous")
+RECALL_SCALES = ("constant", "log_n")
 WRITE_TOKENS = ("memory", "learned")
 LOSS_SCOPES = ("all", "last_segment")
 
@@ -103,6 +104,16 @@ class HMTConfig(PeftConfig):
             "adaption_prompt, applied to HMT's read slot). Only with use_recall. Measured in BENCHMARKS.md: a closed "
             "gate can also keep the memory from starting to learn (it stayed near 0 on one of the runs), so it is "
             "off by default."
+        },
+    )
+    recall_scale: Literal["constant", "log_n"] = field(
+        default="constant",
+        metadata={
+            "help": "'constant': the paper's recall, softmax(q k^T / sqrt(h)). 'log_n': the scores are also multiplied "
+            "by ln N, N the number of memories recalled over (the scalable softmax of length extrapolation), so the "
+            "recall keeps its focus when it chooses among far more memories than training showed it: its weights "
+            "over N memories are a softmax that sharpens as ln N grows, where the constant scale spreads mass over "
+            "every extra distractor. Measured in BENCHMARKS.md."
         },
     )
     recall_query: Literal["segment", "previous"] = field(
@@ -196,6 +207,8 @@ class HMTConfig(PeftConfig):
             raise ValueError(f"HMTConfig.summary_fraction must be in (0, 1], got {self.summary_fraction}.")
         if self.write_token not in WRITE_TOKENS:
             raise ValueError(f"HMTConfig.write_token must be one of {WRITE_TOKENS}, got {self.write_token!r}.")
+        if self.recall_scale not in RECALL_SCALES:
+            raise ValueError(f"HMTConfig.recall_scale must be one of {RECALL_SCALES}, got {self.recall_scale!r}.")
         if self.recall_query not in RECALL_QUERIES:
             raise ValueError(f"HMTConfig.recall_query must be one of {RECALL_QUERIES}, got {self.recall_query!r}.")
         if self.loss_scope not in LOSS_SCOPES:

@@ -150,6 +150,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
             memory_proj=get(self.hmt_memory_proj, True) if config.memory_projection else None,
             memory_gate=get(self.hmt_memory_gate, False) if config.memory_gate else None,
             embed_norm=self.embedding_row_norm(),
+            recall_log_n=config.recall_scale == "log_n",
         )
 
     @staticmethod
