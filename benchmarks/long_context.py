@@ -501,12 +501,38 @@ def summary_line(corpus: str, method: str, entry: dict[str, Any]) -> str:
                                  for n in (1024, 4096)) + " |")
 
 
+PER_RUN_HEADER = ["| corpus | seed | method | needle 1k | 4k | 16k | 64k | depth 100% (in window) 1k / 4k / 16k / 64k "
+                  "| facts qa1 1k / 4k | train loss (first -> last logged) |",
+                  "|---|---:|---|---:|---:|---:|---:|---|---|---|"]
+
+
+def per_run_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """One markdown row per run and method: needle accuracy by length, at depth 100%, qa1, and the training loss."""
+    lines = list(PER_RUN_HEADER)
+    for run in sorted(runs, key=lambda r: (r["settings"]["corpus"], r["settings"]["seed"])):
+        corpus, seed = run["settings"]["corpus"], run["settings"]["seed"]
+        for method in dict.fromkeys(r["method"] for r in run["results"]):
+            rows = [r for r in run["results"] if r["method"] == method]
+            lengths = [n for n in (1024, 4096, 16384, 65536) if any(r["context_tokens"] == n for r in rows)]
+            losses = run["hmt_train_loss"].get(method)
+            loss = f"{losses[0]:.2f} -> {losses[-1]:.2f}" if losses else ""
+            lines.append(f"| {corpus} | {seed} | {method} | "
+                         + " | ".join(f"{100 * run_accuracy(rows, 'needle', n):.0f}" for n in (1024, 4096, 16384, 65536)
+                                      if n in lengths)
+                         + " | " + " / ".join(f"{100 * run_accuracy(rows, 'needle', n, 1.0):.0f}" for n in lengths)
+                         + " | " + " / ".join(f"{100 * run_accuracy(rows, 'facts_qa1', n):.0f}" for n in (1024, 4096)
+                                              if any(r["task"] == "facts_qa1" and r["context_tokens"] == n for r in rows))
+                         + f" | {loss} |")
+    return lines
+
+
 def combine(paths: list[str], out_dir: Path) -> dict[str, Any]:
     """Several runs (one ``long_context.json`` per corpus and seed) as one result file: every row with its
     ``corpus`` and ``seed``, and per corpus and method the worst and the mean run at every needle length (the
     worst run is the one with the lowest mean needle accuracy over lengths). Writes ``long_context.json``,
     ``long_context_summary.md`` and, per corpus, the needle heatmaps of the worst run of every method."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for run in runs for r in run["results"]]
     summary: dict[str, dict[str, Any]] = {}
     lines = list(SUMMARY_HEADER)
@@ -522,7 +548,8 @@ def combine(paths: list[str], out_dir: Path) -> dict[str, Any]:
     O.write_json(out_dir / "long_context.json", payload)
     (out_dir / "long_context_summary.md").write_text(
         "Needle accuracy, % (mean over runs, worst run in brackets); depth 100% = the needle inside the last "
-        "segment, worst run per length.\n\n" + "\n".join(lines) + "\n")
+        "segment, worst run per length.\n\n" + "\n".join(lines) + "\n\nEvery run (needle and qa1 accuracy, %):\n\n"
+        + "\n".join(per_run_lines(runs)) + "\n")
     for corpus, methods in summary.items():  # the heatmap of each method's worst run on this corpus
         worst_rows = [r for r in rows if r["corpus"] == corpus and r["seed"] == methods[r["method"]]["worst_seed"]]
         worst_rows = [dict(r, method=f"{r['method']} (worst: seed {r['seed']})") for r in worst_rows]

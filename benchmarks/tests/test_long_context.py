@@ -143,3 +143,39 @@ def test_every_method_is_a_valid_hmt_config_with_its_own_knobs(tmp_path):
             assert getattr(config, field) == value, (method, field)
         assert (config.tokenizer_name_or_path is not None) == bool(config.write_token_init_text), method
     assert L.hmt_config("hmt_write_init_logn_spread_stable", s, str(tmp_path)).recall_scale == "log_n"
+
+
+def _run(corpus: str, seed: int, hmt: dict[int, float], depth100: float) -> dict:
+    """A minimal long_context.json payload: needle rows of the window (always 20%) and of HMT at two depths."""
+    rows = []
+    for n, acc in hmt.items():
+        rows += [dict(task="needle", method="sliding_window", context_tokens=n, depth=d, accuracy=0.2, n=10,
+                      corpus=corpus, seed=seed) for d in (0.0, 1.0)]
+        rows += [dict(task="needle", method="hmt", context_tokens=n, depth=0.0, accuracy=acc, n=10, corpus=corpus,
+                      seed=seed),
+                 dict(task="needle", method="hmt", context_tokens=n, depth=1.0, accuracy=depth100, n=10,
+                      corpus=corpus, seed=seed)]
+    return {"command": "cmd", "settings": {"corpus": corpus, "seed": seed}, "seconds": 1.0, "chance": {"needle": 1 / 30},
+            "hmt_train_loss": {"hmt": [2.5, 0.1]}, "backbone_in_window": [], "results": rows}
+
+
+def test_combine_reports_the_worst_run_beside_the_mean_and_every_run(tmp_path):
+    import json
+
+    paths = []
+    for seed, hmt, d100 in ((0, {1024: 1.0, 65536: 0.8}, 1.0), (1, {1024: 0.6, 65536: 0.2}, 0.4)):
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps(_run("austen", seed, hmt, d100)))
+        paths.append(str(path))
+    payload = L.combine(paths, tmp_path / "out")
+    entry = payload["summary"]["austen"]["hmt"]
+    assert entry["worst_seed"] == 1
+    # per length: the two depths averaged per run, then mean and worst over runs
+    assert entry["needle"][1024]["runs"] == [1.0, 0.5] and entry["needle"][1024]["worst"] == 0.5
+    assert entry["needle"][65536]["mean"] == pytest.approx((0.9 + 0.3) / 2)
+    assert entry["worst_depth100"] == {1024: 0.4, 65536: 0.4}
+    text = (tmp_path / "out" / "long_context_summary.md").read_text()
+    assert "| austen | hmt | 2 (0, 1) | 75 (worst 50) |  |  | 60 (worst 30) | 40 / 40 |" in text
+    assert "| austen | 1 | hmt | 50 | 30 | 40 / 40 |  | 2.50 -> 0.10 |" in text  # every run, the worst included
+    assert "| austen | 0 | sliding_window | 20 | 20 | 20 / 20 |  |  |" in text
+    assert (tmp_path / "out" / "long_context_austen_worst_needle.png").is_file()
