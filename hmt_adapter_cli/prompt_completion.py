@@ -93,6 +93,34 @@ def check_rows(dataset: Any, source: str = "the training data") -> None:
 
 
 # ---- the curriculum ------------------------------------------------------------------------------------------
+def prompt_end_text(prompts: Sequence[str], tokenizer: Any, sample: int = 2000) -> tuple[str, float]:
+    """The text to start HMT's write token from (``HMTConfig.write_token_init_text``) for prompt/completion data: a
+    tail of a prompt whose last token is the most common last token of the prompts (of the first ``sample``), and
+    the share of those prompts that end with it. The tail is checked to tokenize to that same last token.
+
+    Raises ``ValueError`` when no prompt has a token, or no tail of a prompt reproduces its last token."""
+    ends: dict[int, list[str]] = {}
+    for prompt in prompts[:sample]:
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        if ids:
+            ends.setdefault(ids[-1], []).append(prompt)
+    if not ends:
+        raise ValueError("write_token_init_text: auto found no prompt with a token; set write_token_init_text to the "
+                         "words that come right before the answers.")
+    token, with_it = max(ends.items(), key=lambda item: len(item[1]))
+    share = len(with_it) / sum(len(v) for v in ends.values())
+    for prompt in with_it[:20]:
+        for width in (8, 16, 32, 64):
+            tail = prompt[-width:]
+            if tokenizer(tail, add_special_tokens=False).input_ids[-1:] == [token]:
+                return tail, share
+    decoded = tokenizer.decode([token])
+    if decoded and tokenizer(decoded, add_special_tokens=False).input_ids[-1:] == [token]:
+        return decoded, share
+    raise ValueError(f"write_token_init_text: auto could not find a text that ends on the prompts' last token "
+                     f"{decoded!r} (id {token}); set write_token_init_text to the words before the answers.")
+
+
 def run_rows(num_rows: int, rows_read: int, seed: int) -> list[int]:
     """The rows a run of ``rows_read`` rows reads: the data repeated as a whole, the rest a seeded sample of it."""
     if num_rows < 1:

@@ -55,13 +55,15 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from hmt_adapter.tuner.config import HMTConfig
+from hmt_adapter.tuner.config import AUTO_INIT_TEXT, HMTConfig
 
 from .arguments import (  # noqa: F401  (re-exported: the recipe dataclasses live in the light arguments module)
     PATH_OR_ID_FIELDS, PATH_FIELDS, PATH_RULE, RECIPE_DATACLASSES, DataArguments, HMTArguments, ModelArguments,
     StageArguments,
 )
-from .prompt_completion import Curriculum, check_rows, logged_losses, resolve_data_format, train_prompt_completion
+from .prompt_completion import (
+    Curriculum, check_rows, logged_losses, prompt_end_text, resolve_data_format, train_prompt_completion,
+)
 
 TESTING_SCHEME = "hmt-testing:"
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -69,10 +71,15 @@ _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"
 _DATA_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
 
-def hmt_config(args: Any, use_recall: bool, model_args: Optional[ModelArguments] = None) -> HMTConfig:
+def hmt_config(args: Any, use_recall: bool, model_args: Optional[ModelArguments] = None,
+               init_text: Optional[str] = None) -> HMTConfig:
     """The `HMTConfig` of a recipe's HMT arguments for one stage (raises HMTConfig's own errors); a write token that
-    starts from text (``write_token_init_text``) is tokenized with the recipe's tokenizer (``model_args``)."""
+    starts from text (``write_token_init_text``) is tokenized with the recipe's tokenizer (``model_args``).
+    ``write_token_init_text: auto`` takes ``init_text`` (the prompts' ending, `prompt_end_text`); without it (when
+    the recipe is checked before its data are read) a stand-in validates everything else."""
     kwargs = dataclasses.asdict(args)
+    if kwargs.get("write_token_init_text") == AUTO_INIT_TEXT:
+        kwargs["write_token_init_text"] = init_text or "?"
     if kwargs.get("write_token_init_text") is not None and model_args is not None:
         source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
         if source and source.startswith(TESTING_SCHEME) and not model_args.tokenizer_name_or_path:
@@ -378,6 +385,9 @@ def run_recipe(model_args: ModelArguments, data_args: DataArguments, hmt_args: A
         check_rows(rows, source)
         return run_prompt_completion(model_args, data_args, hmt_args, stage, sft_args,
                                      rows.select_columns(["prompt", "completion"]))
+    if hmt_args.write_token_init_text == AUTO_INIT_TEXT:
+        raise ValueError(f"write_token_init_text: auto starts the write token at the prompts' last token, and {source} "
+                         "hold text documents (no prompts): set the text yourself, or leave it unset.")
     if stage.curriculum:
         raise ValueError(f"curriculum orders prompt/completion rows by length, and {source} hold text documents (cut "
                          f"into equal chunks per stage): set curriculum: false, or train on prompt/completion rows.")
@@ -393,7 +403,15 @@ def run_prompt_completion(model_args: ModelArguments, data_args: DataArguments, 
 
     model, tokenizer = load_model_and_tokenizer(model_args)
     report: dict[str, Any] = {"output_dir": sft_args.output_dir, "world_size": sft_args.world_size}
-    peft_model = peft.get_peft_model(model, hmt_config(hmt_args, use_recall=True, model_args=model_args))
+    init_text = None
+    if hmt_args.write_token_init_text == AUTO_INIT_TEXT:
+        init_text, share = prompt_end_text(rows["prompt"], tokenizer)
+        report["write_token_init_text"] = {"text": init_text, "share_of_prompts": share}
+        if sft_args.process_index == 0:
+            print(f"hmt-adapter train: write_token_init_text: auto -> {init_text!r} (its last token ends "
+                  f"{100 * share:.0f}% of the prompts)", flush=True)
+    config = hmt_config(hmt_args, use_recall=True, model_args=model_args, init_text=init_text)
+    peft_model = peft.get_peft_model(model, config)
     if stage.stage1_adapter is not None:
         loaded = load_stage1_weights(peft_model, stage.stage1_adapter)
         report["stage2_init"] = {"loaded": len(loaded.loaded), "fresh_recall_params": loaded.missing_recall}

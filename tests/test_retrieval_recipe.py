@@ -148,3 +148,45 @@ def test_recipe_write_token_init_text_on_a_testing_backbone_without_a_tokenizer_
     with pytest.raises(ValueError, match="needs a tokenizer on disk or on the Hub"):
         parse_recipe(None, ["--model_name_or_path", "hmt-testing:llama", "--output_dir", str(tmp_path),
                             "--dataset_name", "x", "--write_token_init_text", "?"])
+
+
+def test_recipe_write_token_init_text_auto_starts_w_at_the_prompts_most_common_last_token(demo_layout, capsys):
+    """``write_token_init_text: auto``: `hmt-adapter train` finds the text from the prompts (the shipped passkey rows
+    all end in '?'), says so in one line, saves it in the adapter's config, and starts w at that token."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hmt_adapter_cli.cli import main
+
+    code = main(["train", RECIPE, "--stage2_max_steps", "1", "--per_device_train_batch_size", "2",
+                 "--learning_rate", "0", "--warmup_steps", "0", "--write_token_init_text", "auto"])
+    assert code == 0
+    assert "write_token_init_text: auto -> " in capsys.readouterr().out
+    out = demo_layout / "outputs" / "retrieval-tiny"
+    config = HMTConfig.from_pretrained(str(out))
+    question = tiny_tokenizer()("?", add_special_tokens=False).input_ids[-1]
+    assert tiny_tokenizer()(config.write_token_init_text, add_special_tokens=False).input_ids[-1] == question
+    (w,) = [v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "hmt_write_token" in k]
+    folder = demo_layout / "hmt-demo-output" / "backbone"
+    assert torch.equal(w, AutoModelForCausalLM.from_pretrained(str(folder)).get_input_embeddings().weight[question])
+
+
+def test_write_token_init_text_auto_on_text_documents_is_a_one_line_error(tmp_path):
+    from hmt_adapter_cli.recipes import parse_recipe, run_recipe
+
+    tiny = os.path.join(REPO, "recipes", "tiny-offline.yaml")
+    with pytest.raises(ValueError, match="auto starts the write token at the prompts' last token"):
+        run_recipe(*parse_recipe(tiny, ["--output_dir", str(tmp_path), "--write_token_init_text", "auto",
+                                        "--tokenizer_name_or_path", str(tmp_path)]))
+
+
+def test_prompt_end_text_finds_the_most_common_ending_and_says_how_common():
+    from hmt_adapter_cli.prompt_completion import prompt_end_text
+
+    tok = tiny_tokenizer()
+    prompts = ["the key is 7. what is the key?", "a b c. what is the key?", "x y. the word is"]
+    text, share = prompt_end_text(prompts, tok)
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids[-1] == tok("?", add_special_tokens=False).input_ids[-1] and share == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="found no prompt with a token"):
+        prompt_end_text(["", ""], tok)

@@ -95,6 +95,7 @@ def test_write_token_init_text_starts_w_at_the_last_tokens_embedding_and_loads_w
     ({"write_token_init_text": "is", "tokenizer_name_or_path": "t", "write_token": "memory"}, ValueError,
      "write_token='learned'"),
     ({"write_token_init_text": "", "tokenizer_name_or_path": "t"}, TypeError, "non-empty string"),
+    ({"write_token_init_text": "auto", "tokenizer_name_or_path": "t"}, ValueError, "prompt_end_text"),
 ])
 def test_write_token_init_text_is_checked(overrides, error, match):
     with pytest.raises(error, match=match):

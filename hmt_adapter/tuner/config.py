@@ -15,6 +15,7 @@ from .weights import check_adapter_weights
 
 RECALL_QUERIES = ("segment", "previous")
 RECALL_SCALES = ("constant", "log_n")
+AUTO_INIT_TEXT = "auto"  # hmt-adapter train: the write token starts at the prompts' most common last token
 WRITE_TOKENS = ("memory", "learned")
 LOSS_SCOPES = ("all", "last_segment")
 
@@ -87,7 +88,8 @@ class HMTConfig(PeftConfig):
             "before an answer in your prompts (' is' for '... The secret word is'). The write position then begins "
             "as a question to its segment, so its hidden state already holds what an answer would need and only "
             "the read has to be learned. None: the mean input embedding plus noise. Used only when the adapter is "
-            "created for training (not when loading saved weights). Measured in BENCHMARKS.md."
+            "created for training (not when loading saved weights). Measured in BENCHMARKS.md. 'auto' (`hmt-adapter "
+            "train` on prompt/completion data only): the most common last token of the training prompts."
         },
     )
     tokenizer_name_or_path: Optional[str] = field(
@@ -225,6 +227,10 @@ class HMTConfig(PeftConfig):
             if not isinstance(self.write_token_init_text, str) or not self.write_token_init_text:
                 raise TypeError(f"HMTConfig.write_token_init_text must be a non-empty string or None, got "
                                 f"{self.write_token_init_text!r}.")
+            if self.write_token_init_text == AUTO_INIT_TEXT:
+                raise ValueError("HMTConfig.write_token_init_text='auto' is for `hmt-adapter train` on "
+                                 "prompt/completion data, which replaces it with the prompts' last token; in Python, "
+                                 "pass that text itself (hmt_adapter_cli.prompt_completion.prompt_end_text finds it).")
             if self.write_token != "learned":
                 raise ValueError("HMTConfig.write_token_init_text starts the learned write token: it needs "
                                  f"write_token='learned', got write_token={self.write_token!r}.")
