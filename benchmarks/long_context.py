@@ -1,8 +1,9 @@
 """Needle and fact retrieval in real text at real distances, evaluated through lm-evaluation-harness.
 
     apt-get install -y python3-doc      # the corpus: the Python documentation's reST sources (Debian)
+    apt-get install -y --no-install-recommends r-cran-janeaustenr      # the second corpus (--corpus austen)
     pip install -c constraints-cpu.txt -e ".[test]"
-    PYTHONPATH=. python -m benchmarks.long_context --quick            # minutes on 2 CPU cores
+    PYTHONPATH=. python -m benchmarks.long_context --quick            # ~17 min on one CPU thread
     PYTHONPATH=. python -m benchmarks.long_context                     # the full protocol (hours on a CPU)
 
 Protocol: a BPE tokenizer and a small Llama are trained on SHORT windows (``segment_length`` tokens) of the
@@ -14,8 +15,11 @@ window for the sliding-window baseline, which keeps the last tokens of the conte
 needle at several lengths and depths, BABILong-style facts (qa1, qa2). Answers are single tokens scored by
 log-likelihood over the candidate set (lm-eval ``multiple_choice``); chance is 1 / candidates.
 
-Methods: ``hmt`` (frozen backbone + HMT), ``hmt_lora`` (HMT + LoRA r=8), ``hmt_no_recall`` (the paper's stage 1),
-``hmt_no_sensory`` (``num_sensory=0``), ``sliding_window``. Writes ``long_context.json`` (``command``, ``chance``,
+Methods (``METHOD_SPECS``): ``hmt_write_init_spread_stable`` (the recipe of the headline sweep and of
+``--quick``: learned write token started from the question's last token, facts spread over every segment, a quarter
+inside the last one, clipped gradients, cosine rate), its ablations and screens (``hmt`` is the paper's layout,
+``hmt_write_lora*`` HMT + LoRA, ``hmt_write_no_recall`` the paper's stage 1, ``hmt_write_init_logn_spread_stable``
+the ln N recall scale, ...), and ``sliding_window`` (the backbone alone). Writes ``long_context.json`` (``command``, ``chance``,
 ``results`` rows of task/method/context_tokens/depth/accuracy/n) and PNGs (needle heatmap per method, accuracy by
 length) to ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results).
 """
@@ -130,9 +134,10 @@ class Settings(RetrievalSettings):
 
 
 #: What ``--quick`` changes beyond the quick backbone (`benchmarks.lab.settings.RETRIEVAL_QUICK`).
-QUICK = dict(num_sensory=8, recall_dim=128, hmt_steps=2000, max_train_segments=8,
+QUICK = dict(num_sensory=8, recall_dim=128, hmt_steps=1000, max_train_segments=8,
              needle_lengths=(1024, 4096, 16384, 65536), facts_lengths=(1024, 4096), examples=30, examples_longest=20,
-             facts_tasks=("facts_qa1",), facts_examples=20, methods=("sliding_window", "hmt_write", "hmt", "hmt_old_recipe"))
+             facts_tasks=("facts_qa1",), facts_examples=20,
+             methods=("sliding_window", "hmt_write_init_spread_stable"))  # the recipe of the headline sweep
 
 
 def quick(**overrides: Any) -> Settings:
