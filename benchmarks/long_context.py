@@ -37,18 +37,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import datasets
 import numpy as np
 import peft
 import torch
-import transformers
 from datasets import Dataset
 from trl import SFTConfig
 
 from benchmarks.lab import output as O
 from benchmarks.lab import tasks as T
 from benchmarks.lab.corpus import CORPORA
-from benchmarks.lab.pretrain import Prepared, corpus_of, prepare
+from benchmarks.lab.pretrain import Prepared, corpus_problem, prepare
 from benchmarks.lab.settings import RETRIEVAL_QUICK, RetrievalSettings
 from hmt_adapter import HMTConfig
 from hmt_adapter_cli import prompt_completion as P
@@ -649,17 +647,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         combine(args.combine, O.output_dir(args))
         return 0
     s = settings_from_args(args)
-    try:
-        corpus = corpus_of(s)
-    except ValueError as err:
-        print(err, file=sys.stderr)
+    problem = corpus_problem(s)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
-    if not corpus.documents():
-        print(corpus.missing_message(), file=sys.stderr)
-        return 2
-    torch.set_num_threads(max(1, s.threads))
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
+    O.quiet_torch_run(s.threads)
     run(s, O.quoted_command("PYTHONPATH=. python -m benchmarks.long_context", argv), O.output_dir(args))
     return 0
 

@@ -28,13 +28,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import datasets
-import torch
-import transformers
 
 from benchmarks import long_context as LC
 from benchmarks.lab import output as O
-from benchmarks.lab.pretrain import corpus_of, prepare
+from benchmarks.lab.pretrain import corpus_problem, prepare
 
 METHOD = "hmt_write_init_spread_stable"
 QUESTION_END = " The secret word is"
@@ -111,18 +108,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.steps < 1 or args.log_every < 1:
         print("write_init_onset: --steps and --log-every must be positive", file=sys.stderr)
         return 2
-    s = settings(args)
-    try:
-        corpus = corpus_of(s)
-    except ValueError as err:
-        print(err, file=sys.stderr)
+    problem = corpus_problem(settings(args))
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
-    if not corpus.documents():
-        print(corpus.missing_message(), file=sys.stderr)
-        return 2
-    torch.set_num_threads(max(1, args.threads))
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
+    O.quiet_torch_run(args.threads)
     run(args, O.quoted_command("PYTHONPATH=. python -m benchmarks.write_init_onset", argv), O.output_dir(args))
     return 0
 

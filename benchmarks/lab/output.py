@@ -109,6 +109,18 @@ def logger(start: Optional[float] = None) -> Callable[[str], None]:
     return log
 
 
+def quiet_torch_run(threads: int) -> None:
+    """A long benchmark's console and threads: ``threads`` torch threads, no datasets / transformers progress bars or
+    info logs (the script's own ``log`` lines say what is happening)."""
+    import datasets
+    import torch
+    import transformers
+
+    torch.set_num_threads(max(1, threads))
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+
+
 # ---- figures ----------------------------------------------------------------------------------------------------------
 def pyplot():
     """``matplotlib.pyplot`` on the non-interactive Agg backend (figures go to files, never to a window)."""

@@ -18,7 +18,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -199,6 +199,16 @@ class Prepared:
 
 def corpus_of(s: RetrievalSettings) -> K.Corpus:
     return K.get(s.corpus, s.corpus_dir or None)
+
+
+def corpus_problem(s: RetrievalSettings) -> Optional[str]:
+    """Why the corpus of ``s`` cannot be read (an unknown name, a package not installed: its install command), or
+    None when it can."""
+    try:
+        corpus = corpus_of(s)
+    except ValueError as err:
+        return str(err)
+    return None if corpus.documents() else corpus.missing_message()
 
 
 #: What the pretrained backbone and tokenizer depend on (the cache key; changing it orphans every cached backbone).
