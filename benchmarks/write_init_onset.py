@@ -4,7 +4,7 @@
     PYTHONPATH=. python -m benchmarks.write_init_onset --corpus austen --seed 1 \\
         --backbone-cache benchmarks/output/backbones --steps 600
 
-trains `benchmarks.long_context`'s recipe ``hmt_write_init_spread_stable`` (frozen backbone, learned write token,
+trains the long-context benchmark's recipe ``hmt_write_init_spread_stable`` (frozen backbone, learned write token,
 facts spread over every segment with a quarter inside the last one, clipped gradients, cosine rate) on the same
 backbone and the same episodes, once per ``--init-texts`` entry: ``default`` (the write token's usual random start),
 and the write token started at the input embedding of the last token of each given text (`HMTConfig.
@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 
-from benchmarks import long_context as LC
 from benchmarks.lab import output as O
+from benchmarks.lab import retrieval as R
 from benchmarks.lab.pretrain import corpus_problem, prepare
 
 METHOD = "hmt_write_init_spread_stable"
@@ -52,14 +52,10 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings(args: argparse.Namespace) -> LC.Settings:
+def settings(args: argparse.Namespace) -> R.Settings:
     """The long-context benchmark's --quick settings at this corpus, seed and training length."""
-    argv = ["--quick", "--corpus", args.corpus, "--seed", str(args.seed), "--hmt-steps", str(args.steps),
-            "--threads", str(args.threads), "--methods", METHOD]
-    if args.backbone_cache:
-        argv += ["--backbone-cache", args.backbone_cache]
-    s = LC.settings_from_args(LC.make_parser().parse_args(argv))
-    return replace(s, hmt_logging_steps=args.log_every)
+    return R.quick(corpus=args.corpus, seed=args.seed, hmt_steps=args.steps, threads=args.threads, methods=(METHOD,),
+                   backbone_cache=args.backbone_cache or "", hmt_logging_steps=args.log_every)
 
 
 def run(args: argparse.Namespace, command: str, out_dir: Path) -> dict[str, Any]:
@@ -72,7 +68,7 @@ def run(args: argparse.Namespace, command: str, out_dir: Path) -> dict[str, Any]
     for text in args.init_texts:
         init = None if text == "default" else text
         began = time.perf_counter()
-        model, losses, _ = LC.train_method(METHOD, backbone, prep, stream, s, out_dir,
+        model, losses, _ = R.train_method(METHOD, backbone, prep, stream, s, out_dir,
                                            overrides={"write_token_init_text": init},
                                            name=f"{METHOD}-init-{len(curves)}")
         steps = [args.log_every * (i + 1) for i in range(len(losses))]

@@ -10,6 +10,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from benchmarks import long_context as L
+from benchmarks.lab import retrieval as R
 from benchmarks.lab import tasks as T
 from benchmarks.lab.backbone import llama
 from benchmarks.lab.corpus import TINY_TEXT
@@ -19,7 +20,7 @@ from hmt_adapter_cli import prompt_completion as P
 
 def reference_train_hmt(backbone, tokenizer, dataset, method, s, work):
     """`benchmarks.long_context.train_hmt` before it went through `train_prompt_completion` (copied verbatim)."""
-    model = peft.get_peft_model(backbone, L.hmt_config(method, s))
+    model = peft.get_peft_model(backbone, R.hmt_config(method, s))
     args = SFTConfig(
         output_dir=work, max_steps=s.hmt_steps, per_device_train_batch_size=s.hmt_batch, learning_rate=s.hmt_lr,
         lr_scheduler_type=s.hmt_schedule, warmup_steps=max(1, s.hmt_steps // 30), max_length=None,
@@ -51,10 +52,10 @@ def corpus():
 def test_benchmark_training_runs_the_recipe_code_with_the_same_losses(tmp_path, monkeypatch, corpus, method,
                                                                       curriculum):
     tok, stream, vocab = corpus
-    s = L.quick(segment_length=32, num_sensory=2, recall_dim=8, hmt_steps=4, hmt_batch=2, max_train_segments=3,
+    s = R.quick(segment_length=32, num_sensory=2, recall_dim=8, hmt_steps=4, hmt_batch=2, max_train_segments=3,
                 curriculum=curriculum, seed=0)
-    ms = L.method_settings(method, s)
-    dataset = L.train_dataset(tok, stream, vocab, ms, L.hmt_config(method, s).num_sensory)
+    ms = R.method_settings(method, s)
+    dataset = R.train_dataset(tok, stream, vocab, ms, R.hmt_config(method, s).num_sensory)
 
     def train(fn, work):
         backbone = llama(len(tok), 32, 2, 4, 64, 128, True, seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -66,7 +67,7 @@ def test_benchmark_training_runs_the_recipe_code_with_the_same_losses(tmp_path, 
     calls = []
     shared = P.train_prompt_completion
     monkeypatch.setattr(P, "train_prompt_completion", lambda *a, **k: calls.append(k) or shared(*a, **k))
-    new_losses, new_params = train(L.train_hmt, "new")
+    new_losses, new_params = train(R.train_hmt, "new")
     assert len(calls) == 1  # the benchmark trained through the recipe's function
     assert (calls[0]["lora_learning_rate"] is not None) == (ms.lora_lr > 0)
     old_losses, old_params = train(reference_train_hmt, "old")
@@ -81,12 +82,12 @@ def test_a_method_whose_write_token_starts_from_text_trains_through_the_run(tmp_
     from types import SimpleNamespace
 
     tok, stream, vocab = corpus
-    s = L.quick(segment_length=32, num_sensory=2, recall_dim=8, hmt_steps=2, hmt_batch=2, max_train_segments=3,
+    s = R.quick(segment_length=32, num_sensory=2, recall_dim=8, hmt_steps=2, hmt_batch=2, max_train_segments=3,
                 hmt_lr=0.0, seed=0)
     backbone = llama(len(tok), 32, 2, 4, 64, 128, True, seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     backbone.eval().requires_grad_(False)
     prep = SimpleNamespace(tokenizer=tok, vocab=vocab)
-    model, losses, gate = L.train_method("hmt_write_init_spread_stable", backbone, prep, stream, s, tmp_path)
+    model, losses, gate = R.train_method("hmt_write_init_spread_stable", backbone, prep, stream, s, tmp_path)
     assert len(losses) == 2 and gate is None
     config = model.peft_config["default"]
     assert config.write_token_init_text == " The secret word is"
@@ -112,14 +113,14 @@ def test_train_method_overrides_start_the_write_token_elsewhere_and_nothing_else
     from types import SimpleNamespace
 
     tok, stream, vocab = corpus
-    s = L.quick(segment_length=32, num_sensory=2, recall_dim=8, hmt_steps=2, hmt_batch=2, max_train_segments=3,
+    s = R.quick(segment_length=32, num_sensory=2, recall_dim=8, hmt_steps=2, hmt_batch=2, max_train_segments=3,
                 hmt_lr=0.0, seed=0, hmt_logging_steps=1)
     backbone = llama(len(tok), 32, 2, 4, 64, 128, True, seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     backbone.eval().requires_grad_(False)
     prep = SimpleNamespace(tokenizer=tok, vocab=vocab)
     weights = {}
     for name, text in (("dot", "."), ("random", None), ("is", " The secret word is")):
-        model, losses, _ = L.train_method("hmt_write_init_spread_stable", backbone, prep, stream, s, tmp_path,
+        model, losses, _ = R.train_method("hmt_write_init_spread_stable", backbone, prep, stream, s, tmp_path,
                                           overrides={"write_token_init_text": text}, name=name)
         assert len(losses) == 2  # logged every step
         assert model.peft_config["default"].write_token_init_text == text
@@ -136,13 +137,13 @@ def test_train_method_overrides_start_the_write_token_elsewhere_and_nothing_else
 
 def test_every_method_is_a_valid_hmt_config_with_its_own_knobs(tmp_path):
     """Each HMT method of the benchmark builds its `HMTConfig` (validated) and carries its spec's fields."""
-    s = L.quick()
-    for method, (config_overrides, _) in L.METHOD_SPECS.items():
-        config = L.hmt_config(method, s, str(tmp_path))
+    s = R.quick()
+    for method, (config_overrides, _) in R.METHOD_SPECS.items():
+        config = R.hmt_config(method, s, str(tmp_path))
         for field, value in config_overrides.items():
             assert getattr(config, field) == value, (method, field)
         assert (config.tokenizer_name_or_path is not None) == bool(config.write_token_init_text), method
-    assert L.hmt_config("hmt_write_init_logn_spread_stable", s, str(tmp_path)).recall_scale == "log_n"
+    assert R.hmt_config("hmt_write_init_logn_spread_stable", s, str(tmp_path)).recall_scale == "log_n"
 
 
 def _run(corpus: str, seed: int, hmt: dict[int, float], depth100: float) -> dict:

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from benchmarks import long_context as LC
+from benchmarks.lab import retrieval as R
 from benchmarks.lab import tasks as T
 from benchmarks.lab.corpus import TINY_TEXT as TEXT
 from benchmarks.lab.tokenizer import train_tokenizer
@@ -87,8 +87,8 @@ def test_hmt_training_episodes_put_the_needle_beyond_the_window_and_grow_in_leng
     """evidence="beyond": no training episode can be answered from the last segment + sensory memory; with the
     curriculum the episodes (read in order) start at 2 segments and reach the maximum by half-way."""
     vocab = T.Vocab.of(tok)
-    s = LC.quick(segment_length=32, hmt_steps=20, hmt_batch=2, max_train_segments=6)
-    data = LC.train_dataset(tok, stream, vocab, s, num_sensory=s.num_sensory)
+    s = R.quick(segment_length=32, hmt_steps=20, hmt_batch=2, max_train_segments=6)
+    data = R.train_dataset(tok, stream, vocab, s, num_sensory=s.num_sensory)
     needle = tok(" The secret word is", add_special_tokens=False).input_ids
     segments = []
     for ids, mask in zip(data["input_ids"], data["completion_mask"]):
@@ -100,7 +100,7 @@ def test_hmt_training_episodes_put_the_needle_beyond_the_window_and_grow_in_leng
     half = len(segments) // 2
     # (the context is decoded and re-tokenized, which can merge a few tokens: a 6-segment draw may count as 5)
     assert max(segments[:4]) <= 3 and max(segments[half:]) >= s.max_train_segments - 1
-    anywhere = LC.train_dataset(tok, stream, vocab, replace(s, evidence="anywhere", curriculum=False), s.num_sensory)
+    anywhere = R.train_dataset(tok, stream, vocab, replace(s, evidence="anywhere", curriculum=False), s.num_sensory)
     assert anywhere["input_ids"] != data["input_ids"]
 
 
@@ -113,20 +113,20 @@ def test_curriculum_ramp_fraction_sets_when_the_longest_inputs_arrive(tok, strea
     the first half never holds a maximum-length input, with 0.25 the second quarter already does; 0.5 (the default)
     draws exactly the episodes the benchmark drew before the knob existed (its old formula, ``2 * i / total``)."""
     vocab = T.Vocab.of(tok)
-    s = LC.quick(segment_length=32, hmt_steps=24, hmt_batch=2, max_train_segments=8)
-    slow = _segments(LC.train_dataset(tok, stream, vocab, replace(s, curriculum_ramp_fraction=1.0), 4), 32)
-    fast = _segments(LC.train_dataset(tok, stream, vocab, replace(s, curriculum_ramp_fraction=0.25), 4), 32)
+    s = R.quick(segment_length=32, hmt_steps=24, hmt_batch=2, max_train_segments=8)
+    slow = _segments(R.train_dataset(tok, stream, vocab, replace(s, curriculum_ramp_fraction=1.0), 4), 32)
+    fast = _segments(R.train_dataset(tok, stream, vocab, replace(s, curriculum_ramp_fraction=0.25), 4), 32)
     n = len(slow)
     assert max(slow[: n // 2]) <= 5  # at most 2 + 6 * 0.5 segments (+1 for re-tokenization)
     assert max(fast[n // 4 : n // 2]) >= 7
-    assert LC.train_dataset(tok, stream, vocab, s, 4)["input_ids"] == LC.train_dataset(
+    assert R.train_dataset(tok, stream, vocab, s, 4)["input_ids"] == R.train_dataset(
         tok, stream, vocab, replace(s, curriculum_ramp_fraction=0.5), 4)["input_ids"]
 
 
 def test_hmt_seed_draws_other_episodes_and_defaults_to_the_backbone_seed(tok, stream) -> None:
     vocab = T.Vocab.of(tok)
-    s = LC.quick(segment_length=32, hmt_steps=6, hmt_batch=2, max_train_segments=4, seed=3)
-    same = LC.train_dataset(tok, stream, vocab, replace(s, hmt_seed=3), 4)["input_ids"]
-    assert LC.train_dataset(tok, stream, vocab, s, 4)["input_ids"] == same
-    assert LC.train_dataset(tok, stream, vocab, replace(s, hmt_seed=4), 4)["input_ids"] != same
-    assert LC.adapter_seed(s) == 3 and LC.adapter_seed(replace(s, hmt_seed=7)) == 7
+    s = R.quick(segment_length=32, hmt_steps=6, hmt_batch=2, max_train_segments=4, seed=3)
+    same = R.train_dataset(tok, stream, vocab, replace(s, hmt_seed=3), 4)["input_ids"]
+    assert R.train_dataset(tok, stream, vocab, s, 4)["input_ids"] == same
+    assert R.train_dataset(tok, stream, vocab, replace(s, hmt_seed=4), 4)["input_ids"] != same
+    assert R.adapter_seed(s) == 3 and R.adapter_seed(replace(s, hmt_seed=7)) == 7
