@@ -92,7 +92,6 @@ def check_rows(dataset: Any, source: str = "the training data") -> None:
             )
 
 
-# ---- the curriculum ------------------------------------------------------------------------------------------
 def prompt_end_text(prompts: Sequence[str], tokenizer: Any, sample: int = 2000) -> tuple[str, float]:
     """The text to start HMT's write token from (``HMTConfig.write_token_init_text``) for prompt/completion data: a
     tail of a prompt whose last token is the most common last token of the prompts (of the first ``sample``), and
@@ -121,6 +120,7 @@ def prompt_end_text(prompts: Sequence[str], tokenizer: Any, sample: int = 2000) 
                      f"{decoded!r} (id {token}); set write_token_init_text to the words before the answers.")
 
 
+# ---- the curriculum ------------------------------------------------------------------------------------------
 def run_rows(num_rows: int, rows_read: int, seed: int) -> list[int]:
     """The rows a run of ``rows_read`` rows reads: the data repeated as a whole, the rest a seeded sample of it."""
     if num_rows < 1:
