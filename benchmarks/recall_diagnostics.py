@@ -14,7 +14,9 @@ held-out text) measures, per method:
 * **key in memory**: a linear probe (multinomial logistic regression, trained on half of the examples, scored on
   the other half) from the memory embedding ``e_j`` of the needle's segment ``j`` to the key, against the same
   probe on the memory of a segment without the needle (chance 1 / keys);
-* **answer**: whether the model's argmax over the key candidates is right, by needle segment.
+* **answer**: whether the model's argmax over the key candidates is right, by needle segment, and split by whether
+  recall's argmax is the needle's segment (``accuracy_recall_found`` / ``accuracy_recall_missed``): a run that
+  answers right when recall finds the needle and wrong otherwise fails at recall, not at what the memory holds.
 
 With ``--at-init`` each adapter is also inspected as its training started (its saved config, fresh initial
 weights): whether the memory holds the key before any training, which is what a write token that starts from text
@@ -36,6 +38,7 @@ from typing import Any, Optional
 
 import peft
 import torch
+from tqdm import tqdm
 
 import hmt_adapter  # noqa: F401  (registers HMT with PEFT)
 from benchmarks.lab import output as O
@@ -59,7 +62,7 @@ def inspect(model, tokenizer, examples: list[dict[str, Any]], segment_length: in
     """Per example: needle segment, recall weights of the last segment, memories, answer correctness."""
     marker = tokenizer(" The secret word is", add_special_tokens=False).input_ids
     out = []
-    for e in examples:
+    for e in tqdm(examples, desc="examples", unit="ex", leave=False, disable=None):
         ids = tokenizer(e["context"], add_special_tokens=False).input_ids
         segment = needle_start(ids, marker) // segment_length
         weights: list[torch.Tensor] = []
@@ -109,6 +112,9 @@ def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
                             "uniform_weight": sum(1 / len(w) for w in recalls) / len(recalls) if recalls else None,
                             "recall_top1": sum(rank1) / len(rank1) if rank1 else None})
     argmax_segments = [int(r["last_recall"].argmax()) for r in rows if r["last_recall"] is not None]
+    # the answer when recall's argmax is the needle's segment vs when it is another: a recall miss or a read miss
+    found = [r for r in rows if r["last_recall"] is not None and int(r["last_recall"].argmax()) == r["segment"]]
+    missed = [r for r in rows if r["last_recall"] is not None and int(r["last_recall"].argmax()) != r["segment"]]
     # memory of the needle's segment vs memory of a segment without the needle (the one after it, or before)
     labels = torch.tensor([r["answer"] for r in rows])
     own = torch.stack([r["memories"][r["segment"]] for r in rows if r["segment"] < len(r["memories"])])
@@ -120,26 +126,49 @@ def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
         "probe_other_segment": probe_accuracy(other, labels, keys),
         "chance": 1 / keys,
         "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        "recall_found": len(found) / (len(found) + len(missed)) if found or missed else None,
+        "accuracy_recall_found": sum(r["correct"] for r in found) / len(found) if found else None,
+        "accuracy_recall_missed": sum(r["correct"] for r in missed) / len(missed) if missed else None,
     }
+
+
+def fmt(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def binned(per_segment: list[dict[str, Any]], bins: int = 32) -> tuple[list[float], list[float], list[float]]:
+    """(segment, recall weight on the needle, accuracy), example-weighted means over ``len // bins`` consecutive
+    segments when there are more than ``bins`` (one example per segment of a 16k context is all noise)."""
+    step = max(1, len(per_segment) // bins)
+    out: tuple[list[float], list[float], list[float]] = ([], [], [])
+    for i in range(0, len(per_segment), step):
+        group = per_segment[i : i + step]
+        n = sum(p["n"] for p in group)
+        out[0].append(sum(p["segment"] for p in group) / len(group))
+        out[1].append(sum((p["recall_weight"] or 0) * p["n"] for p in group) / n)
+        out[2].append(sum(p["accuracy"] * p["n"] for p in group) / n)
+    return out
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
     plt = O.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for method, res in payload["methods"].items():
-        segs = [p["segment"] for p in res["per_segment"]]
-        axes[0].plot(segs, [p["recall_weight"] or 0 for p in res["per_segment"]], marker="o", label=method)
-        axes[1].plot(segs, [p["accuracy"] for p in res["per_segment"]], marker="o", label=method)
+        segs, weight, accuracy = binned(res["per_segment"])
+        axes[0].plot(segs, weight, marker="o", label=method)
+        axes[1].plot(segs, accuracy, marker="o", label=method)
     uniform = next(iter(payload["methods"].values()))["per_segment"]
     axes[0].plot([p["segment"] for p in uniform], [p["uniform_weight"] or 0 for p in uniform], "k--", lw=1,
                  label="uniform")
+    step = max(1, len(uniform) // 32)
+    where = f" (means over bins of {step} segments)" if step > 1 else ""
     axes[0].set_title("last segment's recall weight on the needle's memory")
     axes[1].set_title("needle accuracy by the needle's segment")
     for ax in axes:
         ax.set_xlabel("segment holding the needle")
         ax.set_ylim(0, 1.02)
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle(f"{payload['corpus']} seed {payload['seed']}, {payload['length']} tokens")
+    fig.suptitle(f"{payload['corpus']} seed {payload['seed']}, {payload['length']} tokens{where}")
     O.save_figure(fig, path)
 
 
@@ -215,9 +244,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name, build in adapters:
             model = build().eval()
             results[name] = summarise(inspect(model, prep.tokenizer, examples, s.segment_length), len(prep.vocab.keys))
-            print(f"{name}: accuracy {results[name]['accuracy']:.2f}, probe (needle segment) "
-                  f"{results[name]['probe_needle_segment']:.2f} vs other {results[name]['probe_other_segment']:.2f}; "
-                  f"recall argmax by segment {results[name]['recall_argmax_histogram']}", flush=True)
+            r = results[name]
+            print(f"{name}: accuracy {r['accuracy']:.2f}; recall's argmax on the needle's segment "
+                  f"{fmt(r['recall_found'])} (accuracy then {fmt(r['accuracy_recall_found'])}, otherwise "
+                  f"{fmt(r['accuracy_recall_missed'])}); probe (needle segment) {r['probe_needle_segment']:.2f} "
+                  f"vs other {r['probe_other_segment']:.2f}", flush=True)
             prep.backbone = model.unload()
     payload = {"command": O.command_line("benchmarks.recall_diagnostics"), "corpus": s.corpus, "seed": s.seed,
                "length": args.length, "run_dir": str(run_dir), "methods": results}

@@ -1,0 +1,44 @@
+"""`benchmarks.recall_diagnostics.summarise`: the answer split by whether recall found the needle's segment."""
+
+import torch
+
+from benchmarks.recall_diagnostics import summarise
+
+
+def row(segment: int, argmax: int, correct: bool, answer: int, segments: int = 4) -> dict:
+    weights = torch.full((segments,), 0.1)
+    weights[argmax] = 1.0
+    memories = torch.randn(segments + 1, 8)
+    return {"segment": segment, "segments": segments + 1, "answer": answer, "correct": correct,
+            "last_recall": weights / weights.sum(), "memories": memories}
+
+
+def test_summarise_separates_recall_misses_from_read_misses():
+    torch.manual_seed(0)
+    rows = [row(1, 1, True, 0), row(2, 2, True, 1), row(3, 3, False, 2),  # recall found: 2 of 3 right
+            row(0, 2, False, 0), row(1, 3, True, 1)]  # recall missed: 1 of 2 right
+    result = summarise(rows, keys=3)
+    assert result["recall_found"] == 3 / 5
+    assert abs(result["accuracy_recall_found"] - 2 / 3) < 1e-9
+    assert result["accuracy_recall_missed"] == 1 / 2
+    assert result["accuracy"] == 3 / 5
+    by_segment = {p["segment"]: p for p in result["per_segment"]}
+    assert by_segment[1]["recall_top1"] == 1 / 2  # segment 1: found once, missed once
+
+
+def test_summarise_without_recall_reports_no_split():
+    rows = [dict(row(1, 1, True, 0), last_recall=None), dict(row(2, 2, False, 1), last_recall=None)]
+    result = summarise(rows, keys=2)
+    assert result["recall_found"] is None
+    assert result["accuracy_recall_found"] is None and result["accuracy_recall_missed"] is None
+
+
+def test_binned_means_are_example_weighted():
+    from benchmarks.recall_diagnostics import binned
+
+    per_segment = [{"segment": i, "n": 1 + (i % 2), "accuracy": float(i % 2), "recall_weight": 0.5} for i in range(64)]
+    segs, weight, accuracy = binned(per_segment, bins=32)
+    assert len(segs) == 32 and segs[0] == 0.5
+    assert weight == [0.5] * 32
+    assert accuracy == [2 / 3] * 32  # segments 0 (1 example, wrong) and 1 (2 examples, right)
+    assert binned(per_segment[:4], bins=32)[2] == [0.0, 1.0, 0.0, 1.0]  # few segments: unbinned
