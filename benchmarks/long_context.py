@@ -3,7 +3,7 @@
     apt-get install -y python3-doc      # the corpus: the Python documentation's reST sources (Debian)
     apt-get install -y --no-install-recommends r-cran-janeaustenr      # the second corpus (--corpus austen)
     pip install -c constraints-cpu.txt -e ".[test]"
-    PYTHONPATH=. python -m benchmarks.long_context --quick            # ~17 min on one CPU thread
+    PYTHONPATH=. python -m benchmarks.long_context --quick            # ~25 min on one CPU thread
     PYTHONPATH=. python -m benchmarks.long_context                     # the full protocol (hours on a CPU)
 
 Protocol: a BPE tokenizer and a small Llama are trained on SHORT windows (``segment_length`` tokens) of the
@@ -16,8 +16,8 @@ needle at several lengths and depths, BABILong-style facts (qa1, qa2). Answers a
 log-likelihood over the candidate set (lm-eval ``multiple_choice``); chance is 1 / candidates.
 
 Methods (``METHOD_SPECS``): ``hmt_write_init_spread_stable`` (the recipe of the headline sweep and of
-``--quick``: learned write token started from the question's last token, facts spread over every segment, a quarter
-inside the last one, clipped gradients, cosine rate), its ablations and screens (``hmt`` is the paper's layout,
+``--quick``: learned write token started from the question's last token, training rows of up to 16 segments, facts
+spread over every segment, a quarter inside the last one, clipped gradients, cosine rate), its ablations and screens (``hmt`` is the paper's layout,
 ``hmt_write_lora*`` HMT + LoRA, ``hmt_write_no_recall`` the paper's stage 1, ``hmt_write_init_logn_spread_stable``
 the ln N recall scale, ...), and ``sliding_window`` (the backbone alone). Writes ``long_context.json`` (``command``, ``chance``,
 ``results`` rows of task/method/context_tokens/depth/accuracy/n) and PNGs (needle heatmap per method, accuracy by
@@ -346,7 +346,8 @@ def combine(paths: list[str], out_dir: Path) -> dict[str, Any]:
 # ---- command line ------------------------------------------------------------------------------------------
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.long_context", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small model, lengths 512-8192, 10 examples each (minutes)")
+    p.add_argument("--quick", action="store_true", help="the headline sweep's run: small backbone, needles at 1k-64k, training rows of up to 16 segments "
+                   "(~25 min on one thread)")
     p.add_argument("--corpus", default="python-docs",
                    help=f"one of {sorted(CORPORA)} (see benchmarks/lab/corpus.py for the install command of each)")
     p.add_argument("--corpus-dir", default=None, help="read the corpus from this directory instead")

@@ -62,6 +62,12 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                            "recall_scale": "log_n"},
                                           {"placement": "segment", "in_window_fraction": 0.25,
                                            "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
+    # that recipe with a recall query that reads the last segment up to the question (summary_fraction 0.95: 61 of 64
+    # tokens, the question's words but not the answer): the paper's first half never sees a question at the end
+    "hmt_write_init_query95_spread_stable": ({"write_token": "learned", "write_token_init_text": " The secret word is",
+                                              "summary_fraction": 0.95},
+                                             {"placement": "segment", "in_window_fraction": 0.25,
+                                              "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_gate_stable": ({"write_token": "learned", "memory_gate": True},
                               {"hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
@@ -108,7 +114,7 @@ class Settings(RetrievalSettings):
 
 
 #: What ``--quick`` changes beyond the quick backbone (`benchmarks.lab.settings.RETRIEVAL_QUICK`).
-QUICK = dict(num_sensory=8, recall_dim=128, hmt_steps=1000, max_train_segments=8,
+QUICK = dict(num_sensory=8, recall_dim=128, hmt_steps=1000, max_train_segments=16,
              needle_lengths=(1024, 4096, 16384, 65536), facts_lengths=(1024, 4096), examples=30, examples_longest=20,
              facts_tasks=("facts_qa1",), facts_examples=20,
              methods=("sliding_window", "hmt_write_init_spread_stable"))  # the recipe of the headline sweep
