@@ -111,10 +111,11 @@ def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
                             "recall_weight": sum(weight) / len(weight) if weight else None,
                             "uniform_weight": sum(1 / len(w) for w in recalls) / len(recalls) if recalls else None,
                             "recall_top1": sum(rank1) / len(rank1) if rank1 else None})
-    argmax_segments = [int(r["last_recall"].argmax()) for r in rows if r["last_recall"] is not None]
+    recalled = [(r, int(r["last_recall"].argmax())) for r in rows if r["last_recall"] is not None]
+    argmax_segments = [top for _, top in recalled]
     # the answer when recall's argmax is the needle's segment vs when it is another: a recall miss or a read miss
-    found = [r for r in rows if r["last_recall"] is not None and int(r["last_recall"].argmax()) == r["segment"]]
-    missed = [r for r in rows if r["last_recall"] is not None and int(r["last_recall"].argmax()) != r["segment"]]
+    found = [r for r, top in recalled if top == r["segment"]]
+    missed = [r for r, top in recalled if top != r["segment"]]
     # memory of the needle's segment vs memory of a segment without the needle (the one after it, or before)
     labels = torch.tensor([r["answer"] for r in rows])
     own = torch.stack([r["memories"][r["segment"]] for r in rows if r["segment"] < len(r["memories"])])
@@ -136,10 +137,18 @@ def fmt(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def binned(per_segment: list[dict[str, Any]], bins: int = 32) -> tuple[list[float], list[float], list[float]]:
-    """(segment, recall weight on the needle, accuracy), example-weighted means over ``len // bins`` consecutive
-    segments when there are more than ``bins`` (one example per segment of a 16k context is all noise)."""
-    step = max(1, len(per_segment) // bins)
+PLOT_BINS = 32  # at most about this many points per line: one example per segment of a 16k context is all noise
+
+
+def bin_width(segments: int, bins: int = PLOT_BINS) -> int:
+    """Consecutive segments per plotted point."""
+    return max(1, segments // bins)
+
+
+def binned(per_segment: list[dict[str, Any]], bins: int = PLOT_BINS) -> tuple[list[float], list[float], list[float]]:
+    """(segment, recall weight on the needle, accuracy), example-weighted means over `bin_width` consecutive
+    segments."""
+    step = bin_width(len(per_segment), bins)
     out: tuple[list[float], list[float], list[float]] = ([], [], [])
     for i in range(0, len(per_segment), step):
         group = per_segment[i : i + step]
@@ -160,7 +169,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     uniform = next(iter(payload["methods"].values()))["per_segment"]
     axes[0].plot([p["segment"] for p in uniform], [p["uniform_weight"] or 0 for p in uniform], "k--", lw=1,
                  label="uniform")
-    step = max(1, len(uniform) // 32)
+    step = bin_width(len(uniform))
     where = f" (means over bins of {step} segments)" if step > 1 else ""
     axes[0].set_title("last segment's recall weight on the needle's memory")
     axes[1].set_title("needle accuracy by the needle's segment")

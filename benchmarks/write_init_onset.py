@@ -56,8 +56,7 @@ def settings(args: argparse.Namespace) -> R.Settings:
     """The long-context benchmark's --quick settings at this corpus, seed and training length, with training rows of
     up to 8 segments (the --quick of the committed onset curves; --quick now trains on up to 16)."""
     return R.quick(corpus=args.corpus, seed=args.seed, hmt_steps=args.steps, threads=args.threads, methods=(METHOD,),
-                   max_train_segments=8,
-                   backbone_cache=args.backbone_cache or "", hmt_logging_steps=args.log_every)
+                   max_train_segments=8, backbone_cache=args.backbone_cache or "", hmt_logging_steps=args.log_every)
 
 
 def run(args: argparse.Namespace, command: str, out_dir: Path) -> dict[str, Any]:
