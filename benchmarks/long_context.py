@@ -373,6 +373,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="pretraining also runs until the backbone answers this share of in-window qa1 questions")
     p.add_argument("--pretrain-tasks", nargs="+", default=None, choices=("needle", "facts_qa1", "facts_qa2"),
                    help="the tasks of pretraining's in-window episodes, drawn uniformly (repeat one to weight it)")
+    p.add_argument("--train-tasks", nargs="+", default=None, choices=("needle", "facts_qa1", "facts_qa2"),
+                   help="the tasks of HMT's training episodes, drawn uniformly (default: needle only)")
     p.add_argument("--answer-weight", type=float, default=None, help="pretraining: extra CE weight on episode answers")
     p.add_argument("--hmt-batch", type=int, default=None)
     p.add_argument("--hmt-lr", type=float, default=None)
@@ -410,7 +412,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides.update({key: getattr(args, key) for key in OVERRIDES if getattr(args, key) is not None})
     if args.methods:
         overrides["methods"] = tuple(args.methods)
-    for key in ("needle_lengths", "facts_lengths", "pretrain_tasks"):
+    for key in ("needle_lengths", "facts_lengths", "pretrain_tasks", "train_tasks"):
         if getattr(args, key):
             overrides[key] = tuple(getattr(args, key))
     if args.all_token_loss:

@@ -4,6 +4,8 @@ data), with the same losses and weights as the benchmark's own trainer had befor
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import peft
 import pytest
 import torch
@@ -180,3 +182,16 @@ def test_combine_reports_the_worst_run_beside_the_mean_and_every_run(tmp_path):
     assert "| austen | 1 | hmt | 50 | 30 | 40 / 40 |  | 2.50 -> 0.10 |" in text  # every run, the worst included
     assert "| austen | 0 | sliding_window | 20 | 20 | 20 / 20 |  |  |" in text
     assert (tmp_path / "out" / "long_context_austen_worst_needle.png").is_file()
+
+
+def test_train_tasks_from_the_command_line_set_what_hmt_trains_on(corpus):
+    tok, stream, vocab = corpus
+    s = L.settings_from_args(L.make_parser().parse_args(["--quick", "--train-tasks", "facts_qa1"]))
+    assert s.train_tasks == ("facts_qa1",)
+    assert L.settings_from_args(L.make_parser().parse_args(["--quick"])).train_tasks == ("needle",)
+    s = replace(s, hmt_steps=2, hmt_batch=3, max_train_segments=3, segment_length=32)
+    rows = R.train_dataset(tok, stream, vocab, s, num_sensory=4)
+    places = {tok(" " + p, add_special_tokens=False).input_ids[0] for p in vocab.places}
+    for ids, mask in zip(rows["input_ids"], rows["completion_mask"]):
+        answer = ids[mask.index(1)]
+        assert answer in places  # a qa1 episode: the answer is where the person went
