@@ -68,6 +68,12 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                               "summary_fraction": 0.95},
                                              {"placement": "segment", "in_window_fraction": 0.25,
                                               "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
+    # that recipe with a quarter of the beyond-window facts straddling a segment boundary, the answer opening a segment
+    # (the held-out needle at depth 25% sits there at every length; uniform placement puts 1 in 64 facts there)
+    "hmt_write_init_boundary_spread_stable": ({"write_token": "learned", "write_token_init_text": " The secret word is"},
+                                              {"placement": "segment", "in_window_fraction": 0.25,
+                                               "boundary_fraction": 0.25, "hmt_max_grad_norm": 1.0,
+                                               "hmt_schedule": "cosine"}),
     "hmt_write_gate_stable": ({"write_token": "learned", "memory_gate": True},
                               {"hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
@@ -101,6 +107,7 @@ class Settings(RetrievalSettings):
     min_train_segments: int = 2  # shortest training input (segments)
     placement: str = "depth"  # "depth": the fact at a uniform token depth; "segment": in a uniformly drawn segment
     in_window_fraction: float = 0.0  # share of training episodes with the fact inside the last segment (do no harm)
+    boundary_fraction: float = 0.0  # share of the other ("segment" placement) facts whose answer opens a segment
     train_tasks: tuple = ("needle",)
     max_train_segments: int = 16
     answer_only_loss: bool = True
@@ -157,12 +164,29 @@ def fact_depth(s: Settings, segments: int, num_sensory: int, rng: random.Random)
     if s.placement != "segment":
         raise ValueError(f"placement must be 'depth' or 'segment', got {s.placement!r}.")
     beyond = s.evidence == "beyond"
+    if s.boundary_fraction > 0 and segments > 2 and rng.random() < s.boundary_fraction:
+        return boundary_depth(s, segments, rng), False
     segment = rng.randrange(segments - 1 if beyond else segments)
     start, end = segment * s.segment_length, (segment + 1) * s.segment_length
     if beyond and segment == segments - 2:
         end -= num_sensory + 8  # the fact (~7 tokens) must end before the last segment's sensory memory
     # anywhere from the segment's first token on, so a fact may straddle into the next segment (as real text does)
     return (start + rng.random() * max(1, end - start)) / length, False
+
+
+#: A fact sentence (" The secret word is KEY.", " NAME went to the PLACE.") has its answer at token 4; a needle
+#: episode's filler is its length less the needle (6 tokens) and the question (10).
+ANSWER_INDEX, NEEDLE_EPISODE_EXTRA = 4, 16
+
+
+def boundary_depth(s: Settings, segments: int, rng: random.Random) -> float:
+    """A depth that puts the fact's answer among the first 4 tokens of a segment 1..segments-2 and the start of the
+    sentence at the end of the segment before: the segment that holds the answer sees the rest only through its
+    sensory memory. Exact in tokens for a needle episode (`benchmarks.lab.tasks._plant` scales a depth by the filler's
+    length); the facts tasks plant more sentences, so there it lands within a few tokens of the boundary."""
+    length = segments * s.segment_length - 1
+    answer_at = rng.randint(1, segments - 2) * s.segment_length + rng.randint(0, 3)
+    return (answer_at - ANSWER_INDEX) / (length - NEEDLE_EPISODE_EXTRA)
 
 
 def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):

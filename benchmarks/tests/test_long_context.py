@@ -4,6 +4,7 @@ data), with the same losses and weights as the benchmark's own trainer had befor
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import peft
@@ -195,3 +196,23 @@ def test_train_tasks_from_the_command_line_set_what_hmt_trains_on(corpus):
     for ids, mask in zip(rows["input_ids"], rows["completion_mask"]):
         answer = ids[mask.index(1)]
         assert answer in places  # a qa1 episode: the answer is where the person went
+
+
+def test_boundary_facts_open_a_segment_with_their_answer_beyond_the_window(corpus):
+    tok, stream, vocab = corpus
+    s = replace(R.quick(), placement="segment", boundary_fraction=1.0, segment_length=32)
+    rng = random.Random(0)
+    for _ in range(40):
+        segments = rng.randint(3, 8)
+        depth, in_window = R.fact_depth(s, segments, 4, rng)
+        ids, answer_at = T.episode_ids(tok, T.needle_example(tok, stream, vocab, segments * 32 - 1, depth, rng))
+        key = ids[answer_at]
+        first = ids.index(key)  # the planted key (the filler has no answer words at this size)
+        assert not in_window and first // 32 in range(1, segments - 1) and first % 32 <= 3
+    plain = replace(s, boundary_fraction=0.0)
+    offsets = []
+    for _ in range(200):
+        depth, _ = R.fact_depth(plain, 8, 4, rng)
+        ids, answer_at = T.episode_ids(tok, T.needle_example(tok, stream, vocab, 8 * 32 - 1, depth, rng))
+        offsets.append(ids.index(ids[answer_at]) % 32)
+    assert sum(o <= 3 for o in offsets) < 60  # without the lever, the answer opens a segment far less often
