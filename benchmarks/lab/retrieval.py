@@ -160,6 +160,8 @@ def fact_depth(s: Settings, segments: int, num_sensory: int, rng: random.Random)
         last = s.segment_length - 24  # room for the fact (~7 tokens) and the question (~12) inside the last segment
         return 1.0 - rng.random() * last / length, True
     if s.placement == "depth":
+        if s.boundary_fraction > 0:
+            raise ValueError("boundary_fraction places facts by segment: it needs placement='segment'.")
         return rng.random() * evidence_max_depth(s, length, num_sensory, s.evidence), False
     if s.placement != "segment":
         raise ValueError(f"placement must be 'depth' or 'segment', got {s.placement!r}.")

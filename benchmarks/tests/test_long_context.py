@@ -216,3 +216,5 @@ def test_boundary_facts_open_a_segment_with_their_answer_beyond_the_window(corpu
         ids, answer_at = T.episode_ids(tok, T.needle_example(tok, stream, vocab, 8 * 32 - 1, depth, rng))
         offsets.append(ids.index(ids[answer_at]) % 32)
     assert sum(o <= 3 for o in offsets) < 60  # without the lever, the answer opens a segment far less often
+    with pytest.raises(ValueError, match="placement='segment'"):
+        R.fact_depth(replace(s, placement="depth"), 8, 4, rng)  # not silently ignored
