@@ -75,12 +75,16 @@ def aggregate(method: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_tasks(s: Settings, prep: Prepared, task_dir: Path) -> tuple[list[str], dict[str, float], list[str]]:
     """Write every lm-eval task of the run (held-out text) into ``task_dir``: returns (the tasks at real lengths,
     chance per task, the in-window probes: examples that fit in one segment)."""
+    if s.needle_offsets not in ("depth", "spread"):
+        raise ValueError(f"needle_offsets must be 'depth' or 'spread', got {s.needle_offsets!r}.")
     names, chance = [], {}
     for task, lengths in (("needle", s.needle_lengths), *((t, s.facts_lengths) for t in s.facts_tasks)):
         for n in lengths:
             count = s.examples_longest if n == max(lengths) else s.examples
             count = count if task == "needle" else min(count, s.facts_examples)
-            examples = T.make_examples(task, prep.tokenizer, prep.heldout_stream, prep.vocab, n, count, s.seed)
+            spread = s.needle_offsets == "spread" and task == "needle"
+            examples = T.make_examples(task, prep.tokenizer, prep.heldout_stream, prep.vocab, n, count, s.seed,
+                                       segment_length=s.segment_length if spread else 0)
             T.write_task(task_dir, f"lc_{task}_{n}", examples)
             names.append(f"lc_{task}_{n}")
             chance[task] = T.chance(examples)
@@ -111,9 +115,23 @@ def hmt_lm(model, tokenizer):
     return HMTLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
 
 
-def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
+def saved_adapter(backbone, run_dir: Path, method: str):
+    """The adapter that the run in ``run_dir`` trained for ``method`` (``adapters/<method>/``), on ``backbone``."""
+    import peft
+
+    path = run_dir / "adapters" / method
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"{run_dir} holds no adapter for {method!r} (no {path}/adapter_config.json); its adapters: "
+                         f"{sorted(d.name for d in (run_dir / 'adapters').glob('*'))}.")
+    return peft.PeftModel.from_pretrained(backbone, path).eval()
+
+
+def run(s: Settings, command: str, out_dir: Path, adapters_from: Optional[Path] = None) -> dict[str, Any]:
+    """Train every HMT method of ``s`` (or, with ``adapters_from``, load the adapters that run saved and keep its
+    training losses), score every method on the held-out tasks, and write the JSON and PNGs into ``out_dir``."""
     start = time.perf_counter()
     log = O.logger(start)
+    source = json.loads((adapters_from / "long_context.json").read_text()) if adapters_from else None
     prep = prepare(s, log)
     task_dir = out_dir / "long_context_tasks"
     names, chance, in_window = write_tasks(s, prep, task_dir)
@@ -129,7 +147,11 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
         log(f"sliding_window ({window} tokens): {_summary(results)}")
     backbone, stream = prep.backbone, prep.train_stream.tolist()
     for method in [m for m in s.methods if m != "sliding_window"]:
-        model, train_logs[method], gate = train_method(method, backbone, prep, stream, s, out_dir)
+        if source is not None:
+            model, gate = saved_adapter(backbone, adapters_from, method), source.get("memory_gate", {}).get(method)
+            train_logs[method] = source["hmt_train_loss"][method]
+        else:
+            model, train_logs[method], gate = train_method(method, backbone, prep, stream, s, out_dir)
         if gate is not None:
             gates[method] = gate
         rows = aggregate(method, evaluate(hmt_lm(model, prep.tokenizer), names, task_dir))
@@ -141,6 +163,7 @@ def run(s: Settings, command: str, out_dir: Path) -> dict[str, Any]:
     for r in results + in_window_rows:
         r.update(corpus=s.corpus, seed=s.seed)
     payload = {"command": command, "machine": O.machine_info("cpu"), "settings": asdict(s), "chance": chance,
+               **({"adapters_from": str(adapters_from), "source_command": source["command"]} if source else {}),
                "backbone_in_window": in_window_rows, "pretraining": prep.pretraining, "hmt_train_loss": train_logs,
                "memory_gate": gates, "results": results, "seconds": time.perf_counter() - start}
     path = O.write_json(out_dir / "long_context.json", payload)
@@ -316,6 +339,10 @@ def combine(paths: list[str], out_dir: Path) -> dict[str, Any]:
     worst run is the one with the lowest mean needle accuracy over lengths). Writes ``long_context.json``,
     ``long_context_summary.md`` and, per corpus, the needle heatmaps of the worst run of every method."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    grids = {run["settings"].get("needle_offsets", "depth") for run in runs}
+    if len(grids) > 1:
+        raise ValueError(f"These runs scored different needle grids (needle_offsets {sorted(grids)}); combine the "
+                         "runs of one grid at a time.")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for run in runs for r in run["results"]]
     summary: dict[str, dict[str, Any]] = {}
@@ -348,8 +375,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.long_context", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the headline sweep's run: small backbone, needles at 1k-64k, training rows of up to 16 segments "
                    "(~25 min on one thread)")
-    p.add_argument("--corpus", default="python-docs",
-                   help=f"one of {sorted(CORPORA)} (see benchmarks/lab/corpus.py for the install command of each)")
+    p.add_argument("--corpus", default=None,
+                   help=f"one of {sorted(CORPORA)} (see benchmarks/lab/corpus.py for the install command of each; "
+                        "default python-docs)")
     p.add_argument("--corpus-dir", default=None, help="read the corpus from this directory instead")
     p.add_argument("--backbone-cache", default=None, metavar="DIR",
                    help="reuse (or store) the pretrained backbone and tokenizer of this corpus/seed/settings here")
@@ -387,9 +415,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples-longest", type=int, default=None, help="examples at the longest length")
     p.add_argument("--recall-query", choices=("segment", "previous"), default=None)
     p.add_argument("--all-token-loss", action="store_true", help="train HMT on every token, not only the answer")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed of the backbone, its data and the examples (0)")
     p.add_argument("--hmt-seed", type=int, default=None,
                    help="seed of the adapter's initial weights and training draws (default: --seed)")
+    p.add_argument("--needle-offsets", choices=("depth", "spread"), default=None,
+                   help="held-out needles: the key's offset in its segment follows from the depth (the grid of every "
+                        "earlier row), or is drawn uniformly inside the segment the depth picks")
+    p.add_argument("--adapters-from", default=None, metavar="RUN_DIR",
+                   help="score the adapters that this finished run (an --output-dir) saved instead of training, with "
+                        "its settings; only evaluation options may be given with it")
     p.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
                    help="draw the PNGs from these result files (their rows side by side) instead of running")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
@@ -403,12 +437,15 @@ OVERRIDES = ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", 
              "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr", "episode_fraction",
              "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence", "examples",
              "examples_longest", "hmt_seed", "target_qa1_in_window",
-             "curriculum_ramp_fraction")
+             "curriculum_ramp_fraction", "needle_offsets")
+
+#: What may be given with ``--adapters-from`` (the rest would change the backbone, the adapters or their training).
+RESCORE_OPTIONS = ("backbone_cache", "threads", "needle_offsets", "methods")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The run's settings: the full protocol or ``--quick``'s, with the options given on the command line."""
-    overrides: dict[str, Any] = {"corpus": args.corpus, "seed": args.seed}
+    overrides: dict[str, Any] = {"corpus": args.corpus or "python-docs", "seed": args.seed or 0}
     overrides.update({key: getattr(args, key) for key in OVERRIDES if getattr(args, key) is not None})
     if args.methods:
         overrides["methods"] = tuple(args.methods)
@@ -422,21 +459,51 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return quick(**overrides) if args.quick else replace(Settings(), **overrides)
 
 
+def settings_of_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    """``--adapters-from``: the finished run's settings, with the evaluation options given on the command line.
+    Raises ValueError for a folder without a finished run, or an option that would change what was trained."""
+    run_dir = Path(args.adapters_from)
+    if not (run_dir / "long_context.json").is_file():
+        raise ValueError(f"--adapters-from {run_dir}: no long_context.json there; pass the --output-dir of a finished "
+                         "benchmarks.long_context run.")
+    given = [a.dest for a in parser._actions if a.dest not in (*RESCORE_OPTIONS, "adapters_from", "help", "output_dir",
+             "update_results") and getattr(args, a.dest) is not None and getattr(args, a.dest) is not False]
+    if given:
+        raise ValueError(f"--adapters-from scores the run with its own settings; drop "
+                         f"{', '.join('--' + g.replace('_', '-') for g in given)}.")
+    s = Settings.from_dict(json.loads((run_dir / "long_context.json").read_text())["settings"])
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in RESCORE_OPTIONS if getattr(args, k) is not None}
+    if args.methods:
+        overrides["methods"] = tuple(args.methods)
+    s = replace(s, **overrides)
+    for method in (m for m in s.methods if m != "sliding_window"):
+        if not (run_dir / "adapters" / method / "adapter_config.json").is_file():
+            raise ValueError(f"--adapters-from {run_dir}: no adapter for {method!r} there (adapters/{method}/); "
+                             "choose the methods with --methods.")
+    return s
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     if args.plot_from:
         plot_from(args.plot_from, O.output_dir(args))
         return 0
-    if args.combine:
-        combine(args.combine, O.output_dir(args))
-        return 0
-    s = settings_from_args(args)
+    try:
+        if args.combine:
+            combine(args.combine, O.output_dir(args))
+            return 0
+        s = settings_of_run(args, parser) if args.adapters_from else settings_from_args(args)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     problem = corpus_problem(s)
     if problem:
         print(problem, file=sys.stderr)
         return 2
     O.quiet_torch_run(s.threads)
-    run(s, O.quoted_command("PYTHONPATH=. python -m benchmarks.long_context", argv), O.output_dir(args))
+    run(s, O.quoted_command("PYTHONPATH=. python -m benchmarks.long_context", argv), O.output_dir(args),
+        adapters_from=Path(args.adapters_from) if args.adapters_from else None)
     return 0
 
 

@@ -117,6 +117,7 @@ class Settings(RetrievalSettings):
     facts_examples: int = 50
     examples: int = 50
     examples_longest: int = 20
+    needle_offsets: str = "depth"  # held-out needles: "depth" (the offset follows from the depth) or "spread"
     methods: tuple = METHODS
 
 
@@ -184,8 +185,9 @@ ANSWER_INDEX, NEEDLE_EPISODE_EXTRA = 4, 16
 def boundary_depth(s: Settings, segments: int, rng: random.Random) -> float:
     """A depth that puts the fact's answer among the first 4 tokens of a segment 1..segments-2 and the start of the
     sentence at the end of the segment before: the segment that holds the answer sees the rest only through its
-    sensory memory. Exact in tokens for a needle episode (`benchmarks.lab.tasks._plant` scales a depth by the filler's
-    length); the facts tasks plant more sentences, so there it lands within a few tokens of the boundary."""
+    sensory memory. Exact in tokens for a needle episode (`benchmarks.lab.tasks.needle_example` scales a depth by
+    the filler's length); the facts tasks plant more sentences, so there it lands within a few tokens of the
+    boundary."""
     length = segments * s.segment_length - 1
     answer_at = rng.randint(1, segments - 2) * s.segment_length + rng.randint(0, 3)
     return (answer_at - ANSWER_INDEX) / (length - NEEDLE_EPISODE_EXTRA)

@@ -87,15 +87,28 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def needle_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, depth: float,
-                   rng: random.Random) -> dict[str, Any]:
-    """A needle example whose context is ``length`` tokens (before re-tokenization of the decoded text)."""
+                   rng: random.Random, segment_length: int = 0) -> dict[str, Any]:
+    """A needle example whose context is ``length`` tokens (before re-tokenization of the decoded text).
+
+    With ``segment_length`` the key is moved inside the segment that ``depth`` puts it in, to an offset drawn
+    uniformly among those that keep it there (the example's ``offset``); without it the key's offset follows from
+    ``depth``, so every example of one depth and a length that is a multiple of the segment shares one offset."""
     key = rng.choice(vocab.keys)
     needle = _encode(tokenizer, f" The secret word is {key}.")
     question = _encode(tokenizer, " What is the secret word? The secret word is")
     filler = _filler(stream, max(0, length - len(needle) - len(question)), rng)
-    ids = _plant(filler, [(depth, needle)]) + question
-    return {"context": tokenizer.decode(ids), "choices": [" " + k for k in vocab.keys], "answer": vocab.keys.index(key),
-            "depth": depth, "length": length}
+    cut = min(len(filler), max(0, round(depth * len(filler))))
+    at = len(needle) - 2  # the key's index in the needle (" KEY" then ".")
+    if segment_length > 0:
+        start = (cut + at) // segment_length * segment_length  # the segment the depth puts the key in
+        lowest, highest = max(start, at), min(start + segment_length - 1, len(filler) + at)
+        cut = rng.randint(lowest, highest) - at
+    ids = filler[:cut] + needle + filler[cut:] + question
+    example = {"context": tokenizer.decode(ids), "choices": [" " + k for k in vocab.keys],
+               "answer": vocab.keys.index(key), "depth": depth, "length": length}
+    if segment_length > 0:
+        example["offset"] = (cut + at) % segment_length
+    return example
 
 
 def facts_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, depth: float, rng: random.Random,
@@ -130,8 +143,16 @@ def facts_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: i
 
 
 def make_examples(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, n: int,
-                  seed: int) -> list[dict[str, Any]]:
-    """``n`` examples of ``task`` ('needle', 'facts_qa1', 'facts_qa2') at ``length`` tokens, depths in turn."""
+                  seed: int, segment_length: int = 0) -> list[dict[str, Any]]:
+    """``n`` examples of ``task`` ('needle', 'facts_qa1', 'facts_qa2') at ``length`` tokens, depths in turn. With
+    ``segment_length`` (needle only) each key sits at a uniformly drawn offset inside its depth's segment
+    (`needle_example`); the examples are then a grid of their own (another name, another seed)."""
+    if segment_length > 0 and task != "needle":
+        raise ValueError(f"Offsets spread inside the segment are implemented for the needle only, not {task!r}.")
+    if segment_length > 0:
+        rng = random.Random(f"{task}-{length}-{seed}-offsets{segment_length}")
+        return [needle_example(tokenizer, stream, vocab, length, DEPTHS[i % len(DEPTHS)], rng, segment_length)
+                for i in range(n)]
     rng = random.Random(f"{task}-{length}-{seed}")
     return [example(task, tokenizer, stream, vocab, length, DEPTHS[i % len(DEPTHS)], rng) for i in range(n)]
 

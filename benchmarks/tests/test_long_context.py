@@ -104,9 +104,52 @@ def test_a_method_whose_write_token_starts_from_text_trains_through_the_run(tmp_
     from benchmarks.recall_diagnostics import fresh_adapter
 
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if "hmt_" in n}
-    fresh = fresh_adapter(model.unload(), saved, s.seed)
+    ids = torch.tensor([stream[:100]])
+    logits = model(input_ids=ids).logits
+    backbone = model.unload()
+    # --adapters-from scores exactly what was trained
+    loaded = L.saved_adapter(backbone, tmp_path, "hmt_write_init_spread_stable")
+    assert torch.allclose(loaded(input_ids=ids).logits, logits, atol=1e-6)
+    backbone = loaded.unload()
+    with pytest.raises(ValueError, match="no adapter for 'hmt'"):
+        L.saved_adapter(backbone, tmp_path, "hmt")
+    fresh = fresh_adapter(backbone, saved, s.seed)
     assert {n: p.detach() for n, p in fresh.named_parameters() if "hmt_" in n}.keys() == trained.keys()
     assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters() if "hmt_" in n)
+
+
+def test_adapters_from_rescores_a_finished_run_with_its_settings_and_only_evaluation_options(tmp_path, capsys):
+    import json
+
+    run_dir = tmp_path / "run"
+    assert L.main(["--adapters-from", str(run_dir)]) == 2
+    assert "no long_context.json there" in capsys.readouterr().err
+    stored = replace(R.quick(corpus="austen", seed=2, hmt_seed=1, backbone_cache="/old/cache"),
+                     methods=("sliding_window", "hmt_write_init_spread_stable"))
+    (run_dir / "adapters" / "hmt_write_init_spread_stable").mkdir(parents=True)
+    (run_dir / "adapters" / "hmt_write_init_spread_stable" / "adapter_config.json").write_text("{}")
+    (run_dir / "long_context.json").write_text(json.dumps({"settings": L.asdict(stored)}))
+    args = ["--adapters-from", str(run_dir), "--needle-offsets", "spread", "--backbone-cache", "/new/cache"]
+    parser = L.make_parser()
+    s = L.settings_of_run(parser.parse_args(args), parser)
+    assert s == replace(stored, needle_offsets="spread", backbone_cache="/new/cache")
+    assert L.main([*args, "--hmt-steps", "5", "--seed", "0"]) == 2  # would not be the run that was trained
+    assert "drop --hmt-steps, --seed" in capsys.readouterr().err
+    assert L.main([*args, "--methods", "hmt"]) == 2
+    assert "no adapter for 'hmt'" in capsys.readouterr().err
+
+
+def test_combine_refuses_runs_scored_on_different_needle_grids(tmp_path, capsys):
+    import json
+
+    paths = []
+    for seed, offsets in ((0, "depth"), (1, "spread")):
+        run = _run("austen", seed, {1024: 1.0}, 1.0)
+        run["settings"]["needle_offsets"] = offsets
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps(run))
+    assert L.main(["--combine", *map(str, paths), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "different needle grids" in capsys.readouterr().err
 
 
 def test_train_method_overrides_start_the_write_token_elsewhere_and_nothing_else(tmp_path, corpus):

@@ -56,6 +56,38 @@ def test_needle_sits_at_the_requested_depth(tok, stream, depth) -> None:
     assert e["context"].endswith("What is the secret word? The secret word is")
 
 
+def _key_positions(tok, examples):
+    """Where each example's key token sits in its (re-tokenized) context."""
+    out = []
+    for e in examples:
+        ids = tok(e["context"], add_special_tokens=False).input_ids
+        cue = tok(" The secret word is", add_special_tokens=False).input_ids
+        start = next(i for i in range(len(ids)) if ids[i : i + len(cue)] == cue)  # the needle (the question is last)
+        out.append(start + len(cue))
+    return out
+
+
+def test_spread_offsets_keep_each_depths_segment_and_draw_the_offset_inside_it(tok, stream) -> None:
+    """The depth grid puts every key of one depth at one offset of its segment (lengths are multiples of the
+    segment); with ``segment_length`` the key stays in that segment at a drawn offset, recorded as ``offset``."""
+    vocab, seg, length = T.Vocab.of(tok), 32, 32 * 16
+    grid = T.make_examples("needle", tok, stream, vocab, length, 60, seed=1)
+    spread = T.make_examples("needle", tok, stream, vocab, length, 60, seed=1, segment_length=seg)
+    assert [e["depth"] for e in spread] == [e["depth"] for e in grid]
+    assert "offset" not in grid[0]
+    for depth in T.DEPTHS:
+        at_grid = {p for p, e in zip(_key_positions(tok, grid), grid) if e["depth"] == depth}
+        at_spread = [(p, e) for p, e in zip(_key_positions(tok, spread), spread) if e["depth"] == depth]
+        assert len({p % seg for p in at_grid}) == 1  # one offset per depth on the grid
+        assert {p // seg for p, _ in at_spread} == {p // seg for p in at_grid}  # the same segment ...
+        assert len({p % seg for p, _ in at_spread}) >= 6  # ... at offsets drawn inside it
+        assert all(p % seg == e["offset"] for p, e in at_spread)
+    last = [e for e in spread if e["depth"] == 1.0]
+    assert all(e["context"].endswith("What is the secret word? The secret word is") for e in last)
+    with pytest.raises(ValueError, match="needle only"):
+        T.make_examples("facts_qa1", tok, stream, vocab, length, 5, seed=1, segment_length=seg)
+
+
 def test_facts_answer_is_the_last_place_of_the_asked_person(tok, stream) -> None:
     vocab = T.Vocab.of(tok)
     for seed in range(20):
