@@ -22,6 +22,14 @@ spread over every segment, a quarter inside the last one, clipped gradients, cos
 the ln N recall scale, ...), and ``sliding_window`` (the backbone alone). Writes ``long_context.json`` (``command``, ``chance``,
 ``results`` rows of task/method/context_tokens/depth/accuracy/n) and PNGs (needle heatmap per method, accuracy by
 length) to ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results).
+
+The held-out needles sit at depths 0 / 25 / 50 / 75 / 100%; every length is a multiple of the segment, so on this
+grid all keys of one depth share one offset inside their segment (at 25% the key opens a segment). ``--needle-offsets
+spread`` keeps each depth's segment and draws the key's offset inside it. A finished run's saved adapters are scored
+on another grid without training again:
+
+    PYTHONPATH=. python -m benchmarks.long_context --adapters-from benchmarks/output/lc16-austen-s0 \
+        --needle-offsets spread --output-dir benchmarks/output/lc16-austen-s0-spread
 """
 
 from __future__ import annotations
@@ -84,7 +92,8 @@ def write_tasks(s: Settings, prep: Prepared, task_dir: Path) -> tuple[list[str],
             count = count if task == "needle" else min(count, s.facts_examples)
             spread = s.needle_offsets == "spread" and task == "needle"
             examples = T.make_examples(task, prep.tokenizer, prep.heldout_stream, prep.vocab, n, count, s.seed,
-                                       segment_length=s.segment_length if spread else 0)
+                                       segment_length=s.segment_length if spread else 0,
+                                       depths=s.needle_depths if task == "needle" else T.DEPTHS)
             T.write_task(task_dir, f"lc_{task}_{n}", examples)
             names.append(f"lc_{task}_{n}")
             chance[task] = T.chance(examples)
@@ -388,6 +397,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-train-segments", type=int, default=None)
     p.add_argument("--needle-lengths", type=int, nargs="+", default=None)
     p.add_argument("--facts-lengths", type=int, nargs="+", default=None)
+    p.add_argument("--facts-tasks", nargs="*", default=None, choices=("facts_qa1", "facts_qa2"),
+                   help="the facts tasks scored (none: needle only)")
+    p.add_argument("--needle-depths", type=float, nargs="+", default=None,
+                   help="held-out needles' relative depths, in turn (default 0 0.25 0.5 0.75 1)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     p.add_argument("--hmt-steps", type=int, default=None)
@@ -440,7 +453,8 @@ OVERRIDES = ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", 
              "curriculum_ramp_fraction", "needle_offsets")
 
 #: What may be given with ``--adapters-from`` (the rest would change the backbone, the adapters or their training).
-RESCORE_OPTIONS = ("backbone_cache", "threads", "needle_offsets", "methods")
+RESCORE_OPTIONS = ("backbone_cache", "threads", "needle_offsets", "methods", "examples", "examples_longest",
+                   "needle_lengths", "needle_depths", "facts_tasks")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -449,9 +463,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides.update({key: getattr(args, key) for key in OVERRIDES if getattr(args, key) is not None})
     if args.methods:
         overrides["methods"] = tuple(args.methods)
-    for key in ("needle_lengths", "facts_lengths", "pretrain_tasks", "train_tasks"):
+    for key in ("needle_lengths", "facts_lengths", "pretrain_tasks", "train_tasks", "needle_depths"):
         if getattr(args, key):
             overrides[key] = tuple(getattr(args, key))
+    if args.facts_tasks is not None:
+        overrides["facts_tasks"] = tuple(args.facts_tasks)
     if args.all_token_loss:
         overrides["answer_only_loss"] = False
     if args.no_curriculum:
@@ -472,9 +488,8 @@ def settings_of_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         raise ValueError(f"--adapters-from scores the run with its own settings; drop "
                          f"{', '.join('--' + g.replace('_', '-') for g in given)}.")
     s = Settings.from_dict(json.loads((run_dir / "long_context.json").read_text())["settings"])
-    overrides: dict[str, Any] = {k: getattr(args, k) for k in RESCORE_OPTIONS if getattr(args, k) is not None}
-    if args.methods:
-        overrides["methods"] = tuple(args.methods)
+    overrides: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                 for k in RESCORE_OPTIONS if (v := getattr(args, k)) is not None}
     s = replace(s, **overrides)
     for method in (m for m in s.methods if m != "sliding_window"):
         if not (run_dir / "adapters" / method / "adapter_config.json").is_file():

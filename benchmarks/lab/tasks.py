@@ -143,18 +143,20 @@ def facts_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: i
 
 
 def make_examples(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, n: int,
-                  seed: int, segment_length: int = 0) -> list[dict[str, Any]]:
-    """``n`` examples of ``task`` ('needle', 'facts_qa1', 'facts_qa2') at ``length`` tokens, depths in turn. With
-    ``segment_length`` (needle only) each key sits at a uniformly drawn offset inside its depth's segment
+                  seed: int, segment_length: int = 0, depths: Sequence[float] = DEPTHS) -> list[dict[str, Any]]:
+    """``n`` examples of ``task`` ('needle', 'facts_qa1', 'facts_qa2') at ``length`` tokens, ``depths`` in turn.
+    With ``segment_length`` (needle only) each key sits at a uniformly drawn offset inside its depth's segment
     (`needle_example`); the examples are then a grid of their own (another name, another seed)."""
     if segment_length > 0 and task != "needle":
         raise ValueError(f"Offsets spread inside the segment are implemented for the needle only, not {task!r}.")
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must be relative depths in [0, 1], got {list(depths)}.")
     if segment_length > 0:
         rng = random.Random(f"{task}-{length}-{seed}-offsets{segment_length}")
-        return [needle_example(tokenizer, stream, vocab, length, DEPTHS[i % len(DEPTHS)], rng, segment_length)
+        return [needle_example(tokenizer, stream, vocab, length, depths[i % len(depths)], rng, segment_length)
                 for i in range(n)]
     rng = random.Random(f"{task}-{length}-{seed}")
-    return [example(task, tokenizer, stream, vocab, length, DEPTHS[i % len(DEPTHS)], rng) for i in range(n)]
+    return [example(task, tokenizer, stream, vocab, length, depths[i % len(depths)], rng) for i in range(n)]
 
 
 def example(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, depth: float,

@@ -133,6 +133,10 @@ def test_adapters_from_rescores_a_finished_run_with_its_settings_and_only_evalua
     parser = L.make_parser()
     s = L.settings_of_run(parser.parse_args(args), parser)
     assert s == replace(stored, needle_offsets="spread", backbone_cache="/new/cache")
+    s = L.settings_of_run(parser.parse_args([*args, "--needle-depths", "1", "--needle-lengths", "16384", "65536",
+                                             "--examples-longest", "20", "--facts-tasks"]), parser)
+    assert (s.needle_depths, s.needle_lengths, s.examples_longest, s.facts_tasks) == ((1.0,), (16384, 65536), 20, ())
+    assert s.hmt_steps == stored.hmt_steps and s.corpus == "austen"
     assert L.main([*args, "--hmt-steps", "5", "--seed", "0"]) == 2  # would not be the run that was trained
     assert "drop --hmt-steps, --seed" in capsys.readouterr().err
     assert L.main([*args, "--methods", "hmt"]) == 2

@@ -86,6 +86,10 @@ def test_spread_offsets_keep_each_depths_segment_and_draw_the_offset_inside_it(t
     assert all(e["context"].endswith("What is the secret word? The secret word is") for e in last)
     with pytest.raises(ValueError, match="needle only"):
         T.make_examples("facts_qa1", tok, stream, vocab, length, 5, seed=1, segment_length=seg)
+    only_last = T.make_examples("needle", tok, stream, vocab, length, 8, seed=1, segment_length=seg, depths=(1.0,))
+    assert all(p // seg == 15 for p in _key_positions(tok, only_last))  # every key inside the last segment
+    with pytest.raises(ValueError, match=r"depths must be relative depths in \[0, 1\]"):
+        T.make_examples("needle", tok, stream, vocab, length, 5, seed=1, depths=(100,))
 
 
 def test_facts_answer_is_the_last_place_of_the_asked_person(tok, stream) -> None:
