@@ -163,6 +163,8 @@ def run(s: Settings, command: str, out_dir: Path, adapters_from: Optional[Path] 
             model, train_logs[method], gate = train_method(method, backbone, prep, stream, s, out_dir)
         if gate is not None:
             gates[method] = gate
+        if s.eval_recall_window > 0:  # read at every forward (`HMTModel.runner`): scoring only, training is done
+            model.peft_config[model.active_adapter].recall_window = s.eval_recall_window
         rows = aggregate(method, evaluate(hmt_lm(model, prep.tokenizer), names, task_dir))
         results += rows
         log(f"{method}: loss {train_logs[method][0]:.2f} -> {train_logs[method][-1]:.2f}; {_summary(rows)}")
@@ -434,6 +436,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--needle-offsets", choices=("depth", "spread"), default=None,
                    help="held-out needles: the key's offset in its segment follows from the depth (the grid of every "
                         "earlier row), or is drawn uniformly inside the segment the depth picks")
+    p.add_argument("--eval-recall-window", type=int, default=None, metavar="N",
+                   help="score with recall over only the last N memories (a diagnostic; default: the adapter's own)")
     p.add_argument("--adapters-from", default=None, metavar="RUN_DIR",
                    help="score the adapters that this finished run (an --output-dir) saved instead of training, with "
                         "its settings; only evaluation options may be given with it")
@@ -450,11 +454,11 @@ OVERRIDES = ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", 
              "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr", "episode_fraction",
              "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence", "examples",
              "examples_longest", "hmt_seed", "target_qa1_in_window",
-             "curriculum_ramp_fraction", "needle_offsets")
+             "curriculum_ramp_fraction", "needle_offsets", "eval_recall_window")
 
 #: What may be given with ``--adapters-from`` (the rest would change the backbone, the adapters or their training).
 RESCORE_OPTIONS = ("backbone_cache", "threads", "needle_offsets", "methods", "examples", "examples_longest",
-                   "needle_lengths", "needle_depths", "facts_tasks")
+                   "needle_lengths", "needle_depths", "facts_tasks", "eval_recall_window")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

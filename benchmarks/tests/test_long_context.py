@@ -110,6 +110,8 @@ def test_a_method_whose_write_token_starts_from_text_trains_through_the_run(tmp_
     # --adapters-from scores exactly what was trained
     loaded = L.saved_adapter(backbone, tmp_path, "hmt_write_init_spread_stable")
     assert torch.allclose(loaded(input_ids=ids).logits, logits, atol=1e-6)
+    loaded.peft_config[loaded.active_adapter].recall_window = 1  # what --eval-recall-window sets: read at forward
+    assert not torch.allclose(loaded(input_ids=ids).logits, logits, atol=1e-4)
     backbone = loaded.unload()
     with pytest.raises(ValueError, match="no adapter for 'hmt'"):
         L.saved_adapter(backbone, tmp_path, "hmt")
