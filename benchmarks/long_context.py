@@ -83,8 +83,7 @@ def aggregate(method: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_tasks(s: Settings, prep: Prepared, task_dir: Path) -> tuple[list[str], dict[str, float], list[str]]:
     """Write every lm-eval task of the run (held-out text) into ``task_dir``: returns (the tasks at real lengths,
     chance per task, the in-window probes: examples that fit in one segment)."""
-    if s.needle_offsets not in ("depth", "spread"):
-        raise ValueError(f"needle_offsets must be 'depth' or 'spread', got {s.needle_offsets!r}.")
+    check_evaluation(s)
     names, chance = [], {}
     for task, lengths in (("needle", s.needle_lengths), *((t, s.facts_lengths) for t in s.facts_tasks)):
         for n in lengths:
@@ -102,6 +101,16 @@ def write_tasks(s: Settings, prep: Prepared, task_dir: Path) -> tuple[list[str],
         T.write_task(task_dir, f"lc_{t}_{s.segment_length}", T.make_examples(
             t, prep.tokenizer, prep.heldout_stream, prep.vocab, s.segment_length - 2, s.examples, s.seed + 5))
     return names, chance, in_window
+
+
+def check_evaluation(s: Settings) -> None:
+    """ValueError for evaluation settings that cannot be scored (before anything is trained or loaded)."""
+    if s.needle_offsets not in ("depth", "spread"):
+        raise ValueError(f"needle_offsets must be 'depth' or 'spread', got {s.needle_offsets!r}.")
+    if not s.needle_depths or any(not 0.0 <= d <= 1.0 for d in s.needle_depths):
+        raise ValueError(f"needle depths are relative depths in [0, 1], got {list(s.needle_depths)}.")
+    if s.eval_recall_window < 0:
+        raise ValueError(f"eval_recall_window must be >= 1 memory (0: the adapter's own), got {s.eval_recall_window}.")
 
 
 def window_lm(backbone, tokenizer, max_length: int):
@@ -513,6 +522,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             combine(args.combine, O.output_dir(args))
             return 0
         s = settings_of_run(args, parser) if args.adapters_from else settings_from_args(args)
+        if args.eval_recall_window is not None and args.eval_recall_window < 1:
+            raise ValueError(f"--eval-recall-window must be >= 1 memory, got {args.eval_recall_window}.")
+        check_evaluation(s)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
