@@ -107,8 +107,7 @@ def check_evaluation(s: Settings) -> None:
     """ValueError for evaluation settings that cannot be scored (before anything is trained or loaded)."""
     if s.needle_offsets not in ("depth", "spread"):
         raise ValueError(f"needle_offsets must be 'depth' or 'spread', got {s.needle_offsets!r}.")
-    if not s.needle_depths or any(not 0.0 <= d <= 1.0 for d in s.needle_depths):
-        raise ValueError(f"needle depths are relative depths in [0, 1], got {list(s.needle_depths)}.")
+    T.check_depths(s.needle_depths)
     if s.eval_recall_window < 0:
         raise ValueError(f"eval_recall_window must be >= 1 memory (0: the adapter's own), got {s.eval_recall_window}.")
 

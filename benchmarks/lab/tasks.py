@@ -72,11 +72,22 @@ def _filler(stream: Sequence[int], n: int, rng: random.Random) -> list[int]:
     return list(stream[start : start + n])
 
 
+def _position(depth: float, n: int) -> int:
+    """The index a relative depth (0 = start, 1 = end) of ``n`` tokens points at."""
+    return min(n, max(0, round(depth * n)))
+
+
+def check_depths(depths: Sequence[float]) -> None:
+    """ValueError unless ``depths`` are relative depths in [0, 1] (a percentage given by mistake, say)."""
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must be relative depths in [0, 1], got {list(depths)}.")
+
+
 def _plant(filler: list[int], pieces: list[tuple[float, list[int]]]) -> list[int]:
     """Insert token pieces into ``filler`` at relative positions (0 = start, 1 = end), in order of position."""
     out, last = [], 0
     for depth, piece in sorted(pieces, key=lambda p: p[0]):
-        cut = min(len(filler), max(last, round(depth * len(filler))))
+        cut = max(last, _position(depth, len(filler)))
         out += filler[last:cut] + piece
         last = cut
     return out + filler[last:]
@@ -97,7 +108,7 @@ def needle_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: 
     needle = _encode(tokenizer, f" The secret word is {key}.")
     question = _encode(tokenizer, " What is the secret word? The secret word is")
     filler = _filler(stream, max(0, length - len(needle) - len(question)), rng)
-    cut = min(len(filler), max(0, round(depth * len(filler))))
+    cut = _position(depth, len(filler))  # where `_plant` would put it
     at = len(needle) - 2  # the key's index in the needle (" KEY" then ".")
     if segment_length > 0:
         start = (cut + at) // segment_length * segment_length  # the segment the depth puts the key in
@@ -149,8 +160,7 @@ def make_examples(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab
     (`needle_example`); the examples are then a grid of their own (another name, another seed)."""
     if segment_length > 0 and task != "needle":
         raise ValueError(f"Offsets spread inside the segment are implemented for the needle only, not {task!r}.")
-    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
-        raise ValueError(f"depths must be relative depths in [0, 1], got {list(depths)}.")
+    check_depths(depths)
     if segment_length > 0:
         rng = random.Random(f"{task}-{length}-{seed}-offsets{segment_length}")
         return [needle_example(tokenizer, stream, vocab, length, depths[i % len(depths)], rng, segment_length)

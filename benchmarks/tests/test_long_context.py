@@ -144,7 +144,7 @@ def test_adapters_from_rescores_a_finished_run_with_its_settings_and_only_evalua
     assert L.main([*args, "--methods", "hmt"]) == 2
     assert "no adapter for 'hmt'" in capsys.readouterr().err
     assert L.main([*args, "--needle-depths", "50"]) == 2  # a percentage where a fraction is meant: before any loading
-    assert "relative depths in [0, 1], got [50.0]" in capsys.readouterr().err
+    assert "depths must be relative depths in [0, 1], got [50.0]" in capsys.readouterr().err
     assert L.main([*args, "--eval-recall-window", "0"]) == 2
     assert "--eval-recall-window must be >= 1" in capsys.readouterr().err
 
