@@ -118,7 +118,7 @@ class Settings(RetrievalSettings):
     examples: int = 50
     examples_longest: int = 20
     needle_offsets: str = "depth"  # held-out needles: "depth" (the offset follows from the depth) or "spread"
-    needle_depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)  # the held-out needles' depths, in turn
+    needle_depths: tuple = T.DEPTHS  # the held-out needles' depths, in turn
     eval_recall_window: int = 0  # > 0: scoring recalls over only the last this many memories (0: the adapter's own)
     methods: tuple = METHODS
 
