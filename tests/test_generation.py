@@ -43,11 +43,14 @@ def known_prefix_reference(model, tokens: torch.Tensor, prompt_len: int) -> torc
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("write_token,gate,scale", [("memory", False, "constant"), ("learned", False, "constant"),
-                                                    ("learned", True, "constant"), ("learned", False, "log_n")])
+@pytest.mark.parametrize("write_token,gate,scale,null", [("memory", False, "constant", False),
+                                                         ("learned", False, "constant", False),
+                                                         ("learned", True, "constant", False),
+                                                         ("learned", False, "log_n", False),
+                                                         ("learned", False, "constant", True)])
 @pytest.mark.parametrize("prompt_len", [13, 2 * SEG])  # mid-segment, and exactly at a segment border
-def test_previous_greedy_matches_teacher_forced_forward(prompt_len, write_token, gate, scale):
-    model = make_model("previous", write_token=write_token, memory_gate=gate, recall_scale=scale)
+def test_previous_greedy_matches_teacher_forced_forward(prompt_len, write_token, gate, scale, null):
+    model = make_model("previous", write_token=write_token, memory_gate=gate, recall_scale=scale, recall_null=null)
     ids = torch.randint(4, 128, (1, prompt_len))
     out = greedy(model, ids, 2 * SEG + 3)  # rolls over at least twice
     assert out.shape == (1, prompt_len + 2 * SEG + 3) and torch.equal(out[:, :prompt_len], ids)

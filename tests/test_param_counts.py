@@ -17,7 +17,7 @@ import fixtures
 
 def readme_formula(d: int, config: HMTConfig) -> int:
     """README.md: d (m_0) + d + 2·h·d (s, W_q, W_k; none with use_recall=False) + d² (memory_projection=True)
-    + d (w, write_token="learned") + 1 (g, memory_gate=True), plus r·(in + out) per LoRA-wrapped linear layer."""
+    + d (w, write_token="learned") + 1 (g, memory_gate=True) + d (n, recall_null=True), plus r·(in + out) per LoRA-wrapped linear layer."""
     count = d
     if config.use_recall:
         count += d + 2 * config.recall_dim * d
@@ -27,6 +27,8 @@ def readme_formula(d: int, config: HMTConfig) -> int:
         count += d
     if config.memory_gate:
         count += 1
+    if config.recall_null:
+        count += d
     return count
 
 
@@ -59,7 +61,7 @@ def test_extra_parameters_within_paper_range(name: str, width: int) -> None:
 def test_readme_formula_counts_every_trainable_parameter(use_recall, memory_projection, write_token, lora_r) -> None:
     config = HMTConfig(segment_length=8, num_sensory=2, recall_dim=24, use_recall=use_recall,
                        memory_projection=memory_projection, write_token=write_token, lora_r=lora_r,
-                       memory_gate=use_recall and write_token == "learned")
+                       memory_gate=use_recall and write_token == "learned", recall_null=use_recall and lora_r > 0)
     model = peft.get_peft_model(tiny_causal_lm("llama"), config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora = [m for m in model.modules() if isinstance(m, HMTLoraLinear)]

@@ -168,7 +168,7 @@ def test_reload_onto_tied_embeddings_raises_no_peft_warning(tmp_path, lora_r: in
     assert model.get_output_embeddings().weight is model.get_input_embeddings().base_layer.weight  # still tied
 
 
-@pytest.mark.parametrize("overrides", [dict(write_token="learned"), dict(memory_gate=True), dict(recall_scale="log_n"), dict(use_recall=False),
+@pytest.mark.parametrize("overrides", [dict(write_token="learned"), dict(memory_gate=True), dict(recall_scale="log_n"), dict(recall_null=True), dict(use_recall=False),
                                        dict(memory_projection=False), dict(lora_r=2, lora_target_modules=["q_proj"])])
 def test_every_config_variant_reloads_with_exactly_its_keys(tmp_path, overrides: dict) -> None:
     """The load-time key check (HMTLayer/HMTLoraLinear.saved_param_names) agrees with what save_pretrained writes."""

@@ -74,6 +74,12 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                               {"placement": "segment", "in_window_fraction": 0.25,
                                                "boundary_fraction": 0.25, "hmt_max_grad_norm": 1.0,
                                                "hmt_schedule": "cosine"}),
+    # that recipe with a null slot in recall (HMTConfig.recall_null): one more entry, valued m_0, so a question whose
+    # answer is in the window can read what segment 0 reads instead of the best of up to 1023 distractor memories
+    "hmt_write_init_null_spread_stable": ({"write_token": "learned", "write_token_init_text": " The secret word is",
+                                           "recall_null": True},
+                                          {"placement": "segment", "in_window_fraction": 0.25,
+                                           "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_gate_stable": ({"write_token": "learned", "memory_gate": True},
                               {"hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),

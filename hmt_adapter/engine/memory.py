@@ -29,6 +29,7 @@ class HMTParams:
     memory_proj: Optional[torch.Tensor]  # (d, d)
     memory_gate: Optional[torch.Tensor]  # () gate g on the recalled memory (memory_gate=True), else None
     embed_norm: torch.Tensor  # () typical norm of an input-embedding row
+    recall_null: Optional[torch.Tensor] = None  # (d,) the null slot's key source n (recall_null=True), else None
     recall_log_n: bool = False  # recall_scale="log_n": recall scores also scaled by ln N (N memories recalled over)
 
     @property
@@ -101,6 +102,11 @@ def recall(
     """Memory recall: ``softmax((W_q q)(W_k M)^T / sqrt(h)) M`` (with ``recall_log_n`` the scores are also scaled by
     ``ln N``), gated to ``m_0 + tanh(g) (. - m_0)`` with a memory gate.
 
+    With a null slot (``recall_null``) the softmax also runs over one more entry, keyed ``W_k n`` (a learned vector
+    n) and valued ``m_0``: the weight recall puts there reads what segment 0 reads, so a query that matches no
+    memory better than the null key reads (mostly) m_0 instead of the best of the distractors. ``ln N`` then counts
+    the null slot.
+
     Pure (no observers are called here, so the segment step compiles whole; callers pass the weights to
     `notify_recall`).
 
@@ -110,14 +116,23 @@ def recall(
         keys: (B, N, h) W_k M.
 
     Returns:
-        memory (B, d) and attention weights (B, N).
+        memory (B, d) and the attention weights over the N memories (B, N); with a null slot they sum to one minus
+        the null slot's weight.
     """
     q = F.linear(query.to(params.dtype), params.w_q)  # (B, h)
-    scores = torch.einsum("bh,bnh->bn", q, keys) / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bh,bnh->bn", q, keys)
+    if params.recall_null is not None:
+        null_key = F.linear(params.recall_null.to(q.dtype), params.w_k)  # (h,)
+        scores = torch.cat([(q @ null_key).unsqueeze(-1), scores], dim=-1)  # the null slot first
+    scores = scores / math.sqrt(q.shape[-1])
     if params.recall_log_n:  # ln N from the tensor itself: no Python number of memories for torch.compile to guard on
         scores = scores * torch.ones_like(scores).sum(-1, keepdim=True).log()
     weights = scores.softmax(dim=-1)
-    memory = torch.einsum("bn,bnd->bd", weights, values)
+    if params.recall_null is not None:
+        null_weight, weights = weights[:, :1], weights[:, 1:]
+        memory = null_weight * params.memory_init.to(values.dtype) + torch.einsum("bn,bnd->bd", weights, values)
+    else:
+        memory = torch.einsum("bn,bnd->bd", weights, values)
     if params.memory_gate is not None:
         m0 = params.memory_init.to(memory.dtype)
         memory = m0 + torch.tanh(params.memory_gate.to(memory.dtype)) * (memory - m0)

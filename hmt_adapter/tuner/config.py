@@ -108,6 +108,15 @@ class HMTConfig(PeftConfig):
             "off by default."
         },
     )
+    recall_null: bool = field(
+        default=False,
+        metadata={
+            "help": "Off by default (the paper's recall). A null slot in recall: one more entry, keyed by a learned "
+            "vector n (W_k n) and valued m_0, so a segment whose query matches no memory better than the null key "
+            "reads what segment 0 reads instead of the best-scoring distractor: a recall that can read nothing "
+            "(do no harm when the answer is in the window). Only with use_recall. Measured in BENCHMARKS.md."
+        },
+    )
     recall_scale: Literal["constant", "log_n"] = field(
         default="constant",
         metadata={
@@ -243,6 +252,10 @@ class HMTConfig(PeftConfig):
             raise TypeError(f"HMTConfig.memory_gate must be a bool, got {self.memory_gate!r}.")
         if self.memory_gate and not self.use_recall:
             raise ValueError("HMTConfig.memory_gate gates the recalled memory: it needs use_recall=True.")
+        if not isinstance(self.recall_null, bool):
+            raise TypeError(f"HMTConfig.recall_null must be a bool, got {self.recall_null!r}.")
+        if self.recall_null and not self.use_recall:
+            raise ValueError("HMTConfig.recall_null adds a slot to recall: it needs use_recall=True.")
         if not isinstance(self.memory_projection, bool):
             raise TypeError(f"HMTConfig.memory_projection must be a bool, got {self.memory_projection!r}.")
         if self.lora_r < 0:

@@ -79,6 +79,8 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         hmt_memory_proj:   d -> d projection of memory embeddings, initialised to the identity
                            (only with ``memory_projection``).
         hmt_memory_gate:   ()     gate g on the recalled memory, zero at init (only with ``memory_gate``).
+        hmt_recall_null:   (d,)   the null slot's key source n: recall also scores W_k n, valued m_0 (only with
+                           ``recall_null``).
 
     ``forward`` is the wrapped embedding's forward, unchanged.
     """
@@ -91,6 +93,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         "hmt_recall_k",
         "hmt_memory_proj",
         "hmt_memory_gate",
+        "hmt_recall_null",
     )
     other_param_names = ()
 
@@ -105,6 +108,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
         self.hmt_recall_k = nn.ModuleDict()
         self.hmt_memory_proj = nn.ModuleDict()
         self.hmt_memory_gate = nn.ParameterDict()
+        self.hmt_recall_null = nn.ParameterDict()
         self.merged_adapters = []  # per layer (BaseTunerLayer's class attribute is one shared list)
         self.set_adapter(adapter_name)  # public; enabled is BaseTunerLayer's default (enable_adapters toggles it)
         self.update_layer(adapter_name, config)
@@ -150,6 +154,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
             memory_proj=get(self.hmt_memory_proj, True) if config.memory_projection else None,
             memory_gate=get(self.hmt_memory_gate, False) if config.memory_gate else None,
             embed_norm=self.embedding_row_norm(),
+            recall_null=get(self.hmt_recall_null, False) if config.recall_null else None,
             recall_log_n=config.recall_scale == "log_n",
         )
 
@@ -189,6 +194,8 @@ class HMTLayer(nn.Module, HMTTunerLayer):
                 nn.init.normal_(self.hmt_recall_k[adapter_name].weight, std=config.init_std)
                 if config.memory_gate:  # zero: segment n >= 1 starts by reading m_0, as segment 0 does
                     self.hmt_memory_gate[adapter_name] = nn.Parameter(torch.zeros((), **factory))
+                if config.recall_null:  # a point like m_0: its key starts as far from the query as a memory's
+                    self.hmt_recall_null[adapter_name] = nn.Parameter(mean + config.init_std * torch.randn(d, **factory))
             if config.memory_projection:
                 proj = nn.Linear(d, d, bias=False, **factory)
                 if proj.weight.device.type != "meta":
