@@ -17,6 +17,8 @@ held-out text) measures, per method:
 * **answer**: whether the model's argmax over the key candidates is right, by needle segment, and split by whether
   recall's argmax is the needle's segment (``accuracy_recall_found`` / ``accuracy_recall_missed``): a run that
   answers right when recall finds the needle and wrong otherwise fails at recall, not at what the memory holds.
+  With a null slot in recall (``HMTConfig.recall_null``) the weights over the memories sum to less than one; the
+  rest, read as m_0, is each segment's ``null_weight``.
 
 With ``--at-init`` each adapter is also inspected as its training started (its saved config, fresh initial
 weights): whether the memory holds the key before any training, which is what a write token that starts from text
@@ -107,10 +109,13 @@ def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
         recalls = [r["last_recall"] for r in rs if r["last_recall"] is not None and seg < len(r["last_recall"])]
         weight = [float(w[seg]) for w in recalls]
         rank1 = [int(w.argmax()) == seg for w in recalls]
+        nulls = [1 - float(r["last_recall"].sum()) for r in rs if r["last_recall"] is not None]  # the needle's own too
         per_segment.append({"segment": seg, "n": len(rs), "accuracy": sum(r["correct"] for r in rs) / len(rs),
                             "recall_weight": sum(weight) / len(weight) if weight else None,
                             "uniform_weight": sum(1 / len(w) for w in recalls) / len(recalls) if recalls else None,
-                            "recall_top1": sum(rank1) / len(rank1) if rank1 else None})
+                            "recall_top1": sum(rank1) / len(rank1) if rank1 else None,
+                            # the weight on recall's null slot (HMTConfig.recall_null; 0 without one): reads m_0
+                            "null_weight": sum(nulls) / len(nulls) if nulls else None})
     recalled = [(r, int(r["last_recall"].argmax())) for r in rows if r["last_recall"] is not None]
     argmax_segments = [top for _, top in recalled]
     # the answer when recall's argmax is the needle's segment vs when it is another: a recall miss or a read miss
@@ -130,7 +135,16 @@ def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
         "recall_found": len(found) / (len(found) + len(missed)) if found or missed else None,
         "accuracy_recall_found": sum(r["correct"] for r in found) / len(found) if found else None,
         "accuracy_recall_missed": sum(r["correct"] for r in missed) / len(missed) if missed else None,
+        # recall's null slot (0 without one): its mean weight at the question, over every needle position and with
+        # the needle inside the last segment (where reading m_0 is what do-no-harm asks)
+        "null_weight": _mean_null(r for r, _ in recalled),
+        "null_weight_in_window": _mean_null(r for r, _ in recalled if r["segment"] == r["segments"] - 1),
     }
+
+
+def _mean_null(rows) -> Optional[float]:
+    nulls = [1 - float(r["last_recall"].sum()) for r in rows]
+    return sum(nulls) / len(nulls) if nulls else None
 
 
 def fmt(x: Optional[float]) -> str:
@@ -257,7 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{name}: accuracy {r['accuracy']:.2f}; recall's argmax on the needle's segment "
                   f"{fmt(r['recall_found'])} (accuracy then {fmt(r['accuracy_recall_found'])}, otherwise "
                   f"{fmt(r['accuracy_recall_missed'])}); probe (needle segment) {r['probe_needle_segment']:.2f} "
-                  f"vs other {r['probe_other_segment']:.2f}", flush=True)
+                  f"vs other {r['probe_other_segment']:.2f}; null slot weight {fmt(r['null_weight'])} "
+                  f"(needle in the last segment: {fmt(r['null_weight_in_window'])})", flush=True)
             prep.backbone = model.unload()
     payload = {"command": O.command_line("benchmarks.recall_diagnostics"), "corpus": s.corpus, "seed": s.seed,
                "length": args.length, "run_dir": str(run_dir), "methods": results}

@@ -42,3 +42,15 @@ def test_binned_means_are_example_weighted():
     assert weight == [0.5] * 32
     assert accuracy == [2 / 3] * 32  # segments 0 (1 example, wrong) and 1 (2 examples, right)
     assert binned(per_segment[:4], bins=32)[2] == [0.0, 1.0, 0.0, 1.0]  # few segments: unbinned
+
+
+def test_null_weight_is_what_the_memories_leave_including_the_in_window_segment():
+    torch.manual_seed(0)
+    plain = row(4, 1, True, 0)  # the needle in the last segment: no memory of it to weigh
+    nulled = dict(row(4, 1, True, 1), last_recall=row(4, 1, True, 1)["last_recall"] * 0.25)
+    result = summarise([plain, nulled, row(1, 1, True, 0)], keys=2)
+    by_segment = {p["segment"]: p for p in result["per_segment"]}
+    assert by_segment[4]["recall_weight"] is None
+    assert abs(by_segment[4]["null_weight"] - (0 + 0.75) / 2) < 1e-6
+    assert abs(result["null_weight_in_window"] - 0.75 / 2) < 1e-6
+    assert abs(result["null_weight"] - 0.75 / 3) < 1e-6
