@@ -20,6 +20,11 @@ held-out text) measures, per method:
   With a null slot in recall (``HMTConfig.recall_null``) the weights over the memories sum to less than one; the
   rest, read as m_0, is each segment's ``null_weight``.
 
+With ``--in-window N`` the examples are instead the N needles inside the last segment of `benchmarks.long_context`'s
+in-window probe (the question's own window holds the answer): there recall has nothing to find, and the summary says
+how confident the read at the question was when the answer came out right and when wrong, and the weight on a null
+slot; ``--without-null`` scores an adapter trained with a null slot (``HMTConfig.recall_null``) without it.
+
 With ``--at-init`` each adapter is also inspected as its training started (its saved config, fresh initial
 weights): whether the memory holds the key before any training, which is what a write token that starts from text
 (`HMTConfig.write_token_init_text`) changes.
@@ -123,12 +128,14 @@ def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
     missed = [r for r, top in recalled if top != r["segment"]]
     # memory of the needle's segment vs memory of a segment without the needle (the one after it, or before)
     labels = torch.tensor([r["answer"] for r in rows])
-    own = torch.stack([r["memories"][r["segment"]] for r in rows if r["segment"] < len(r["memories"])])
+    with_own = [r for r in rows if r["segment"] < len(r["memories"])]  # a needle in an unfinished last segment: none
+    own = torch.stack([r["memories"][r["segment"]] for r in with_own]) if with_own else None
     other = torch.stack([r["memories"][r["segment"] - 1 if r["segment"] > 0 else 1] for r in rows])
     return {
         "per_segment": per_segment,
         "recall_argmax_histogram": {str(s): argmax_segments.count(s) for s in sorted(set(argmax_segments))},
-        "probe_needle_segment": probe_accuracy(own, labels[: len(own)], keys),
+        "probe_needle_segment": (None if own is None
+                                 else probe_accuracy(own, torch.tensor([r["answer"] for r in with_own]), keys)),
         "probe_other_segment": probe_accuracy(other, labels, keys),
         "chance": 1 / keys,
         "accuracy": sum(r["correct"] for r in rows) / len(rows),
@@ -139,12 +146,24 @@ def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
         # the needle inside the last segment (where reading m_0 is what do-no-harm asks)
         "null_weight": _mean_null(r for r, _ in recalled),
         "null_weight_in_window": _mean_null(r for r, _ in recalled if r["segment"] == r["segments"] - 1),
+        # how confident the read at the question was: the largest weight on one memory, right vs wrong answers
+        "top_weight_right": _mean(float(r["last_recall"].max()) for r, _ in recalled if r["correct"]),
+        "top_weight_wrong": _mean(float(r["last_recall"].max()) for r, _ in recalled if not r["correct"]),
+        "confident_reads_right": sum(bool(r["last_recall"].max() > CONFIDENT) for r, _ in recalled if r["correct"]),
+        "confident_reads_wrong": sum(bool(r["last_recall"].max() > CONFIDENT) for r, _ in recalled if not r["correct"]),
     }
 
 
+CONFIDENT = 0.8  # a read is "confident" when one memory holds more than this share of the recall weight
+
+
+def _mean(values) -> Optional[float]:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
 def _mean_null(rows) -> Optional[float]:
-    nulls = [1 - float(r["last_recall"].sum()) for r in rows]
-    return sum(nulls) / len(nulls) if nulls else None
+    return _mean(1 - float(r["last_recall"].sum()) for r in rows)
 
 
 def fmt(x: Optional[float]) -> str:
@@ -205,6 +224,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=None, help="with --seed: the run's corpus when it wrote no JSON (--quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--in-window", type=int, default=0, metavar="N",
+                   help="instead of a needle in every segment: N needles inside the last segment, the examples of "
+                        "benchmarks.long_context's in-window probe (--needle-offsets spread --needle-depths 1) at "
+                        "--length, with how confident the read at the question was, right vs wrong answers")
+    p.add_argument("--without-null", action="store_true",
+                   help="score adapters trained with a null slot (HMTConfig.recall_null) without it: does the "
+                        "answer depend on what the slot reads?")
     p.add_argument("--at-init", action="store_true",
                    help="also inspect each adapter as training started it: its saved config, fresh initial weights")
     O.add_output_arguments(p)
@@ -247,6 +273,9 @@ def fresh_adapter(backbone, adapter_dir: Path, seed: int):
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.in_window < 0:
+        print(f"--in-window must be >= 1 example (0: a needle in every segment), got {args.in_window}.", file=sys.stderr)
+        return 2
     run_dir = Path(args.run_dir)
     found = [run_dir / n for n in ("long_context.json", "long_context_partial.json") if (run_dir / n).is_file()]
     if not (run_dir / "adapters").is_dir() or (not found and args.corpus is None):
@@ -256,7 +285,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     s = run_settings(found, args)
     prep = prepare(s, lambda msg: print(msg, file=sys.stderr))
-    examples = needle_examples(prep, args.length, args.per_segment, s.segment_length)
+    if args.in_window:
+        examples = T.make_examples("needle", prep.tokenizer, prep.heldout_stream, prep.vocab, args.length,
+                                   args.in_window, s.seed, segment_length=s.segment_length, depths=(1.0,))
+    else:
+        examples = needle_examples(prep, args.length, args.per_segment, s.segment_length)
     methods = args.methods or sorted(d.name for d in (run_dir / "adapters").iterdir())
     results = {}
     for method in methods:
@@ -266,16 +299,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                           s.seed)))
         for name, build in adapters:
             model = build().eval()
+            if args.without_null:  # read at every forward (`HMTModel.runner`): a scoring diagnostic
+                model.peft_config[model.active_adapter].recall_null = False
             results[name] = summarise(inspect(model, prep.tokenizer, examples, s.segment_length), len(prep.vocab.keys))
             r = results[name]
             print(f"{name}: accuracy {r['accuracy']:.2f}; recall's argmax on the needle's segment "
                   f"{fmt(r['recall_found'])} (accuracy then {fmt(r['accuracy_recall_found'])}, otherwise "
-                  f"{fmt(r['accuracy_recall_missed'])}); probe (needle segment) {r['probe_needle_segment']:.2f} "
+                  f"{fmt(r['accuracy_recall_missed'])}); probe (needle segment) {fmt(r['probe_needle_segment'])} "
                   f"vs other {r['probe_other_segment']:.2f}; null slot weight {fmt(r['null_weight'])} "
-                  f"(needle in the last segment: {fmt(r['null_weight_in_window'])})", flush=True)
+                  f"(needle in the last segment: {fmt(r['null_weight_in_window'])}); top memory weight at the question "
+                  f"{fmt(r['top_weight_right'])} when right, {fmt(r['top_weight_wrong'])} when wrong; reads above "
+                  f"{CONFIDENT}: {r['confident_reads_right']} right, {r['confident_reads_wrong']} wrong", flush=True)
             prep.backbone = model.unload()
     payload = {"command": O.command_line("benchmarks.recall_diagnostics"), "corpus": s.corpus, "seed": s.seed,
-               "length": args.length, "run_dir": str(run_dir), "methods": results}
+               "length": args.length, "in_window": args.in_window, "without_null": args.without_null,
+               "run_dir": str(run_dir), "methods": results}
     out = O.output_dir(args)
     O.write_json(out / "recall_diagnostics.json", payload)
     plot(payload, out / "recall_diagnostics.png")

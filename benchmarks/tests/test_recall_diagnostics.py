@@ -54,3 +54,25 @@ def test_null_weight_is_what_the_memories_leave_including_the_in_window_segment(
     assert abs(by_segment[4]["null_weight"] - (0 + 0.75) / 2) < 1e-6
     assert abs(result["null_weight_in_window"] - 0.75 / 2) < 1e-6
     assert abs(result["null_weight"] - 0.75 / 3) < 1e-6
+
+
+def test_confident_reads_split_by_answer():
+    torch.manual_seed(0)
+    sharp = dict(row(4, 2, False, 0), last_recall=torch.tensor([0.0, 0.05, 0.9, 0.05]))  # wrong, one memory read
+    flat = dict(row(4, 1, True, 1), last_recall=torch.full((4,), 0.25))  # right, an average of memories
+    result = summarise([sharp, flat, row(1, 1, True, 0)], keys=2)
+    assert result["confident_reads_wrong"] == 1 and result["confident_reads_right"] == 0
+    assert abs(result["top_weight_wrong"] - 0.9) < 1e-6
+    assert abs(result["top_weight_right"] - (0.25 + float(row(1, 1, True, 0)["last_recall"].max())) / 2) < 1e-6
+
+
+def test_needles_in_an_unfinished_last_segment_leave_the_probe_out():
+    rows = [dict(row(4, 1, True, i % 2), memories=torch.randn(4, 8)) for i in range(4)]  # no memory of segment 4
+    assert summarise(rows, keys=2)["probe_needle_segment"] is None
+
+
+def test_in_window_count_is_checked_first(capsys):
+    from benchmarks.recall_diagnostics import main
+
+    assert main(["--run-dir", "nowhere", "--backbone-cache", "nowhere", "--in-window", "-1"]) == 2
+    assert "--in-window" in capsys.readouterr().err
