@@ -163,7 +163,7 @@ def _mean(values) -> Optional[float]:
 
 
 def _mean_null(rows) -> Optional[float]:
-    return _mean(1 - float(r["last_recall"].sum()) for r in rows)
+    return _mean(max(0.0, 1 - float(r["last_recall"].sum())) for r in rows)  # not below 0 by rounding
 
 
 def fmt(x: Optional[float]) -> str:
