@@ -114,13 +114,12 @@ def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
         recalls = [r["last_recall"] for r in rs if r["last_recall"] is not None and seg < len(r["last_recall"])]
         weight = [float(w[seg]) for w in recalls]
         rank1 = [int(w.argmax()) == seg for w in recalls]
-        nulls = [1 - float(r["last_recall"].sum()) for r in rs if r["last_recall"] is not None]  # the needle's own too
         per_segment.append({"segment": seg, "n": len(rs), "accuracy": sum(r["correct"] for r in rs) / len(rs),
                             "recall_weight": sum(weight) / len(weight) if weight else None,
                             "uniform_weight": sum(1 / len(w) for w in recalls) / len(recalls) if recalls else None,
                             "recall_top1": sum(rank1) / len(rank1) if rank1 else None,
                             # the weight on recall's null slot (HMTConfig.recall_null; 0 without one): reads m_0
-                            "null_weight": sum(nulls) / len(nulls) if nulls else None})
+                            "null_weight": _mean_null(r for r in rs if r["last_recall"] is not None)})
     recalled = [(r, int(r["last_recall"].argmax())) for r in rows if r["last_recall"] is not None]
     argmax_segments = [top for _, top in recalled]
     # the answer when recall's argmax is the needle's segment vs when it is another: a recall miss or a read miss
