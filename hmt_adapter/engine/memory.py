@@ -130,9 +130,9 @@ def recall(
     weights = scores.softmax(dim=-1)
     if params.recall_null is not None:
         null_weight, weights = weights[:, :1], weights[:, 1:]
-        memory = null_weight * params.memory_init.to(values.dtype) + torch.einsum("bn,bnd->bd", weights, values)
-    else:
-        memory = torch.einsum("bn,bnd->bd", weights, values)
+    memory = torch.einsum("bn,bnd->bd", weights, values)
+    if params.recall_null is not None:
+        memory = memory + null_weight * params.memory_init.to(memory.dtype)
     if params.memory_gate is not None:
         m0 = params.memory_init.to(memory.dtype)
         memory = m0 + torch.tanh(params.memory_gate.to(memory.dtype)) * (memory - m0)
