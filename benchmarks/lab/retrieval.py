@@ -80,6 +80,17 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                            "recall_null": True},
                                           {"placement": "segment", "in_window_fraction": 0.25,
                                            "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
+    # that recipe with a decoy in half of the in-window episodes: a second key sentence, another key, beyond the window;
+    # the answer is the key in the window (a memory that names a candidate must not outvote the window)
+    "hmt_write_init_decoy_spread_stable": ({"write_token": "learned", "write_token_init_text": " The secret word is"},
+                                           {"placement": "segment", "in_window_fraction": 0.25, "decoy_fraction": 0.5,
+                                            "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
+    # the same with the null slot (recall can then learn to read m_0 when a decoy would outvote the window)
+    "hmt_write_init_null_decoy_spread_stable": ({"write_token": "learned", "write_token_init_text": " The secret word is",
+                                                 "recall_null": True},
+                                                {"placement": "segment", "in_window_fraction": 0.25,
+                                                 "decoy_fraction": 0.5, "hmt_max_grad_norm": 1.0,
+                                                 "hmt_schedule": "cosine"}),
     "hmt_write_gate_stable": ({"write_token": "learned", "memory_gate": True},
                               {"hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
@@ -114,6 +125,7 @@ class Settings(RetrievalSettings):
     placement: str = "depth"  # "depth": the fact at a uniform token depth; "segment": in a uniformly drawn segment
     in_window_fraction: float = 0.0  # share of training episodes with the fact inside the last segment (do no harm)
     boundary_fraction: float = 0.0  # share of the other ("segment" placement) facts whose answer opens a segment
+    decoy_fraction: float = 0.0  # share of the in-window needle episodes with a decoy key sentence beyond the window
     train_tasks: tuple = ("needle",)
     max_train_segments: int = 16
     answer_only_loss: bool = True
@@ -201,8 +213,20 @@ def boundary_depth(s: Settings, segments: int, rng: random.Random) -> float:
     return (answer_at - ANSWER_INDEX) / (length - NEEDLE_EPISODE_EXTRA)
 
 
+def decoy_depth(s: Settings, segments: int, num_sensory: int, rng: random.Random) -> float:
+    """Where an in-window episode's decoy key sentence goes: a uniformly drawn segment before the last, ending before
+    the last segment's sensory memory (beyond the window, as the facts recall must find)."""
+    length = segments * s.segment_length - 1
+    segment = rng.randrange(segments - 1)
+    start, end = segment * s.segment_length, (segment + 1) * s.segment_length
+    if segment == segments - 2:
+        end -= num_sensory + 8
+    return (start + rng.random() * max(1, end - start)) / length
+
+
 def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
-    """Episodes of min..max_train_segments segments of ``s.train_tasks``, answer-only loss by default."""
+    """Episodes of min..max_train_segments segments of ``s.train_tasks``, answer-only loss by default; a share
+    ``decoy_fraction`` of the in-window needle episodes also carries a decoy key beyond the window (`decoy_depth`)."""
     rng = random.Random(adapter_seed(s) + 21)
     rows = {"input_ids": [], "completion_mask": []}
     total = s.hmt_steps * s.hmt_batch
@@ -213,9 +237,12 @@ def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
             longest = low + round((s.max_train_segments - low) * min(1.0, i / (s.curriculum_ramp_fraction * total)))
         segments = rng.randint(low, longest)
         length = segments * s.segment_length - 1
-        depth, _ = fact_depth(s, segments, num_sensory, rng)
+        depth, in_window = fact_depth(s, segments, num_sensory, rng)
+        decoy = None
+        if in_window and s.decoy_fraction > 0 and rng.random() < s.decoy_fraction:
+            decoy = decoy_depth(s, segments, num_sensory, rng)
         ids, answer_at = T.episode_ids(tokenizer, T.random_episode(tokenizer, stream, vocab, length, rng, s.train_tasks,
-                                                                   depth=depth))
+                                                                   depth=depth, decoy_depth=decoy))
         rows["input_ids"].append(ids)
         mask = [0] * answer_at + [1] * (len(ids) - answer_at) if s.answer_only_loss else [1] * len(ids)
         rows["completion_mask"].append(mask)

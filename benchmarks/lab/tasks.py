@@ -98,15 +98,27 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def needle_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, depth: float,
-                   rng: random.Random, segment_length: int = 0) -> dict[str, Any]:
+                   rng: random.Random, segment_length: int = 0, decoy_depth: Optional[float] = None
+                   ) -> dict[str, Any]:
     """A needle example whose context is ``length`` tokens (before re-tokenization of the decoded text).
 
     With ``segment_length`` the key is moved inside the segment that ``depth`` puts it in, to an offset drawn
     uniformly among those that keep it there (the example's ``offset``); without it the key's offset follows from
-    ``depth``, so every example of one depth and a length that is a multiple of the segment shares one offset."""
+    ``depth``, so every example of one depth and a length that is a multiple of the segment shares one offset.
+    With ``decoy_depth`` (a training episode, no ``segment_length``) a second key sentence with another key is
+    planted there too, and the answer is the key at ``depth`` (the example's ``decoy``: the other key)."""
     key = rng.choice(vocab.keys)
     needle = _encode(tokenizer, f" The secret word is {key}.")
     question = _encode(tokenizer, " What is the secret word? The secret word is")
+    if decoy_depth is not None:
+        if segment_length > 0:
+            raise ValueError("A decoy needle is for training episodes: it takes no segment_length.")
+        decoy_key = rng.choice([k for k in vocab.keys if k != key])
+        decoy = _encode(tokenizer, f" The secret word is {decoy_key}.")
+        filler = _filler(stream, max(0, length - len(needle) - len(decoy) - len(question)), rng)
+        ids = _plant(filler, [(depth, needle), (decoy_depth, decoy)]) + question
+        return {"context": tokenizer.decode(ids), "choices": [" " + k for k in vocab.keys],
+                "answer": vocab.keys.index(key), "depth": depth, "length": length, "decoy": decoy_key}
     filler = _filler(stream, max(0, length - len(needle) - len(question)), rng)
     cut = _position(depth, len(filler))  # where `_plant` would put it
     at = len(needle) - 2  # the key's index in the needle (" KEY" then ".")
@@ -221,12 +233,16 @@ def episode_ids(tokenizer: Any, example: dict[str, Any]) -> tuple[list[int], int
 
 
 def random_episode(tokenizer, stream, vocab, length: int, rng: random.Random, tasks=("needle", "needle", "facts_qa1",
-                   "facts_qa2"), max_depth: float = 1.0, depth: Optional[float] = None) -> dict[str, Any]:
+                   "facts_qa2"), max_depth: float = 1.0, depth: Optional[float] = None,
+                   decoy_depth: Optional[float] = None) -> dict[str, Any]:
     """One training episode of a task drawn from ``tasks``, its supporting fact at ``depth`` (default: a uniform
-    depth in [0, max_depth))."""
+    depth in [0, max_depth)); a needle episode also gets a decoy key sentence at ``decoy_depth`` when given (the
+    facts tasks carry their own distractors)."""
     task = rng.choice(tasks)
     if depth is None:
         depth = rng.random() * max_depth
+    if task == "needle" and decoy_depth is not None:
+        return needle_example(tokenizer, stream, vocab, length, depth, rng, decoy_depth=decoy_depth)
     return example(task, tokenizer, stream, vocab, length, depth, rng)
 
 

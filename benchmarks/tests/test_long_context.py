@@ -271,3 +271,24 @@ def test_boundary_facts_open_a_segment_with_their_answer_beyond_the_window(corpu
     assert sum(o <= 3 for o in offsets) < 60  # without the lever, the answer opens a segment far less often
     with pytest.raises(ValueError, match="placement='segment'"):
         R.fact_depth(replace(s, placement="depth"), 8, 4, rng)  # not silently ignored
+
+
+def test_decoy_episodes_answer_the_key_in_the_window_with_another_key_beyond_it(corpus):
+    tok, stream, vocab = corpus
+    s = replace(R.quick(), placement="segment", in_window_fraction=1.0, decoy_fraction=1.0, segment_length=32,
+                hmt_steps=10, hmt_batch=4, max_train_segments=6)
+    keys = {tok(" " + k, add_special_tokens=False).input_ids[0] for k in vocab.keys}
+    rows = R.train_dataset(tok, stream, vocab, s, num_sensory=4)
+    for ids, mask in zip(rows["input_ids"], rows["completion_mask"]):
+        answer_at = mask.index(1)
+        planted = [i for i in range(answer_at) if ids[i] in keys]  # the filler has no answer words at this size
+        assert len(planted) == 2  # the decoy, then the key (the question names no key)
+        decoy, key = planted
+        assert ids[decoy] != ids[answer_at] == ids[key]
+        last = (len(ids) - 1) // 32
+        assert key // 32 == last and decoy // 32 < last  # the key in the window, the decoy beyond it
+    plain = R.train_dataset(tok, stream, vocab, replace(s, decoy_fraction=0.0), num_sensory=4)
+    for ids, mask in zip(plain["input_ids"], plain["completion_mask"]):
+        assert sum(i in keys for i in ids[: mask.index(1)]) == 1  # no decoy without the lever
+    with pytest.raises(ValueError, match="training episodes"):
+        T.needle_example(tok, stream, vocab, 200, 0.5, random.Random(0), segment_length=32, decoy_depth=0.1)
