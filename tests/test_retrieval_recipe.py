@@ -66,7 +66,7 @@ def test_retrieval_recipe_trains_from_the_command_line_offline(demo_layout, caps
     assert "curriculum over input lengths: from 2 segments" in card
     # the recipe's own report: the adapter against the backbone alone on held-out rows, by length
     result = passkey.accuracy(str(out), None, examples=4, seed=0)
-    assert set(result) == {"1x", "2x", "4x", "8x", "16x", "8x last"}
+    assert set(result) == {"1x", "2x", "4x", "8x", "16x", "8x last", "8x last, decoy"}
     assert all(0.0 <= r[k] <= 1.0 for r in result.values() for k in ("backbone", "hmt"))
 
 
@@ -101,6 +101,26 @@ def test_training_rows_spread_the_key_and_put_a_quarter_in_the_last_segment():
         segments_used.add(segment)
     assert 0.2 < in_last / len(rows) < 0.3
     assert segments_used == set(range(8))
+
+
+def test_decoy_rows_answer_the_key_in_the_window_with_another_key_beyond_it():
+    tokenizer, task, words = passkey._task()
+    rows = passkey.training_rows(400, 8, 1.0, seed=0, decoy_fraction=0.5)
+    decoys = 0
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
+        (key,) = tokenizer(row["completion"], add_special_tokens=False).input_ids
+        keys = [i for i, t in enumerate(prompt) if t in task.key_ids]
+        last = (len(prompt) + 2) // passkey.SEGMENT_LENGTH - 1
+        assert prompt[keys[-1]] == key and keys[-1] // passkey.SEGMENT_LENGTH == last  # the answer: in the window
+        if len(keys) == 2:
+            decoys += 1
+            assert prompt[keys[0]] != key and keys[0] < last * passkey.SEGMENT_LENGTH - passkey.NUM_SENSORY
+        else:
+            assert len(keys) == 1
+    assert 0.4 < decoys / len(rows) < 0.6
+    with pytest.raises(ValueError, match="decoy goes beyond the window"):
+        passkey.passkey_row(task, words, 4, False, random.Random(0), decoy=True)
 
 
 def test_the_shipped_rows_are_what_the_script_writes(tmp_path):

@@ -15,7 +15,8 @@ carried into it: only the memory can bring it to the query.
 
 ``accuracy`` scores held-out rows (their own seed) at 1, 2, 4 and 8 windows (and 16, beyond the longest training
 row): the share whose completion is the argmax at the query mark, for the backbone alone reading the last window of
-the prompt and for backbone + adapter reading all of it; at 8 windows also with the key inside the last segment.
+the prompt and for backbone + adapter reading all of it; at 8 windows also with the key inside the last segment,
+without and with a decoy key beyond the window.
 """
 
 from __future__ import annotations
@@ -32,17 +33,28 @@ TRAIN_FILE = HERE / "passkey_train.jsonl"
 SEGMENT_LENGTH, NUM_SENSORY, NUM_KEYS = 16, 4, 16  # the demo's backbone window, and the recipe's num_sensory
 
 
-def passkey_row(task: Any, words: list[str], segments: int, in_last: bool, rng: random.Random) -> dict[str, str]:
-    """One row of ``segments`` segments, the key inside the last segment (``in_last``) or in an earlier one."""
+def _beyond_window(segments: int, rng: random.Random) -> int:
+    """A position in a uniformly drawn segment before the last, out of the sensory tokens carried into the last."""
+    last = (segments - 1) * SEGMENT_LENGTH
+    segment = rng.randrange(segments - 1)
+    end = min((segment + 1) * SEGMENT_LENGTH, last - NUM_SENSORY)
+    return rng.randrange(segment * SEGMENT_LENGTH, end)
+
+
+def passkey_row(task: Any, words: list[str], segments: int, in_last: bool, rng: random.Random,
+                decoy: bool = False) -> dict[str, str]:
+    """One row of ``segments`` segments, the key inside the last segment (``in_last``) or in an earlier one; with
+    ``decoy`` (``in_last`` rows of 2+ segments) another key word sits beyond the window too, and the completion is
+    the key in the window."""
+    if decoy and not (in_last and segments >= 2):
+        raise ValueError(f"A decoy goes beyond the window of a row whose key is in its last segment; got "
+                         f"segments={segments}, in_last={in_last}.")
     length = segments * SEGMENT_LENGTH - 2  # prompt tokens
     last = (segments - 1) * SEGMENT_LENGTH  # the last segment's first position
-    if in_last:
-        position = rng.randrange(last, length - 1)  # before the query mark
-    else:
-        segment = rng.randrange(segments - 1)
-        end = min((segment + 1) * SEGMENT_LENGTH, last - NUM_SENSORY)  # not in the sensory tokens of the last one
-        position = rng.randrange(segment * SEGMENT_LENGTH, end)
+    position = rng.randrange(last, length - 1) if in_last else _beyond_window(segments, rng)  # before the query mark
     ids, key = task.example(length + 1, position, rng)  # filler ... ? key
+    if decoy:
+        ids[_beyond_window(segments, rng)] = rng.choice([k for k in task.key_ids if k != key])
     return {"prompt": " ".join(words[i] for i in ids[:-1]), "completion": " " + words[key]}
 
 
@@ -55,12 +67,18 @@ def _task():
     return tokenizer, PasskeyTask.from_tokenizer(tokenizer, NUM_KEYS), words
 
 
-def training_rows(count: int, max_segments: int, in_window_fraction: float, seed: int) -> list[dict[str, str]]:
-    """``count`` rows of 2..``max_segments`` segments (uniformly), a share with the key in the last segment."""
+def training_rows(count: int, max_segments: int, in_window_fraction: float, seed: int,
+                  decoy_fraction: float = 0.0) -> list[dict[str, str]]:
+    """``count`` rows of 2..``max_segments`` segments (uniformly), a share with the key in the last segment, and a
+    share ``decoy_fraction`` of those with a decoy key beyond the window."""
     _, task, words = _task()
     rng = random.Random(seed)
-    return [passkey_row(task, words, rng.randint(2, max_segments), rng.random() < in_window_fraction, rng)
-            for _ in range(count)]
+    rows = []
+    for _ in range(count):
+        segments, in_last = rng.randint(2, max_segments), rng.random() < in_window_fraction
+        decoy = in_last and decoy_fraction > 0 and rng.random() < decoy_fraction
+        rows.append(passkey_row(task, words, segments, in_last, rng, decoy=decoy))
+    return rows
 
 
 def write(path: Path, rows: list[dict[str, str]]) -> None:
@@ -68,13 +86,15 @@ def write(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def eval_sets(examples: int, seed: int) -> dict[str, list[dict[str, str]]]:
-    """Held-out rows per context: ``"8x"`` has the key beyond the last segment, ``"8x last"`` inside it."""
+    """Held-out rows per context: ``"8x"`` has the key beyond the last segment, ``"8x last"`` inside it, and
+    ``"8x last, decoy"`` inside it with another key beyond the window (the answer is still the key in the window)."""
     _, task, words = _task()
     rng = random.Random(seed)
     sets = {"1x": [passkey_row(task, words, 1, True, rng) for _ in range(examples)]}
     for multiple in (2, 4, 8, 16):
         sets[f"{multiple}x"] = [passkey_row(task, words, multiple, False, rng) for _ in range(examples)]
     sets["8x last"] = [passkey_row(task, words, 8, True, rng) for _ in range(examples)]
+    sets["8x last, decoy"] = [passkey_row(task, words, 8, True, rng, decoy=True) for _ in range(examples)]
     return sets
 
 
@@ -121,6 +141,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     w.add_argument("--rows", type=int, default=1200)
     w.add_argument("--max-segments", type=int, default=8)
     w.add_argument("--in-window-fraction", type=float, default=0.25)
+    w.add_argument("--decoy-fraction", type=float, default=0.0,
+                   help="share of the in-window rows with a decoy key beyond the window")
     w.add_argument("--seed", type=int, default=0)
     a = sub.add_parser("accuracy", help="score a trained adapter against the backbone alone")
     a.add_argument("adapter")
@@ -130,7 +152,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     a.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.command == "write":
-        write(args.output, training_rows(args.rows, args.max_segments, args.in_window_fraction, args.seed))
+        write(args.output, training_rows(args.rows, args.max_segments, args.in_window_fraction, args.seed,
+                                                  args.decoy_fraction))
         print(f"wrote {args.rows} rows to {args.output}")
         return 0
     import torch
@@ -138,12 +161,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     result = accuracy(args.adapter, args.backbone, args.examples, args.seed)
     print(f"passkey accuracy, {args.examples} held-out rows each (chance {100 / NUM_KEYS:.2f}%)")
-    print(f"{'context':>38} | {'backbone alone':>14} | {'backbone + HMT':>14}")
+    print(f"{'context':>56} | {'backbone alone':>14} | {'backbone + HMT':>14}")
     for name, r in result.items():
         multiple = int(name.split("x")[0])
         where = "key in the last segment" if multiple == 1 or "last" in name else "key beyond the window"
+        where += ", a decoy beyond" if "decoy" in name else ""
         label = f"{multiple * SEGMENT_LENGTH} tokens ({multiple}x), {where}"
-        print(f"{label:>38} | {100 * r['backbone']:13.1f}% | {100 * r['hmt']:13.1f}%")
+        print(f"{label:>56} | {100 * r['backbone']:13.1f}% | {100 * r['hmt']:13.1f}%")
     return 0
 
 
