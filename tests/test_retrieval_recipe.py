@@ -60,6 +60,7 @@ def test_retrieval_recipe_trains_from_the_command_line_offline(demo_layout, caps
     assert (out / "adapter_model.safetensors").is_file()
     config = HMTConfig.from_pretrained(str(out))
     assert config.use_recall and config.write_token == "learned" and not config.memory_gate and config.segment_length == 16
+    assert config.recall_null  # the recipe's do-no-harm half, with the decoy rows of its data
     printed = capsys.readouterr().out
     assert "prompt/completion, one stage with recall: 3 logged steps" in printed and "stage1" not in printed
     card = (out / "README.md").read_text()
