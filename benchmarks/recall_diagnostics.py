@@ -150,6 +150,9 @@ def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
         "top_weight_wrong": _mean(float(r["last_recall"].max()) for r, _ in recalled if not r["correct"]),
         "confident_reads_right": sum(bool(r["last_recall"].max() > CONFIDENT) for r, _ in recalled if r["correct"]),
         "confident_reads_wrong": sum(bool(r["last_recall"].max() > CONFIDENT) for r, _ in recalled if not r["correct"]),
+        # every question's read, for the in-window plot: its top memory weight, the null slot's share, the answer
+        "reads": [{"top_weight": float(r["last_recall"].max()), "null_weight": max(0.0, 1 - float(r["last_recall"].sum())),
+                   "correct": bool(r["correct"])} for r, _ in recalled],
     }
 
 
@@ -191,7 +194,35 @@ def binned(per_segment: list[dict[str, Any]], bins: int = PLOT_BINS) -> tuple[li
     return out
 
 
+def plot_in_window(payload: dict[str, Any], path: Path) -> None:
+    """``--in-window``: every question's read, right and wrong answers apart: the largest weight on one memory
+    (a confident read sits above `CONFIDENT`) and the null slot's share."""
+    plt = O.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    methods = list(payload["methods"].items())
+    for i, (method, res) in enumerate(methods):
+        for key, ax in zip(("top_weight", "null_weight"), axes):
+            for correct, colour, shift in ((True, "tab:green", -0.12), (False, "tab:red", 0.12)):
+                ys = [r[key] for r in res["reads"] if r["correct"] == correct]
+                ax.scatter([i + shift] * len(ys), ys, color=colour, alpha=0.6, s=22,
+                           label=("right" if correct else "wrong") if i == 0 else None)
+    axes[0].axhline(CONFIDENT, color="k", ls="--", lw=1)
+    axes[0].set_title(f"top memory's recall weight (dashed: {CONFIDENT})", fontsize=10)
+    axes[1].set_title("null slot's weight", fontsize=10)
+    for ax in axes:
+        ax.set_xticks(range(len(methods)), [m.replace("hmt_write_init_", "") for m, _ in methods], fontsize=7)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("at the question")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    null = " (scored without the null slot)" if payload.get("without_null") else ""
+    fig.suptitle(f"{payload['corpus']} seed {payload['seed']}, {payload['length']} tokens, "
+                 f"{payload['in_window']} needles in the last segment{null}")
+    O.save_figure(fig, path)
+
+
 def plot(payload: dict[str, Any], path: Path) -> None:
+    if payload.get("in_window"):
+        return plot_in_window(payload, path)
     plt = O.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for method, res in payload["methods"].items():
@@ -203,8 +234,8 @@ def plot(payload: dict[str, Any], path: Path) -> None:
                  label="uniform")
     step = bin_width(len(uniform))
     where = f" (means over bins of {step} segments)" if step > 1 else ""
-    axes[0].set_title("last segment's recall weight on the needle's memory")
-    axes[1].set_title("needle accuracy by the needle's segment")
+    axes[0].set_title("last segment's recall weight\non the needle's memory", fontsize=10)
+    axes[1].set_title("needle accuracy\nby the needle's segment", fontsize=10)
     for ax in axes:
         ax.set_xlabel("segment holding the needle")
         ax.set_ylim(0, 1.02)

@@ -76,3 +76,18 @@ def test_in_window_count_is_checked_first(capsys):
 
     assert main(["--run-dir", "nowhere", "--backbone-cache", "nowhere", "--in-window", "-1"]) == 2
     assert "--in-window" in capsys.readouterr().err
+
+
+def test_in_window_reads_are_kept_per_question_and_plotted(tmp_path):
+    from benchmarks.recall_diagnostics import plot
+
+    sharp = dict(row(4, 2, False, 0), last_recall=torch.tensor([0.0, 0.05, 0.9, 0.05]))  # wrong, confident
+    declined = dict(row(4, 1, True, 1), last_recall=torch.tensor([0.1, 0.1, 0.05, 0.05]))  # right, slot took 0.7
+    result = summarise([sharp, declined], keys=2)
+    assert [r["correct"] for r in result["reads"]] == [False, True]
+    assert abs(result["reads"][0]["top_weight"] - 0.9) < 1e-6 and result["reads"][0]["null_weight"] < 1e-6
+    assert abs(result["reads"][1]["null_weight"] - 0.7) < 1e-6
+    payload = {"corpus": "austen", "seed": 0, "length": 256, "in_window": 2, "without_null": False,
+               "methods": {"hmt_write_init_null_decoy_spread_stable": result}}
+    plot(payload, tmp_path / "diag.png")
+    assert (tmp_path / "diag.png").stat().st_size > 1000
