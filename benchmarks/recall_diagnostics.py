@@ -211,6 +211,7 @@ def plot_in_window(payload: dict[str, Any], path: Path) -> None:
     axes[1].set_title("null slot's weight", fontsize=10)
     for ax in axes:
         ax.set_xticks(range(len(methods)), [m.replace("hmt_write_init_", "") for m, _ in methods], fontsize=7)
+        ax.set_xlim(-0.5, len(methods) - 0.5)
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("at the question")
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
