@@ -15,9 +15,11 @@ window for the sliding-window baseline, which keeps the last tokens of the conte
 needle at several lengths and depths, BABILong-style facts (qa1, qa2). Answers are single tokens scored by
 log-likelihood over the candidate set (lm-eval ``multiple_choice``); chance is 1 / candidates.
 
-Methods (``METHOD_SPECS``): ``hmt_write_init_spread_stable`` (the recipe of the headline sweep and of
+Methods (``METHOD_SPECS``): ``hmt_write_init_null_decoy_spread_stable`` (the recipe of the headline sweep and of
 ``--quick``: learned write token started from the question's last token, training rows of up to 16 segments, facts
-spread over every segment, a quarter inside the last one, clipped gradients, cosine rate), its ablations and screens (``hmt`` is the paper's layout,
+spread over every segment, a quarter inside the last one and half of those with a decoy key beyond the window, a null
+slot in recall, clipped gradients, cosine rate), ``hmt_write_init_spread_stable`` (the recipe before, without the
+decoys and the slot), its ablations and screens (``hmt`` is the paper's layout,
 ``hmt_write_lora*`` HMT + LoRA, ``hmt_write_no_recall`` the paper's stage 1, ``hmt_write_init_logn_spread_stable``
 the ln N recall scale, ...), and ``sliding_window`` (the backbone alone). Writes ``long_context.json`` (``command``, ``chance``,
 ``results`` rows of task/method/context_tokens/depth/accuracy/n) and PNGs (needle heatmap per method, accuracy by
