@@ -242,7 +242,7 @@ def plot_needle(payload: dict[str, Any], path: Path) -> None:
                 ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{int(100 * d)}%" for d in depths])
-        ax.set_title(method, fontsize=9)
+        ax.set_title(method.replace(" (", "\n("), fontsize=8)  # long method names: the run on a line of its own
         ax.set_xlabel("context tokens")
     for row in axes:
         row[0].set_ylabel("needle depth")
