@@ -151,7 +151,7 @@ def summarise(rows: list[dict[str, Any]], keys: int) -> dict[str, Any]:
         "confident_reads_right": sum(bool(r["last_recall"].max() > CONFIDENT) for r, _ in recalled if r["correct"]),
         "confident_reads_wrong": sum(bool(r["last_recall"].max() > CONFIDENT) for r, _ in recalled if not r["correct"]),
         # every question's read, for the in-window plot: its top memory weight, the null slot's share, the answer
-        "reads": [{"top_weight": float(r["last_recall"].max()), "null_weight": max(0.0, 1 - float(r["last_recall"].sum())),
+        "reads": [{"top_weight": float(r["last_recall"].max()), "null_weight": _null_share(r["last_recall"]),
                    "correct": bool(r["correct"])} for r, _ in recalled],
     }
 
@@ -164,8 +164,13 @@ def _mean(values) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def _null_share(recall: torch.Tensor) -> float:
+    """The null slot's share of one read: what the weights over the memories leave of 1 (not below 0 by rounding)."""
+    return max(0.0, 1 - float(recall.sum()))
+
+
 def _mean_null(rows) -> Optional[float]:
-    return _mean(max(0.0, 1 - float(r["last_recall"].sum())) for r in rows)  # not below 0 by rounding
+    return _mean(_null_share(r["last_recall"]) for r in rows)
 
 
 def fmt(x: Optional[float]) -> str:
