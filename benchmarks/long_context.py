@@ -112,6 +112,9 @@ def check_evaluation(s: Settings) -> None:
     T.check_depths(s.needle_depths)
     if s.eval_recall_window < 0:
         raise ValueError(f"eval_recall_window must be >= 1 memory (0: the adapter's own), got {s.eval_recall_window}.")
+    if s.eval_recall_sharpen_beyond < 0 or s.eval_recall_sharpen_beyond == 1:
+        raise ValueError(f"eval_recall_sharpen_beyond must be >= 2 memories (0: the adapter's own), got "
+                         f"{s.eval_recall_sharpen_beyond}.")
 
 
 def window_lm(backbone, tokenizer, max_length: int):
@@ -175,6 +178,8 @@ def run(s: Settings, command: str, out_dir: Path, adapters_from: Optional[Path] 
             gates[method] = gate
         if s.eval_recall_window > 0:  # read at every forward (`HMTModel.runner`): scoring only, training is done
             model.peft_config[model.active_adapter].recall_window = s.eval_recall_window
+        if s.eval_recall_sharpen_beyond > 0:  # read at every forward too: an inference-only change of the adapter
+            model.peft_config[model.active_adapter].recall_sharpen_beyond = s.eval_recall_sharpen_beyond
         rows = aggregate(method, evaluate(hmt_lm(model, prep.tokenizer), names, task_dir))
         results += rows
         log(f"{method}: loss {train_logs[method][0]:.2f} -> {train_logs[method][-1]:.2f}; {_summary(rows)}")
@@ -426,6 +431,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="pretraining also runs until the backbone answers this share of in-window qa1 questions")
     p.add_argument("--pretrain-tasks", nargs="+", default=None, choices=("needle", "facts_qa1", "facts_qa2"),
                    help="the tasks of pretraining's in-window episodes, drawn uniformly (repeat one to weight it)")
+    p.add_argument("--pretrain-min-facts", type=int, default=None, metavar="N",
+                   help="pretraining's facts episodes have N..6 facts, drawn uniformly (default 6: as the held-out "
+                        "tasks)")
     p.add_argument("--train-tasks", nargs="+", default=None, choices=("needle", "facts_qa1", "facts_qa2"),
                    help="the tasks of HMT's training episodes, drawn uniformly (default: needle only)")
     p.add_argument("--answer-weight", type=float, default=None, help="pretraining: extra CE weight on episode answers")
@@ -448,6 +456,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "earlier row), or is drawn uniformly inside the segment the depth picks")
     p.add_argument("--eval-recall-window", type=int, default=None, metavar="N",
                    help="score with recall over only the last N memories (a diagnostic; default: the adapter's own)")
+    p.add_argument("--eval-recall-sharpen-beyond", type=int, default=None, metavar="K",
+                   help="score with HMTConfig.recall_sharpen_beyond=K (recall scores times ln N / ln K beyond K "
+                        "memories; default: the adapter's own)")
     p.add_argument("--adapters-from", default=None, metavar="RUN_DIR",
                    help="score the adapters that this finished run (an --output-dir) saved instead of training, with "
                         "its settings; only evaluation options may be given with it")
@@ -463,12 +474,12 @@ def make_parser() -> argparse.ArgumentParser:
 OVERRIDES = ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", "min_train_segments", "threads",
              "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr", "episode_fraction",
              "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence", "examples",
-             "examples_longest", "hmt_seed", "target_qa1_in_window",
-             "curriculum_ramp_fraction", "needle_offsets", "eval_recall_window")
+             "examples_longest", "hmt_seed", "target_qa1_in_window", "pretrain_min_facts",
+             "curriculum_ramp_fraction", "needle_offsets", "eval_recall_window", "eval_recall_sharpen_beyond")
 
 #: What may be given with ``--adapters-from`` (the rest would change the backbone, the adapters or their training).
 RESCORE_OPTIONS = ("backbone_cache", "threads", "needle_offsets", "methods", "examples", "examples_longest",
-                   "needle_lengths", "needle_depths", "facts_tasks", "eval_recall_window")
+                   "needle_lengths", "needle_depths", "facts_tasks", "eval_recall_window", "eval_recall_sharpen_beyond")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

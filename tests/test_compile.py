@@ -94,11 +94,13 @@ def test_segment_step_compiles_to_two_graphs_and_matches_eager_with_recall(recal
     _assert_same_grads(grads_e, grads_c)
 
 
-def test_log_n_recall_compiles_without_recompiling_for_longer_caches() -> None:
-    """recall_scale="log_n" reads ln N off the scores tensor: still two graphs, none per cache length."""
+@pytest.mark.parametrize("scale", [dict(recall_scale="log_n"), dict(recall_sharpen_beyond=3)])
+def test_log_n_recall_compiles_without_recompiling_for_longer_caches(scale) -> None:
+    """recall_scale="log_n" and recall_sharpen_beyond read ln N off the scores tensor: still two graphs, none per
+    cache length (the inputs run past the 3 memories where recall_sharpen_beyond=3 starts to scale)."""
     torch._dynamo.reset()
     counters.clear()
-    eager, compiled, counter = _pair(recall_scale="log_n")
+    eager, compiled, counter = _pair(**scale)
     for length, seed in ((4 * SEG + 3, 0), (7 * SEG + 5, 1)):
         ids, mask = _batch(length, seed=seed)
         out_e, grads_e = _train_call(eager, ids, mask)

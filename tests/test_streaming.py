@@ -62,7 +62,7 @@ def test_memory_changes_the_logits():
 @pytest.mark.parametrize(
     "overrides", [dict(use_recall=False), dict(recall_window=2, num_sensory=0), dict(write_token="learned"),
                   dict(write_token="learned", memory_gate=True), dict(write_token="learned", recall_scale="log_n"),
-                  dict(write_token="learned", recall_null=True)]
+                  dict(write_token="learned", recall_null=True), dict(write_token="learned", recall_sharpen_beyond=2)]
 )
 def test_chunked_feeding_other_configs(overrides):
     model = make_model("segment", **overrides)

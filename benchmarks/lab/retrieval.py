@@ -138,6 +138,7 @@ class Settings(RetrievalSettings):
     needle_offsets: str = "depth"  # held-out needles: "depth" (the offset follows from the depth) or "spread"
     needle_depths: tuple = T.DEPTHS  # the held-out needles' depths, in turn
     eval_recall_window: int = 0  # > 0: scoring recalls over only the last this many memories (0: the adapter's own)
+    eval_recall_sharpen_beyond: int = 0  # > 1: scoring sets HMTConfig.recall_sharpen_beyond to this (0: the adapter's own)
     methods: tuple = METHODS
 
 

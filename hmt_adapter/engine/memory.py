@@ -31,6 +31,7 @@ class HMTParams:
     embed_norm: torch.Tensor  # () typical norm of an input-embedding row
     recall_null: Optional[torch.Tensor] = None  # (d,) the null slot's key source n (recall_null=True), else None
     recall_log_n: bool = False  # recall_scale="log_n": recall scores also scaled by ln N (N memories recalled over)
+    recall_sharpen_beyond: int = 0  # K > 1: scores also scaled by max(1, ln N / ln K) (recall_sharpen_beyond)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,7 +101,7 @@ def recall(
     query: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, params: HMTParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Memory recall: ``softmax((W_q q)(W_k M)^T / sqrt(h)) M`` (with ``recall_log_n`` the scores are also scaled by
-    ``ln N``), gated to ``m_0 + tanh(g) (. - m_0)`` with a memory gate.
+    ``ln N``; with ``recall_sharpen_beyond`` K, by ``max(1, ln N / ln K)``), gated to ``m_0 + tanh(g) (. - m_0)`` with a memory gate.
 
     With a null slot (``recall_null``) the softmax also runs over one more entry, keyed ``W_k n`` (a learned vector
     n) and valued ``m_0``: the weight recall puts there reads what segment 0 reads, so a query that matches no
@@ -127,6 +128,9 @@ def recall(
     scores = scores / math.sqrt(q.shape[-1])
     if params.recall_log_n:  # ln N from the tensor itself: no Python number of memories for torch.compile to guard on
         scores = scores * torch.ones_like(scores).sum(-1, keepdim=True).log()
+    elif params.recall_sharpen_beyond > 1:  # the same ln N, relative to the K memories training recalled over
+        log_n = torch.ones_like(scores).sum(-1, keepdim=True).log()
+        scores = scores * (log_n / math.log(params.recall_sharpen_beyond)).clamp_min(1.0)
     weights = scores.softmax(dim=-1)
     if params.recall_null is not None:
         null_weight, weights = weights[:, :1], weights[:, 1:]

@@ -127,6 +127,18 @@ class HMTConfig(PeftConfig):
             "every extra distractor. Measured in BENCHMARKS.md."
         },
     )
+    recall_sharpen_beyond: int = field(
+        default=0,
+        metadata={
+            "help": "0 (default): off. K > 1: when recall chooses among N > K memories, its scores are multiplied by "
+            "ln N / ln K (up to K memories the recall is unchanged). Set K to the most memories training showed recall "
+            "(the longest training input's segments): over far more memories at inference the constant-scale softmax "
+            "spreads its weight over every extra distractor, and this keeps the focus training gave it. Inference "
+            "only when K covers training, so it can be set on an adapter after training (the scalable softmax of "
+            "length extrapolation, applied beyond the trained length). N counts the null slot (recall_null). Not with "
+            "recall_scale='log_n', which already scales by ln N. Measured in BENCHMARKS.md."
+        },
+    )
     recall_query: Literal["segment", "previous"] = field(
         default="segment",
         metadata={
@@ -220,6 +232,16 @@ class HMTConfig(PeftConfig):
             raise ValueError(f"HMTConfig.write_token must be one of {WRITE_TOKENS}, got {self.write_token!r}.")
         if self.recall_scale not in RECALL_SCALES:
             raise ValueError(f"HMTConfig.recall_scale must be one of {RECALL_SCALES}, got {self.recall_scale!r}.")
+        if isinstance(self.recall_sharpen_beyond, bool) or not isinstance(self.recall_sharpen_beyond, int):
+            raise TypeError(f"HMTConfig.recall_sharpen_beyond must be an int (0: off), got {self.recall_sharpen_beyond!r}.")
+        if self.recall_sharpen_beyond < 0 or self.recall_sharpen_beyond == 1:
+            raise ValueError(f"HMTConfig.recall_sharpen_beyond must be 0 (off) or >= 2 (memories recall was trained "
+                             f"over), got {self.recall_sharpen_beyond}.")
+        if self.recall_sharpen_beyond and self.recall_scale == "log_n":
+            raise ValueError("HMTConfig.recall_sharpen_beyond scales recall by ln N / ln K beyond K memories; "
+                             "recall_scale='log_n' already scales by ln N: use one of them.")
+        if self.recall_sharpen_beyond and not self.use_recall:
+            raise ValueError("HMTConfig.recall_sharpen_beyond scales recall: it needs use_recall=True.")
         if self.recall_query not in RECALL_QUERIES:
             raise ValueError(f"HMTConfig.recall_query must be one of {RECALL_QUERIES}, got {self.recall_query!r}.")
         if self.loss_scope not in LOSS_SCOPES:

@@ -156,6 +156,7 @@ class HMTLayer(nn.Module, HMTTunerLayer):
             embed_norm=self.embedding_row_norm(),
             recall_null=get(self.hmt_recall_null, False) if config.recall_null else None,
             recall_log_n=config.recall_scale == "log_n",
+            recall_sharpen_beyond=config.recall_sharpen_beyond,
         )
 
     @staticmethod
