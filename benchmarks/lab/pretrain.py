@@ -131,7 +131,8 @@ def _episode_batch(tokenizer, stream: torch.Tensor, filler: list[int], vocab, s:
     rows, episodes = [], []
     for i in range(s.pretrain_batch):
         if rng.random() < s.episode_fraction:
-            episode = T.random_episode(tokenizer, filler, vocab, window - 2, rng, tuple(s.pretrain_tasks))
+            episode = T.random_episode(tokenizer, filler, vocab, window - 2, rng, tuple(s.pretrain_tasks),
+                                       min_facts=s.pretrain_min_facts)
             ids, _ = T.episode_ids(tokenizer, episode)
             ids = ids[-window:]
             ids = [0] * (window - len(ids)) + ids  # left-padded: the answer is the last token
@@ -149,6 +150,9 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
     backbone answers in-window needles (``target_in_window``) and in-window qa1 questions
     (``target_qa1_in_window``), not before ``pretrain_min_steps``, or ``pretrain_steps`` run out. Both in-window
     accuracies are logged at every check."""
+    if not 1 <= s.pretrain_min_facts <= 6:
+        raise ValueError(f"pretrain_min_facts must be in 1..6 (facts in a pretraining episode), got "
+                         f"{s.pretrain_min_facts}.")
     rng = random.Random(s.seed + 11)
     gen = torch.Generator().manual_seed(s.seed + 1)
     filler = stream.tolist()
@@ -219,7 +223,7 @@ BACKBONE_FIELDS = ("corpus", "seed", "vocab_size", "hidden_size", "num_layers", 
 
 #: Fields the backbone depends on that came later: in the key only when they differ from their defaults, so the
 #: backbones cached before them keep their keys.
-LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks")
+LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks", "pretrain_min_facts")
 
 
 def backbone_key(s: RetrievalSettings) -> str:

@@ -182,11 +182,12 @@ def make_examples(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab
 
 
 def example(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, depth: float,
-            rng: random.Random) -> dict[str, Any]:
-    """One example of ``task`` ('needle', 'facts_qa1', 'facts_qa2') with its supporting fact at ``depth``."""
+            rng: random.Random, num_facts: int = 6) -> dict[str, Any]:
+    """One example of ``task`` ('needle', 'facts_qa1', 'facts_qa2') with its supporting fact at ``depth`` (a facts
+    task with ``num_facts`` facts)."""
     if task == "needle":
         return needle_example(tokenizer, stream, vocab, length, depth, rng)
-    return facts_example(tokenizer, stream, vocab, length, depth, rng, kind=task.split("_")[1])
+    return facts_example(tokenizer, stream, vocab, length, depth, rng, kind=task.split("_")[1], num_facts=num_facts)
 
 
 def chance(examples: Sequence[dict[str, Any]]) -> float:
@@ -234,16 +235,18 @@ def episode_ids(tokenizer: Any, example: dict[str, Any]) -> tuple[list[int], int
 
 def random_episode(tokenizer, stream, vocab, length: int, rng: random.Random, tasks=("needle", "needle", "facts_qa1",
                    "facts_qa2"), max_depth: float = 1.0, depth: Optional[float] = None,
-                   decoy_depth: Optional[float] = None) -> dict[str, Any]:
+                   decoy_depth: Optional[float] = None, min_facts: int = 6) -> dict[str, Any]:
     """One training episode of a task drawn from ``tasks``, its supporting fact at ``depth`` (default: a uniform
     depth in [0, max_depth)); a needle episode also gets a decoy key sentence at ``decoy_depth`` when given (the
-    facts tasks carry their own distractors)."""
+    facts tasks carry their own distractors). A facts episode has 6 facts, or with ``min_facts`` < 6 a number drawn
+    uniformly from ``min_facts``..6 (easier episodes mixed in; the held-out tasks always have 6)."""
     task = rng.choice(tasks)
     if depth is None:
         depth = rng.random() * max_depth
     if task == "needle" and decoy_depth is not None:
         return needle_example(tokenizer, stream, vocab, length, depth, rng, decoy_depth=decoy_depth)
-    return example(task, tokenizer, stream, vocab, length, depth, rng)
+    num_facts = 6 if min_facts >= 6 or task == "needle" else rng.randint(min_facts, 6)
+    return example(task, tokenizer, stream, vocab, length, depth, rng, num_facts=num_facts)
 
 
 @torch.no_grad()

@@ -58,3 +58,25 @@ def test_backbone_key_keeps_the_old_keys_at_the_defaults_and_changes_with_the_la
             pretrain.backbone_key(replace(s, pretrain_tasks=("needle", "facts_qa1")))}
     assert len(keys) == 3
     assert RetrievalSettings().target_qa1_in_window == 0.0
+
+
+def test_pretrain_min_facts_mixes_in_episodes_with_fewer_facts_and_is_checked() -> None:
+    import random
+
+    import pytest
+
+    s, tok, model, stream = _tiny(pretrain_tasks=("facts_qa1",))
+    went = tok(" went to the", add_special_tokens=False).input_ids
+
+    def facts_per_row(settings) -> set[int]:
+        batch, _ = pretrain._episode_batch(tok, stream, stream.tolist(), T.Vocab.of(tok),
+                                           replace(settings, episode_fraction=1.0, pretrain_batch=24),
+                                           random.Random(0), torch.Generator().manual_seed(0))
+        return {sum(row[i : i + len(went)] == went for i in range(len(row))) for row in batch.tolist()}
+
+    assert facts_per_row(s) <= {6, 7}  # 6 facts, and in half the rows an earlier move of the person asked about
+    assert min(facts_per_row(replace(s, pretrain_min_facts=1))) < 6
+    with pytest.raises(ValueError, match="pretrain_min_facts"):
+        pretrain.pretrain_with_episodes(model, tok, stream, T.Vocab.of(tok), replace(s, pretrain_min_facts=0),
+                                        lambda _: None)
+    assert pretrain.backbone_key(replace(s, pretrain_min_facts=2)) != pretrain.backbone_key(s)
