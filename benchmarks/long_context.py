@@ -429,7 +429,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-segments", type=int, default=None)
     p.add_argument("--target-qa1-in-window", type=float, default=None,
                    help="pretraining also runs until the backbone answers this share of in-window qa1 questions")
-    p.add_argument("--pretrain-tasks", nargs="+", default=None, choices=("needle", "facts_qa1", "facts_qa2"),
+    p.add_argument("--pretrain-tasks", nargs="+", default=None,
+                   choices=("needle", "facts_qa1", "facts_qa2", "facts_qa1_drill"),
                    help="the tasks of pretraining's in-window episodes, drawn uniformly (repeat one to weight it)")
     p.add_argument("--pretrain-min-facts", type=int, default=None, metavar="N",
                    help="pretraining's facts episodes have N..6 facts, drawn uniformly (default 6: as the held-out "

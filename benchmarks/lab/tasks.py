@@ -165,6 +165,28 @@ def facts_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: i
             "answer": answer_pool.index(place), "depth": depth, "length": length}
 
 
+def facts_drill_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, rng: random.Random,
+                        num_facts: int = 4) -> dict[str, Any]:
+    """A pretraining-only qa1 episode with one question about each of 3 people at the end, the first two answered
+    in the text ("Where is NAME? NAME is in the PLACE."), the last one the episode's answer. ``num_facts`` moves
+    (at least one per person) sit at uniform depths in real text. A held-out qa1 example carries one answer token
+    per window; this one carries three, so a small backbone sees the name-to-place lookup three times as often (the
+    held-out tasks are unchanged: `facts_example`)."""
+    names = rng.sample(vocab.names, 3)
+    movers = names + [rng.choice(names) for _ in range(max(0, num_facts - 3))]
+    facts = sorted((rng.random(), who, rng.choice(vocab.places)) for who in movers)
+    last = {who: place for _, who, place in facts}  # sorted by depth: each person's last move wins
+    pieces = [(d, _encode(tokenizer, f" {who} went to the {place}.")) for d, who, place in facts]
+    asked = rng.sample(names, 3)
+    tail = "".join(f" Where is {n}? {n} is in the {last[n]}." for n in asked[:2])
+    q_ids = _encode(tokenizer, tail + f" Where is {asked[2]}? {asked[2]} is in the")
+    filler = _filler(stream, max(0, length - sum(len(p) for _, p in pieces) - len(q_ids)), rng)
+    ids = _plant(filler, pieces) + q_ids
+    choices = [" " + p for p in vocab.places]
+    return {"context": tokenizer.decode(ids), "choices": choices, "answer": vocab.places.index(last[asked[2]]),
+            "depth": facts[-1][0], "length": length}
+
+
 def make_examples(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, n: int,
                   seed: int, segment_length: int = 0, depths: Sequence[float] = DEPTHS) -> list[dict[str, Any]]:
     """``n`` examples of ``task`` ('needle', 'facts_qa1', 'facts_qa2') at ``length`` tokens, ``depths`` in turn.
@@ -184,9 +206,11 @@ def make_examples(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab
 def example(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, depth: float,
             rng: random.Random, num_facts: int = 6) -> dict[str, Any]:
     """One example of ``task`` ('needle', 'facts_qa1', 'facts_qa2') with its supporting fact at ``depth`` (a facts
-    task with ``num_facts`` facts)."""
+    task with ``num_facts`` facts); 'facts_qa1_drill' is `facts_drill_example` (pretraining only, no depth)."""
     if task == "needle":
         return needle_example(tokenizer, stream, vocab, length, depth, rng)
+    if task == "facts_qa1_drill":
+        return facts_drill_example(tokenizer, stream, vocab, length, rng)
     return facts_example(tokenizer, stream, vocab, length, depth, rng, kind=task.split("_")[1], num_facts=num_facts)
 
 
@@ -245,19 +269,22 @@ def random_episode(tokenizer, stream, vocab, length: int, rng: random.Random, ta
         depth = rng.random() * max_depth
     if task == "needle" and decoy_depth is not None:
         return needle_example(tokenizer, stream, vocab, length, depth, rng, decoy_depth=decoy_depth)
-    num_facts = 6 if min_facts >= 6 or task == "needle" else rng.randint(min_facts, 6)
+    num_facts = 6 if min_facts >= 6 or task in ("needle", "facts_qa1_drill") else rng.randint(min_facts, 6)
     return example(task, tokenizer, stream, vocab, length, depth, rng, num_facts=num_facts)
 
 
 @torch.no_grad()
+def answer_index(model, tokenizer, example: dict[str, Any]) -> int:
+    """The index of the example's choice (a single token each) with the largest logit at the last position."""
+    ids = torch.tensor([tokenizer(example["context"], add_special_tokens=False).input_ids])
+    logits = model(input_ids=ids).logits[0, -1]
+    cands = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in example["choices"]]
+    return max(range(len(cands)), key=lambda i: logits[cands[i]].item())
+
+
 def in_window_accuracy(model, tokenizer, examples: list[dict[str, Any]]) -> float:
     """Share of in-window episodes whose answer is the argmax over the candidates at the last position."""
     model.eval()
-    hits = 0
-    for e in examples:
-        ids = torch.tensor([tokenizer(e["context"], add_special_tokens=False).input_ids])
-        logits = model(input_ids=ids).logits[0, -1]
-        cands = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in e["choices"]]
-        hits += int(max(range(len(cands)), key=lambda i: logits[cands[i]].item()) == e["answer"])
+    hits = sum(int(answer_index(model, tokenizer, e) == e["answer"]) for e in examples)
     model.train()
     return hits / len(examples)

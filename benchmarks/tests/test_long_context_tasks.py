@@ -166,3 +166,18 @@ def test_hmt_seed_draws_other_episodes_and_defaults_to_the_backbone_seed(tok, st
     assert R.train_dataset(tok, stream, vocab, s, 4)["input_ids"] == same
     assert R.train_dataset(tok, stream, vocab, replace(s, hmt_seed=4), 4)["input_ids"] != same
     assert R.adapter_seed(s) == 3 and R.adapter_seed(replace(s, hmt_seed=7)) == 7
+
+
+def test_drill_episode_answers_every_person_with_their_last_move(tok, stream) -> None:
+    vocab = T.Vocab.of(tok)
+    rng = random.Random(4)
+    for _ in range(20):
+        e = T.random_episode(tok, stream, vocab, 62, rng, ("facts_qa1_drill",))
+        moves = re.findall(r"(\w+) went to the (\w+)\.", e["context"])
+        last = dict(moves)  # in text order: each person's last move wins
+        answered = re.findall(r"Where is (\w+)\? \1 is in the (\w+)\.", e["context"])
+        asked = re.findall(r"Where is (\w+)\?", e["context"])
+        assert len(asked) == 3 and len(set(asked)) == 3 and len(answered) == 2
+        assert all(last[name] == place for name, place in answered)
+        assert e["choices"][e["answer"]] == " " + last[asked[-1]]
+        assert e["context"].endswith(f"{asked[-1]} is in the")

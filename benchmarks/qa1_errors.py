@@ -1,0 +1,150 @@
+"""How does a retrieval backbone answer qa1 inside its own window? Its answers sorted by kind of mistake.
+
+    apt-get install -y r-cran-janeaustenr   # the corpus (Debian), see benchmarks/lab/corpus.py
+    PYTHONPATH=. python -m benchmarks.qa1_errors --corpus austen \\
+        --backbone benchmarks/output/backbones/austen-seed0-fcc3113c08 --questions 200
+
+loads each ``--backbone`` (a folder of the long-context benchmark's backbone cache: ``backbone/`` and ``tokenizer/``,
+what `benchmarks.lab.pretrain.prepare` stores), asks it ``--questions`` qa1 questions whose facts all sit inside its
+window (6 facts about 3 people in held-out text of the corpus, as the benchmark's in-window probe) and sorts each
+argmax answer over the 8 places into one kind:
+
+* ``right``: the last place the person asked about went to;
+* ``earlier_place``: a place that person went to before (superseded);
+* ``latest_place``: the place of the last fact in the text, someone else's;
+* ``other_person``: another place someone else went to;
+* ``not_in_context``: a place no fact mentions.
+
+A backbone that copies a place from the context but does not bind it to the name asked about answers ``right`` about
+as often as copying any place the facts mention would (``copy_any_mentioned_place``), and its mistakes are ``other_person`` and ``latest_place``; one that has
+not learned to copy at all answers places ``not_in_context``. Writes ``qa1_errors.json`` and ``qa1_errors.png``
+(stacked shares per backbone) to ``--output-dir`` (default benchmarks/output; ``--update-results``:
+benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from benchmarks.lab import corpus as K
+from benchmarks.lab import output as O
+from benchmarks.lab import tasks as T
+
+KINDS = ("right", "earlier_place", "latest_place", "other_person", "not_in_context")
+
+
+def kind_of(example: dict[str, Any], predicted: int) -> str:
+    """The kind (`KINDS`) of the answer ``predicted`` (an index into the example's choices) to a qa1 example."""
+    if predicted == example["answer"]:
+        return "right"
+    place = example["choices"][predicted].strip()
+    target = re.search(r"Where is (\w+)\?", example["context"]).group(1)
+    moves = re.findall(r"(\w+) went to the (\w+)\.", example["context"])
+    if (target, place) in moves:
+        return "earlier_place"
+    if moves and moves[-1][1] == place:
+        return "latest_place"
+    if any(p == place for _, p in moves):
+        return "other_person"
+    return "not_in_context"
+
+
+def sort_answers(model, tokenizer, stream: list[int], questions: int, window: int, seed: int) -> dict[str, Any]:
+    """Shares of each kind over ``questions`` in-window qa1 questions (contexts of ``window - 2`` tokens)."""
+    vocab = T.Vocab.of(tokenizer)
+    rng = random.Random(seed)
+    counts = dict.fromkeys(KINDS, 0)
+    copy = 0.0
+    for _ in range(questions):
+        example = T.facts_example(tokenizer, stream, vocab, window - 2, rng.random(), rng)
+        counts[kind_of(example, T.answer_index(model, tokenizer, example))] += 1
+        copy += 1 / len(mentioned_places(example))
+    return {"questions": questions, "shares": {k: v / questions for k, v in counts.items()},
+            "copy_any_mentioned_place": copy / questions}
+
+
+def mentioned_places(example: dict[str, Any]) -> set[str]:
+    """The places the example's facts name (the right one among them): a backbone that copies one of them without
+    reading the name asked about is right 1 / len(these) of the time."""
+    return {p for _, p in re.findall(r"(\w+) went to the (\w+)\.", example["context"])}
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    plt = O.pyplot()
+    names = list(payload["backbones"])
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 3.8))
+    bottom = [0.0] * len(names)
+    for kind in KINDS:
+        shares = [100 * payload["backbones"][n]["shares"][kind] for n in names]
+        ax.bar(range(len(names)), shares, bottom=bottom, label=kind.replace("_", " "))
+        bottom = [b + s for b, s in zip(bottom, shares)]
+    ax.set_xticks(range(len(names)), [Path(n).name for n in names], rotation=15, fontsize=7)
+    ax.set_ylabel("% of in-window qa1 answers")
+    copy = [100 * payload["backbones"][n]["copy_any_mentioned_place"] for n in names]
+    ax.scatter(range(len(names)), copy, marker="_", s=900, color="black", zorder=3,
+               label="right by copying any\nmentioned place")
+    ax.set_title(f"in-window qa1 answers by kind ({payload['corpus']}, {payload['questions']} each)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    O.save_figure(fig, path)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.qa1_errors", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", nargs="+", required=True, metavar="DIR",
+                   help="backbone cache folders (each with backbone/ and tokenizer/)")
+    p.add_argument("--corpus", required=True, help=f"the corpus the backbones were pretrained on: {sorted(K.CORPORA)}")
+    p.add_argument("--questions", type=int, default=200)
+    p.add_argument("--window", type=int, default=64, help="the backbone's window (the benchmark's segment length)")
+    p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    O.add_output_arguments(p)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    missing = [d for d in args.backbone if not (Path(d) / "backbone").is_dir() or not (Path(d) / "tokenizer").is_dir()]
+    if missing:
+        print(f"--backbone {' '.join(missing)}: no backbone/ and tokenizer/ there; pass folders of the long-context "
+              "benchmark's --backbone-cache.", file=sys.stderr)
+        return 2
+    if args.questions < 1:
+        print(f"--questions must be >= 1, got {args.questions}.", file=sys.stderr)
+        return 2
+    try:
+        corpus = K.get(args.corpus)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    documents = corpus.documents()
+    if not documents:
+        print(corpus.missing_message(), file=sys.stderr)
+        return 2
+    O.quiet_torch_run(args.threads)
+    _, heldout = K.split(documents, 0.15)
+    payload: dict[str, Any] = {"command": O.quoted_command("PYTHONPATH=. python -m benchmarks.qa1_errors", argv),
+                               "corpus": args.corpus, "questions": args.questions, "backbones": {}}
+    for folder in args.backbone:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(Path(folder) / "tokenizer")
+        model = AutoModelForCausalLM.from_pretrained(Path(folder) / "backbone").eval()
+        stream = [t for doc in tokenizer(heldout, add_special_tokens=False).input_ids for t in doc]
+        payload["backbones"][folder] = sort_answers(model, tokenizer, stream, args.questions, args.window, args.seed)
+        shares = payload["backbones"][folder]["shares"]
+        print(f"{folder}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()) + "; copying any mentioned "
+              f"place would be right {100 * payload['backbones'][folder]['copy_any_mentioned_place']:.0f}%", flush=True)
+    out = O.output_dir(args)
+    O.write_json(out / "qa1_errors.json", payload)
+    plot(payload, out / "qa1_errors.png")
+    print(f"wrote {out / 'qa1_errors.json'} and qa1_errors.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
