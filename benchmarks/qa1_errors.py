@@ -139,10 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         shares = payload["backbones"][folder]["shares"]
         print(f"{folder}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()) + "; copying any mentioned "
               f"place would be right {100 * payload['backbones'][folder]['copy_any_mentioned_place']:.0f}%", flush=True)
-    out = O.output_dir(args)
-    O.write_json(out / "qa1_errors.json", payload)
-    plot(payload, out / "qa1_errors.png")
-    print(f"wrote {out / 'qa1_errors.json'} and qa1_errors.png")
+    O.write_result(O.output_dir(args), "qa1_errors", payload, plot)
     return 0
 
 

@@ -350,10 +350,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     payload = {"command": O.command_line("benchmarks.recall_diagnostics"), "corpus": s.corpus, "seed": s.seed,
                "length": args.length, "in_window": args.in_window, "without_null": args.without_null,
                "run_dir": str(run_dir), "methods": results}
-    out = O.output_dir(args)
-    O.write_json(out / "recall_diagnostics.json", payload)
-    plot(payload, out / "recall_diagnostics.png")
-    print(f"wrote {out / 'recall_diagnostics.json'} and recall_diagnostics.png")
+    O.write_result(O.output_dir(args), "recall_diagnostics", payload, plot)
     return 0
 
 

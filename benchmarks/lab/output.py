@@ -50,6 +50,15 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def write_result(out_dir: Path, name: str, payload: dict[str, Any],
+                 plot: Callable[[dict[str, Any], Path], None]) -> Path:
+    """Write ``NAME.json`` (``payload``) and ``NAME.png`` (``plot(payload, path)``) into ``out_dir`` and say so."""
+    path = write_json(out_dir / f"{name}.json", payload)
+    plot(payload, path.with_suffix(".png"))
+    print(f"wrote {path} and {name}.png")
+    return path
+
+
 def save_results(module: str, name: str, args: Any, result: dict[str, Any], plot: Callable[[Path], None]) -> Path:
     """Write ``NAME.json`` (with the command, machine and arguments) and ``NAME.png`` via ``plot`` into
     `output_dir`."""
