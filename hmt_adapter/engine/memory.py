@@ -126,11 +126,12 @@ def recall(
         null_key = F.linear(params.recall_null.to(q.dtype), params.w_k)  # (h,)
         scores = torch.cat([(q @ null_key).unsqueeze(-1), scores], dim=-1)  # the null slot first
     scores = scores / math.sqrt(q.shape[-1])
-    if params.recall_log_n:  # ln N from the tensor itself: no Python number of memories for torch.compile to guard on
-        scores = scores * torch.ones_like(scores).sum(-1, keepdim=True).log()
-    elif params.recall_sharpen_beyond > 1:  # the same ln N, relative to the K memories training recalled over
+    if params.recall_log_n or params.recall_sharpen_beyond > 1:
+        # ln N from the tensor itself: no Python number of memories for torch.compile to guard on
         log_n = torch.ones_like(scores).sum(-1, keepdim=True).log()
-        scores = scores * (log_n / math.log(params.recall_sharpen_beyond)).clamp_min(1.0)
+        if params.recall_sharpen_beyond > 1:  # relative to the K memories training recalled over, never below 1
+            log_n = (log_n / math.log(params.recall_sharpen_beyond)).clamp_min(1.0)
+        scores = scores * log_n
     weights = scores.softmax(dim=-1)
     if params.recall_null is not None:
         null_weight, weights = weights[:, :1], weights[:, 1:]
