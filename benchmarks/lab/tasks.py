@@ -184,7 +184,7 @@ def facts_drill_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, len
     ids = _plant(filler, pieces) + q_ids
     choices = [" " + p for p in vocab.places]
     return {"context": tokenizer.decode(ids), "choices": choices, "answer": vocab.places.index(last[asked[2]]),
-            "depth": facts[-1][0], "length": length}
+            "length": length}
 
 
 def make_examples(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, n: int,
