@@ -46,7 +46,7 @@ def kind_of(example: dict[str, Any], predicted: int) -> str:
         return "right"
     place = example["choices"][predicted].strip()
     target = re.search(r"Where is (\w+)\?", example["context"]).group(1)
-    moves = re.findall(r"(\w+) went to the (\w+)\.", example["context"])
+    moves = facts_of(example)
     if (target, place) in moves:
         return "earlier_place"
     if moves and moves[-1][1] == place:
@@ -73,7 +73,12 @@ def sort_answers(model, tokenizer, stream: list[int], questions: int, window: in
 def mentioned_places(example: dict[str, Any]) -> set[str]:
     """The places the example's facts name (the right one among them): a backbone that copies one of them without
     reading the name asked about is right 1 / len(these) of the time."""
-    return {p for _, p in re.findall(r"(\w+) went to the (\w+)\.", example["context"])}
+    return {p for _, p in facts_of(example)}
+
+
+def facts_of(example: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (name, place) of each "NAME went to the PLACE." in the example's context, in text order."""
+    return re.findall(r"(\w+) went to the (\w+)\.", example["context"])
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
