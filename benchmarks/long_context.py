@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, replace
@@ -205,12 +206,30 @@ def _write_partial(out_dir: Path, s: Settings, results: list[dict[str, Any]], tr
 
 
 def _summary(rows: list[dict[str, Any]]) -> str:
+    """``task@length: accuracy% (right/asked, 95% interval)`` per task and length of one run's rows."""
     by: dict[tuple, list[float]] = {}
     for r in rows:
         by.setdefault((r["task"], r["context_tokens"]), []).append(r["accuracy"] * r["n"])
         by.setdefault((r["task"], r["context_tokens"], "n"), []).append(r["n"])
-    parts = [f"{t}@{n}: {100 * sum(v) / sum(by[(t, n, 'n')]):.0f}%" for (t, n, *rest), v in by.items() if not rest]
+    parts = []
+    for (t, n, *rest), v in by.items():
+        if not rest:
+            right, asked = round(sum(v)), sum(by[(t, n, "n")])
+            low, high = wilson_interval(right, asked)
+            parts.append(f"{t}@{n}: {100 * right / asked:.0f}% ({right}/{asked}, {100 * low:.0f}-{100 * high:.0f})")
     return ", ".join(parts)
+
+
+def wilson_interval(right: int, asked: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a rate of ``right`` answers out of ``asked`` questions (95% for z = 1.96): the
+    range of true accuracies that this many questions cannot tell apart from the one measured. Unlike the normal
+    approximation it stays inside [0, 1] and is not empty at 0 or ``asked`` right."""
+    if asked < 1 or not 0 <= right <= asked:
+        raise ValueError(f"wilson_interval needs 0 <= right <= asked and asked >= 1, got {right} of {asked}.")
+    rate, z2 = right / asked, z * z
+    centre = (rate + z2 / (2 * asked)) / (1 + z2 / asked)
+    half = z * math.sqrt(rate * (1 - rate) / asked + z2 / (4 * asked * asked)) / (1 + z2 / asked)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 
@@ -293,11 +312,24 @@ def plot_from(paths: list[str], out_dir: Path) -> None:
 
 
 # ---- several runs as one result (corpora x seeds) ---------------------------------------------------------
-def run_accuracy(rows: list[dict[str, Any]], task: str, length: int, depth: Optional[float] = None) -> float:
-    """Accuracy of one run's rows of ``task`` at ``length`` (all depths, or one)."""
+def run_counts(rows: list[dict[str, Any]], task: str, length: int, depth: Optional[float] = None) -> tuple[int, int]:
+    """(right, asked): the questions of one run's rows of ``task`` at ``length`` (all depths, or one)."""
     picked = [r for r in rows if r["task"] == task and r["context_tokens"] == length
               and (depth is None or r["depth"] == depth)]
-    return sum(r["accuracy"] * r["n"] for r in picked) / max(1, sum(r["n"] for r in picked))
+    return round(sum(r["accuracy"] * r["n"] for r in picked)), sum(r["n"] for r in picked)
+
+
+def run_accuracy(rows: list[dict[str, Any]], task: str, length: int, depth: Optional[float] = None) -> float:
+    """Accuracy of one run's rows of ``task`` at ``length`` (all depths, or one)."""
+    right, asked = run_counts(rows, task, length, depth)
+    return right / max(1, asked)
+
+
+def with_interval(rows: list[dict[str, Any]], task: str, length: int) -> str:
+    """A per-run cell: accuracy % and its 95% Wilson interval, ``80 (58-92)`` for 16 of 20."""
+    right, asked = run_counts(rows, task, length)
+    low, high = wilson_interval(right, asked)
+    return f"{100 * right / asked:.0f} ({100 * low:.0f}-{100 * high:.0f})"
 
 
 SUMMARY_HEADER = ["| corpus | method | runs (seeds) | needle 1k | 4k | 16k | 64k | depth 100% (in window) | facts qa1 1k | 4k |",
@@ -334,13 +366,14 @@ def summary_line(corpus: str, method: str, entry: dict[str, Any]) -> str:
                                  for n in (1024, 4096)) + " |")
 
 
-PER_RUN_HEADER = ["| corpus | seed | method | needle 1k | 4k | 16k | 64k | depth 100% (in window) 1k / 4k / 16k / 64k "
+PER_RUN_HEADER = ["| corpus | seed | method | needle 1k (95% interval) | 4k | 16k | 64k | depth 100% (in window) 1k / 4k / 16k / 64k "
                   "| facts qa1 1k / 4k | train loss (first -> last logged) |",
                   "|---|---:|---|---:|---:|---:|---:|---|---|---|"]
 
 
 def per_run_lines(runs: list[dict[str, Any]]) -> list[str]:
-    """One markdown row per run and method: needle accuracy by length, at depth 100%, qa1, and the training loss."""
+    """One markdown row per run and method: needle accuracy by length with its 95% Wilson interval (what the run's
+    number of questions resolves), at depth 100%, qa1, and the training loss."""
     lines = list(PER_RUN_HEADER)
     for run in sorted(runs, key=lambda r: (r["settings"]["corpus"], r["settings"]["seed"])):
         corpus, seed = run["settings"]["corpus"], run["settings"]["seed"]
@@ -350,7 +383,7 @@ def per_run_lines(runs: list[dict[str, Any]]) -> list[str]:
             losses = run["hmt_train_loss"].get(method)
             loss = f"{losses[0]:.2f} -> {losses[-1]:.2f}" if losses else ""
             lines.append(f"| {corpus} | {seed} | {method} | "
-                         + " | ".join(f"{100 * run_accuracy(rows, 'needle', n):.0f}" for n in (1024, 4096, 16384, 65536)
+                         + " | ".join(with_interval(rows, "needle", n) for n in (1024, 4096, 16384, 65536)
                                       if n in lengths)
                          + " | " + " / ".join(f"{100 * run_accuracy(rows, 'needle', n, 1.0):.0f}" for n in lengths)
                          + " | " + " / ".join(f"{100 * run_accuracy(rows, 'facts_qa1', n):.0f}" for n in (1024, 4096)

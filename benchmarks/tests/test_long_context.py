@@ -233,8 +233,9 @@ def test_combine_reports_the_worst_run_beside_the_mean_and_every_run(tmp_path):
     assert entry["worst_depth100"] == {1024: 0.4, 65536: 0.4}
     text = (tmp_path / "out" / "long_context_summary.md").read_text()
     assert "| austen | hmt | 2 (0, 1) | 75 (worst 50) |  |  | 60 (worst 30) | 40 / 40 |" in text
-    assert "| austen | 1 | hmt | 50 | 30 | 40 / 40 |  | 2.50 -> 0.10 |" in text  # every run, the worst included
-    assert "| austen | 0 | sliding_window | 20 | 20 | 20 / 20 |  |  |" in text
+    # every run, the worst included, each cell with its 95% Wilson interval over the run's 20 questions per length
+    assert "| austen | 1 | hmt | 50 (30-70) | 30 (15-52) | 40 / 40 |  | 2.50 -> 0.10 |" in text
+    assert "| austen | 0 | sliding_window | 20 (8-42) | 20 (8-42) | 20 / 20 |  |  |" in text
     assert (tmp_path / "out" / "long_context_austen_worst_needle.png").is_file()
 
 
@@ -292,3 +293,21 @@ def test_decoy_episodes_answer_the_key_in_the_window_with_another_key_beyond_it(
         assert sum(i in keys for i in ids[: mask.index(1)]) == 1  # no decoy without the lever
     with pytest.raises(ValueError, match="training episodes"):
         T.needle_example(tok, stream, vocab, 200, 0.5, random.Random(0), segment_length=32, decoy_depth=0.1)
+
+
+def test_wilson_interval_is_the_score_interval_and_refuses_impossible_counts():
+    low, high = L.wilson_interval(16, 20)  # 80%: the textbook values 0.584 and 0.919
+    assert (round(low, 3), round(high, 3)) == (0.584, 0.919)
+    assert L.wilson_interval(20, 20)[1] == 1.0 and 0.83 < L.wilson_interval(20, 20)[0] < 0.84  # not empty at 100%
+    assert L.wilson_interval(0, 5)[0] == 0.0 and L.wilson_interval(0, 5)[1] > 0.4
+    narrow, wide = L.wilson_interval(90, 100), L.wilson_interval(18, 20)
+    assert wide[0] < narrow[0] < 0.9 < narrow[1] < wide[1]  # more questions, a narrower interval around the rate
+    for right, asked in ((3, 2), (-1, 5), (0, 0)):
+        with pytest.raises(ValueError, match="wilson_interval"):
+            L.wilson_interval(right, asked)
+
+
+def test_a_run_log_line_gives_counts_and_intervals():
+    rows = [dict(task="needle", method="hmt", context_tokens=65536, depth=d, accuracy=a, n=10)
+            for d, a in ((0.0, 0.7), (1.0, 0.9))]
+    assert L._summary(rows) == "needle@65536: 80% (16/20, 58-92)"
