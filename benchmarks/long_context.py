@@ -32,6 +32,14 @@ on another grid without training again:
 
     PYTHONPATH=. python -m benchmarks.long_context --adapters-from benchmarks/output/lc16-austen-s0 \
         --needle-offsets spread --output-dir benchmarks/output/lc16-austen-s0-spread
+
+A run's cell is a rate over its questions: 20 at 64k resolve 80% only to 58-92% (the 95% Wilson interval that the
+per-run rows of ``--combine`` print beside each cell). To tell whether a run clears a bar, or whether a lever moved
+it, score the saved adapters on more questions, the same ones for every method (~21 min per run on one thread):
+
+    PYTHONPATH=. python -m benchmarks.long_context --adapters-from benchmarks/output/lc16-austen-s0 \
+        --needle-offsets spread --needle-lengths 16384 65536 --examples 100 --examples-longest 100 --facts-tasks \
+        --output-dir benchmarks/output/lc16-austen-s0-n100
 """
 
 from __future__ import annotations
