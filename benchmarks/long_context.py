@@ -340,7 +340,11 @@ def with_interval(rows: list[dict[str, Any]], task: str, length: int) -> str:
     return f"{100 * right / asked:.0f} ({100 * low:.0f}-{100 * high:.0f})"
 
 
-SUMMARY_HEADER = ["| corpus | method | runs (seeds) | needle 1k | 4k | 16k | 64k | depth 100% (in window) | facts qa1 1k | 4k |",
+#: The needle lengths of the summary's columns (a run that scored fewer leaves its other cells empty).
+LENGTHS = (1024, 4096, 16384, 65536)
+
+SUMMARY_HEADER = ["| corpus | method | runs (seeds) | needle 1k | 4k | 16k | 64k "
+                  "| depth 100% (in window) 1k / 4k / 16k / 64k | facts qa1 1k | 4k |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
 
 
@@ -368,8 +372,8 @@ def summary_line(corpus: str, method: str, entry: dict[str, Any]) -> str:
     seeds, cells, in_window, facts = entry["seeds"], entry["needle"], entry["worst_depth100"], entry["facts_qa1"]
     fmt = lambda c: f"{100 * c['mean']:.0f} (worst {100 * c['worst']:.0f})"  # noqa: E731
     return (f"| {corpus} | {method} | {len(seeds)} ({', '.join(map(str, seeds))}) | "
-            + " | ".join(fmt(cells[n]) if n in cells else "" for n in (1024, 4096, 16384, 65536))
-            + " | " + " / ".join(f"{100 * v:.0f}" for v in in_window.values())
+            + " | ".join(fmt(cells[n]) if n in cells else "" for n in LENGTHS)
+            + " | " + " / ".join(f"{100 * in_window[n]:.0f}" if n in in_window else "-" for n in LENGTHS)
             + " | " + " | ".join(f"{100 * sum(facts[n]) / len(facts[n]):.0f}" if n in facts else ""
                                  for n in (1024, 4096)) + " |")
 
@@ -387,13 +391,13 @@ def per_run_lines(runs: list[dict[str, Any]]) -> list[str]:
         corpus, seed = run["settings"]["corpus"], run["settings"]["seed"]
         for method in dict.fromkeys(r["method"] for r in run["results"]):
             rows = [r for r in run["results"] if r["method"] == method]
-            lengths = [n for n in (1024, 4096, 16384, 65536) if any(r["context_tokens"] == n for r in rows)]
+            scored = {r["context_tokens"] for r in rows if r["task"] == "needle"}
             losses = run["hmt_train_loss"].get(method)
             loss = f"{losses[0]:.2f} -> {losses[-1]:.2f}" if losses else ""
-            lines.append(f"| {corpus} | {seed} | {method} | "
-                         + " | ".join(with_interval(rows, "needle", n) for n in (1024, 4096, 16384, 65536)
-                                      if n in lengths)
-                         + " | " + " / ".join(f"{100 * run_accuracy(rows, 'needle', n, 1.0):.0f}" for n in lengths)
+            lines.append(f"| {corpus} | {seed} | {method} | "  # a length the run did not score: an empty cell
+                         + " | ".join(with_interval(rows, "needle", n) if n in scored else "" for n in LENGTHS)
+                         + " | " + " / ".join(f"{100 * run_accuracy(rows, 'needle', n, 1.0):.0f}" if n in scored
+                                              else "-" for n in LENGTHS)
                          + " | " + " / ".join(f"{100 * run_accuracy(rows, 'facts_qa1', n):.0f}" for n in (1024, 4096)
                                               if any(r["task"] == "facts_qa1" and r["context_tokens"] == n for r in rows))
                          + f" | {loss} |")

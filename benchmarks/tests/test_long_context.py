@@ -232,10 +232,13 @@ def test_combine_reports_the_worst_run_beside_the_mean_and_every_run(tmp_path):
     assert entry["needle"][65536]["mean"] == pytest.approx((0.9 + 0.3) / 2)
     assert entry["worst_depth100"] == {1024: 0.4, 65536: 0.4}
     text = (tmp_path / "out" / "long_context_summary.md").read_text()
-    assert "| austen | hmt | 2 (0, 1) | 75 (worst 50) |  |  | 60 (worst 30) | 40 / 40 |" in text
+    # the lengths these runs did not score (4k, 16k) stay empty cells, so every column keeps its length
+    assert "| austen | hmt | 2 (0, 1) | 75 (worst 50) |  |  | 60 (worst 30) | 40 / - / - / 40 |" in text
     # every run, the worst included, each cell with its 95% Wilson interval over the run's 20 questions per length
-    assert "| austen | 1 | hmt | 50 (30-70) | 30 (15-52) | 40 / 40 |  | 2.50 -> 0.10 |" in text
-    assert "| austen | 0 | sliding_window | 20 (8-42) | 20 (8-42) | 20 / 20 |  |  |" in text
+    assert "| austen | 1 | hmt | 50 (30-70) |  |  | 30 (15-52) | 40 / - / - / 40 |  | 2.50 -> 0.10 |" in text
+    assert "| austen | 0 | sliding_window | 20 (8-42) |  |  | 20 (8-42) | 20 / - / - / 20 |  |  |" in text
+    assert all(line.count("|") == text.splitlines()[2].count("|") for line in text.splitlines()
+               if line.startswith("| austen"))  # every row as wide as the headers (both tables have ten columns)
     assert (tmp_path / "out" / "long_context_austen_worst_needle.png").is_file()
 
 
