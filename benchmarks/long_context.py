@@ -215,16 +215,11 @@ def _write_partial(out_dir: Path, s: Settings, results: list[dict[str, Any]], tr
 
 def _summary(rows: list[dict[str, Any]]) -> str:
     """``task@length: accuracy% (right/asked, 95% interval)`` per task and length of one run's rows."""
-    by: dict[tuple, list[float]] = {}
-    for r in rows:
-        by.setdefault((r["task"], r["context_tokens"]), []).append(r["accuracy"] * r["n"])
-        by.setdefault((r["task"], r["context_tokens"], "n"), []).append(r["n"])
     parts = []
-    for (t, n, *rest), v in by.items():
-        if not rest:
-            right, asked = round(sum(v)), sum(by[(t, n, "n")])
-            low, high = wilson_interval(right, asked)
-            parts.append(f"{t}@{n}: {100 * right / asked:.0f}% ({right}/{asked}, {100 * low:.0f}-{100 * high:.0f})")
+    for task, length in dict.fromkeys((r["task"], r["context_tokens"]) for r in rows):
+        right, asked = run_counts(rows, task, length)
+        low, high = wilson_interval(right, asked)
+        parts.append(f"{task}@{length}: {100 * right / asked:.0f}% ({right}/{asked}, {100 * low:.0f}-{100 * high:.0f})")
     return ", ".join(parts)
 
 
@@ -378,8 +373,8 @@ def summary_line(corpus: str, method: str, entry: dict[str, Any]) -> str:
                                  for n in (1024, 4096)) + " |")
 
 
-PER_RUN_HEADER = ["| corpus | seed | method | needle 1k (95% interval) | 4k | 16k | 64k | depth 100% (in window) 1k / 4k / 16k / 64k "
-                  "| facts qa1 1k / 4k | train loss (first -> last logged) |",
+PER_RUN_HEADER = ["| corpus | seed | method | needle 1k (95% interval) | 4k | 16k | 64k "
+                  "| depth 100% (in window) 1k / 4k / 16k / 64k | facts qa1 1k / 4k | train loss (first -> last logged) |",
                   "|---|---:|---|---:|---:|---:|---:|---|---|---|"]
 
 
