@@ -3,7 +3,7 @@
     apt-get install -y python3-doc      # the corpus: the Python documentation's reST sources (Debian)
     apt-get install -y --no-install-recommends r-cran-janeaustenr      # the second corpus (--corpus austen)
     pip install -c constraints-cpu.txt -e ".[test]"
-    PYTHONPATH=. python -m benchmarks.long_context --quick            # ~25 min on one CPU thread
+    PYTHONPATH=. python -m benchmarks.long_context --quick            # ~40 min on one CPU thread
     PYTHONPATH=. python -m benchmarks.long_context                     # the full protocol (hours on a CPU)
 
 Protocol: a BPE tokenizer and a small Llama are trained on SHORT windows (``segment_length`` tokens) of the
@@ -16,14 +16,14 @@ needle at several lengths and depths, BABILong-style facts (qa1, qa2). Answers a
 log-likelihood over the candidate set (lm-eval ``multiple_choice``); chance is 1 / candidates.
 
 Methods (``METHOD_SPECS``): ``hmt_write_init_null_decoy_spread_stable`` (the recipe of the headline sweep and of
-``--quick``: learned write token started from the question's last token, training rows of up to 16 segments, facts
-spread over every segment, a quarter inside the last one and half of those with a decoy key beyond the window, a null
-slot in recall, clipped gradients, cosine rate), ``hmt_write_init_spread_stable`` (the recipe before, without the
-decoys and the slot), its ablations and screens (``hmt`` is the paper's layout,
+``--quick``, 2000 steps: learned write token started from the question's last token, training rows of up to 16
+segments, facts spread over every segment, a quarter inside the last one and half of those with a decoy key beyond
+the window, a null slot in recall, clipped gradients, cosine rate), ``hmt_write_init_spread_stable`` (the recipe
+before, without the decoys and the slot), its ablations and screens (``hmt`` is the paper's layout,
 ``hmt_write_lora*`` HMT + LoRA, ``hmt_write_no_recall`` the paper's stage 1, ``hmt_write_init_logn_spread_stable``
-the ln N recall scale, ...), and ``sliding_window`` (the backbone alone). Writes ``long_context.json`` (``command``, ``chance``,
-``results`` rows of task/method/context_tokens/depth/accuracy/n) and PNGs (needle heatmap per method, accuracy by
-length) to ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results).
+the ln N recall scale, ...), and ``sliding_window`` (the backbone alone). Writes ``long_context.json`` (``command``,
+``chance``, ``results`` rows of task/method/context_tokens/depth/accuracy/n) and PNGs (needle heatmap per method,
+accuracy by length) to ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results).
 
 The held-out needles sit at depths 0 / 25 / 50 / 75 / 100%; every length is a multiple of the segment, so on this
 grid all keys of one depth share one offset inside their segment (at 25% the key opens a segment). ``--needle-offsets

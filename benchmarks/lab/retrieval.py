@@ -143,7 +143,7 @@ class Settings(RetrievalSettings):
 
 
 #: What ``--quick`` changes beyond the quick backbone (`benchmarks.lab.settings.RETRIEVAL_QUICK`).
-QUICK = dict(num_sensory=8, recall_dim=128, hmt_steps=1000, max_train_segments=16,
+QUICK = dict(num_sensory=8, recall_dim=128, hmt_steps=2000, max_train_segments=16,
              needle_lengths=(1024, 4096, 16384, 65536), facts_lengths=(1024, 4096), examples=30, examples_longest=20,
              facts_tasks=("facts_qa1",), facts_examples=20,
              methods=("sliding_window", "hmt_write_init_null_decoy_spread_stable"))  # the recipe of the headline sweep
