@@ -40,11 +40,18 @@ it, score the saved adapters on more questions, the same ones for every method (
     PYTHONPATH=. python -m benchmarks.long_context --adapters-from benchmarks/output/lc16-austen-s0 \
         --needle-offsets spread --needle-lengths 16384 65536 --examples 100 --examples-longest 100 --facts-tasks \
         --output-dir benchmarks/output/lc16-austen-s0-n100
+
+Two runs scored on the same questions (the same corpus, seed and grid) are compared question by question: how many
+each answered that the other missed, and the exact McNemar p-value of the difference (runs scored before the
+per-question ``outcomes`` were recorded must be scored again):
+
+    PYTHONPATH=. python -m benchmarks.long_context --compare RUN_A/long_context.json RUN_B/long_context.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -65,7 +72,8 @@ from benchmarks.lab.retrieval import METHODS, Settings, quick, train_method
 
 # ---- evaluation ------------------------------------------------------------------------------------------
 def evaluate(lm, task_names: list[str], task_dir: Path) -> list[dict[str, Any]]:
-    """Per-sample accuracy of ``lm`` on the local tasks, through lm-eval's simple_evaluate."""
+    """Per-sample accuracy of ``lm`` on the local tasks, through lm-eval's simple_evaluate: one row per question,
+    with its lm-eval ``doc_id`` and `question_digest`."""
     import lm_eval  # here: lm-eval is optional (the [eval] extra), needed only when a run evaluates
     from lm_eval.tasks import TaskManager
 
@@ -75,19 +83,33 @@ def evaluate(lm, task_names: list[str], task_dir: Path) -> list[dict[str, Any]]:
     for name, samples in out["samples"].items():
         for sample in samples:
             rows.append({"task_name": name, "depth": sample["doc"]["depth"], "length": sample["doc"]["length"],
-                         "acc": float(sample["acc"])})
+                         "acc": float(sample["acc"]), "doc_id": int(sample["doc_id"]),
+                         "question": question_digest(sample["doc"])})
     return rows
 
 
+def question_digest(doc: dict[str, Any]) -> str:
+    """A short fingerprint of one held-out question: its context, candidates and answer."""
+    text = json.dumps([doc["context"], doc["choices"], doc["answer"]], ensure_ascii=False)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
 def aggregate(method: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple, list[float]] = {}
+    """One result row per task, length and depth. Besides ``accuracy`` and ``n`` it keeps the per-question record
+    that paired comparisons need: ``outcomes`` ("1" right, "0" wrong, in lm-eval's doc order) and ``questions``, a
+    digest of the questions asked, equal only for the same questions in the same order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         task = r["task_name"].rsplit("_", 1)[0].removeprefix("lc_")
-        groups.setdefault((task, r["length"], r["depth"]), []).append(r["acc"])
-    return [{"task": t, "method": method, "context_tokens": n, "depth": d, "accuracy": sum(v) / len(v), "n": len(v)}
-            for (t, n, d), v in sorted(groups.items())]
-
-
+        groups.setdefault((task, r["length"], r["depth"]), []).append(r)
+    out = []
+    for (t, n, d), v in sorted(groups.items()):
+        v = sorted(v, key=lambda r: r["doc_id"])
+        out.append({"task": t, "method": method, "context_tokens": n, "depth": d,
+                    "accuracy": sum(r["acc"] for r in v) / len(v), "n": len(v),
+                    "outcomes": "".join("1" if r["acc"] else "0" for r in v),
+                    "questions": hashlib.sha1("".join(r["question"] for r in v).encode()).hexdigest()[:12]})
+    return out
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -436,6 +458,93 @@ def combine(paths: list[str], out_dir: Path) -> dict[str, Any]:
     return payload
 
 
+# ---- two runs on the same questions (paired) --------------------------------------------------------------
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar test: a binomial test on the discordant questions (right in one run only). The
+    probability that two methods of equal accuracy split ``only_a + only_b`` such questions at least this unevenly;
+    1.0 when there are none."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"mcnemar_p needs counts >= 0, got {only_a} and {only_b}.")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def method_rows(payload: dict[str, Any], path: str, method: Optional[str]) -> tuple[str, list[dict[str, Any]]]:
+    """The rows of one method of a run's ``long_context.json``: ``method``, or the run's only method other than the
+    sliding window. Raises ValueError when that is missing or ambiguous."""
+    methods = list(dict.fromkeys(r["method"] for r in payload.get("results", [])))
+    if method is None:
+        candidates = [m for m in methods if m != "sliding_window"] or methods
+        if len(candidates) != 1:
+            raise ValueError(f"{path} holds {len(candidates)} methods ({', '.join(candidates) or 'none'}); name the "
+                             "one to compare with --methods.")
+        method = candidates[0]
+    elif method not in methods:
+        raise ValueError(f"{path} has no rows of {method!r} (it has {', '.join(methods) or 'none'}).")
+    return method, [r for r in payload["results"] if r["method"] == method]
+
+
+def compare_runs(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Two runs' answers to the same questions, per task and length (all depths both scored): questions asked, right
+    in each, right in only one (``only_a``, ``only_b``) and the exact McNemar p-value of the difference. Raises
+    ValueError for rows without per-question outcomes or for cells that asked other questions."""
+    cells_b = {(r["task"], r["context_tokens"], r["depth"]): r for r in rows_b}
+    counts: dict[tuple[str, int], list[int]] = {}
+    for a in rows_a:
+        key = (a["task"], a["context_tokens"], a["depth"])
+        if key not in cells_b:
+            continue
+        b = cells_b[key]
+        if "outcomes" not in a or "outcomes" not in b:
+            raise ValueError("a result row without per-question outcomes (a run scored before they were recorded); "
+                             "score its adapters again with --adapters-from.")
+        if a["questions"] != b["questions"]:
+            raise ValueError(f"{a['task']} at {a['context_tokens']} tokens, depth {a['depth']:.0%}: the two runs asked "
+                             "different questions; score both with the same corpus, seed, --needle-offsets, "
+                             "--examples and --examples-longest.")
+        c = counts.setdefault((a["task"], a["context_tokens"]), [0, 0, 0, 0, 0])
+        for x, y in zip(a["outcomes"], b["outcomes"]):
+            c[0] += 1
+            c[1] += x == "1"
+            c[2] += y == "1"
+            c[3] += x == "1" and y == "0"
+            c[4] += x == "0" and y == "1"
+    if not counts:
+        raise ValueError("the two runs share no task, length and depth.")
+    return [{"task": task, "context_tokens": n, "asked": c[0], "right_a": c[1], "right_b": c[2], "only_a": c[3],
+             "only_b": c[4], "p": mcnemar_p(c[3], c[4])} for (task, n), c in sorted(counts.items())]
+
+
+def compare(paths: list[str], methods: Optional[list[str]], out_dir: Path) -> dict[str, Any]:
+    """``--compare A B``: the paired comparison of two runs (`compare_runs`), printed as a table and written to
+    ``long_context_compare.json``. ``methods``: none (each run's only HMT method), one (both) or two (A's, B's)."""
+    if methods is not None and len(methods) > 2:
+        raise ValueError(f"--compare takes one method for both runs or one per run, got {len(methods)}.")
+    names: list[Optional[str]] = [None, None]
+    if methods:
+        names = list(methods) * 2 if len(methods) == 1 else list(methods)
+    sides = []
+    for path, method in zip(paths, names):
+        if not Path(path).is_file():
+            raise ValueError(f"--compare {path}: no such file; pass two runs' long_context.json.")
+        sides.append(method_rows(json.loads(Path(path).read_text()), path, method))
+    rows = compare_runs(sides[0][1], sides[1][1])
+    lines = [f"A: {paths[0]} ({sides[0][0]})", f"B: {paths[1]} ({sides[1][0]})", "",
+             "| task | tokens | asked | A right | B right | only A | only B | McNemar p |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['task']} | {r['context_tokens']} | {r['asked']} | {r['right_a']} | {r['right_b']} | {r['only_a']} "
+              f"| {r['only_b']} | {r['p']:.3g} |" for r in rows]
+    print("\n".join(lines))
+    payload = {"a": {"path": paths[0], "method": sides[0][0]}, "b": {"path": paths[1], "method": sides[1][0]},
+               "results": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    O.write_json(out_dir / "long_context_compare.json", payload)
+    return payload
+
+
 # ---- command line ------------------------------------------------------------------------------------------
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.long_context", description=__doc__.split("\n\n")[0])
@@ -507,6 +616,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="draw the PNGs from these result files (their rows side by side) instead of running")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="merge these runs' long_context.json (corpora x seeds) into one result with worst/mean rows")
+    p.add_argument("--compare", nargs=2, default=None, metavar="JSON",
+                   help="compare two runs' long_context.json on the questions both asked, paired (McNemar); "
+                        "--methods picks the method of both, or of each")
     O.add_output_arguments(p)
     return p
 
@@ -573,6 +685,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.combine:
             combine(args.combine, O.output_dir(args))
+            return 0
+        if args.compare:
+            compare(args.compare, args.methods, O.output_dir(args))
             return 0
         s = settings_of_run(args, parser) if args.adapters_from else settings_from_args(args)
         if args.eval_recall_window is not None and args.eval_recall_window < 1:

@@ -314,3 +314,95 @@ def test_a_run_log_line_gives_counts_and_intervals():
     rows = [dict(task="needle", method="hmt", context_tokens=65536, depth=d, accuracy=a, n=10)
             for d, a in ((0.0, 0.7), (1.0, 0.9))]
     assert L._summary(rows) == "needle@65536: 80% (16/20, 58-92)"
+
+
+def _answers(task: str, length: int, depth: float, outcomes: str, texts: str = "abcdefghij") -> list[dict]:
+    """What `evaluate` returns for one cell: one row per question, here given in reverse doc order."""
+    return [{"task_name": f"lc_{task}_{length}", "depth": depth, "length": length, "acc": float(o == "1"),
+             "doc_id": i, "question": L.question_digest({"context": texts[i], "choices": ["x", "y"], "answer": 0})}
+            for i, o in reversed(list(enumerate(outcomes)))]
+
+
+def test_aggregate_keeps_every_questions_outcome_in_doc_order_and_a_digest_of_the_questions():
+    rows = L.aggregate("hmt", _answers("needle", 1024, 0.5, "1101") + _answers("needle", 1024, 1.0, "0011"))
+    assert [(r["depth"], r["outcomes"], r["accuracy"], r["n"]) for r in rows] == [(0.5, "1101", 0.75, 4),
+                                                                                 (1.0, "0011", 0.5, 4)]
+    assert rows[0]["questions"] == rows[1]["questions"]  # the same four questions at both depths of this fake
+    again = L.aggregate("window", _answers("needle", 1024, 0.5, "0000"))[0]
+    other = L.aggregate("hmt", _answers("needle", 1024, 0.5, "1101", texts="abcz"))[0]
+    assert again["questions"] == rows[0]["questions"] != other["questions"]  # digests the questions, not the answers
+    assert L.question_digest({"context": "a", "choices": ["x"], "answer": 0}) != L.question_digest(
+        {"context": "a", "choices": ["x"], "answer": 1})
+
+
+def test_evaluate_records_each_samples_doc_id_and_question(monkeypatch, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    doc = {"context": "The secret word is apple.", "choices": [" apple", " river"], "answer": 0, "depth": 0.0,
+           "length": 64}
+    samples = {"lc_needle_64": [{"doc_id": 1, "doc": doc, "acc": 0.0}, {"doc_id": 0, "doc": doc, "acc": 1.0}]}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: {"samples": samples})
+    rows = L.evaluate(object(), ["lc_needle_64"], tmp_path)
+    assert [(r["doc_id"], r["acc"], r["question"]) for r in rows] == [(1, 0.0, L.question_digest(doc)),
+                                                                      (0, 1.0, L.question_digest(doc))]
+    assert L.aggregate("hmt", rows)[0]["outcomes"] == "10"
+
+
+def test_mcnemar_p_is_the_exact_two_sided_binomial_test_on_the_discordant_questions():
+    assert L.mcnemar_p(0, 0) == 1.0 and L.mcnemar_p(3, 3) == 1.0
+    assert L.mcnemar_p(5, 0) == pytest.approx(2 / 32) == L.mcnemar_p(0, 5)
+    assert L.mcnemar_p(9, 1) == pytest.approx(2 * 11 / 1024)  # P(X <= 1) for X ~ Binomial(10, 1/2), twice
+    assert L.mcnemar_p(12, 2) < 0.05 < L.mcnemar_p(9, 3)
+    with pytest.raises(ValueError, match="counts >= 0"):
+        L.mcnemar_p(-1, 2)
+
+
+def _scored(method: str, cells: dict[float, str], texts: str = "abcdefghij") -> dict:
+    rows = []
+    for depth, outcomes in cells.items():
+        rows += L.aggregate(method, _answers("needle", 65536, depth, outcomes, texts))
+    return {"results": rows}
+
+
+def test_compare_pairs_two_runs_question_by_question(tmp_path, capsys):
+    import json
+
+    a = _scored("hmt", {0.0: "1111111111", 1.0: "1111100000"})
+    b = _scored("hmt_other", {0.0: "1111111110", 1.0: "0000011111"})
+    b["results"] += L.aggregate("sliding_window", _answers("needle", 65536, 0.0, "0000000000"))
+    rows = L.compare_runs(a["results"], [r for r in b["results"] if r["method"] == "hmt_other"])
+    # 15 and 14 right of 20; 6 questions right in A only, 5 in B only: the same accuracy within sampling
+    assert rows == [{"task": "needle", "context_tokens": 65536, "asked": 20, "right_a": 15, "right_b": 14,
+                     "only_a": 6, "only_b": 5, "p": pytest.approx(L.mcnemar_p(6, 5))}]
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, payload in zip(paths, (a, b)):
+        path.write_text(json.dumps(payload))
+    out = tmp_path / "out"
+    assert L.main(["--compare", *map(str, paths), "--output-dir", str(out)]) == 0  # B's only HMT method
+    assert "| needle | 65536 | 20 | 15 | 14 | 6 | 5 | 1 |" in capsys.readouterr().out
+    written = json.loads((out / "long_context_compare.json").read_text())
+    assert written["b"]["method"] == "hmt_other" and written["results"][0]["only_a"] == 6
+    assert L.main(["--compare", *map(str, paths), "--methods", "hmt", "sliding_window", "--output-dir", str(out)]) == 0
+    assert "| needle | 65536 | 10 | 10 | 0 | 10 | 0 | 0.00195 |" in capsys.readouterr().out  # depth 0 only
+
+
+def test_compare_refuses_other_questions_old_rows_and_unclear_methods(tmp_path, capsys):
+    import json
+
+    a = _scored("hmt", {0.0: "1111"})
+    with pytest.raises(ValueError, match="asked different questions"):
+        L.compare_runs(a["results"], _scored("hmt", {0.0: "1111"}, texts="abcz")["results"])
+    old = [{k: v for k, v in r.items() if k not in ("outcomes", "questions")} for r in a["results"]]
+    with pytest.raises(ValueError, match="score its adapters again with --adapters-from"):
+        L.compare_runs(a["results"], old)
+    with pytest.raises(ValueError, match="share no task, length and depth"):
+        L.compare_runs(a["results"], _scored("hmt", {0.5: "1111"})["results"])
+    both = {"results": a["results"] + _scored("hmt_other", {0.0: "0000"})["results"]}
+    paths = [tmp_path / "a.json", tmp_path / "both.json"]
+    paths[0].write_text(json.dumps(a))
+    paths[1].write_text(json.dumps(both))
+    assert L.main(["--compare", *map(str, paths)]) == 2
+    assert "both.json holds 2 methods (hmt, hmt_other); name the one to compare with --methods" in capsys.readouterr().err
+    assert L.main(["--compare", str(paths[0]), str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: no such file" in capsys.readouterr().err
+    assert L.main(["--compare", *map(str, paths), "--methods", "hmt", "hmt", "hmt"]) == 2
+    assert "one method for both runs or one per run" in capsys.readouterr().err
