@@ -484,7 +484,12 @@ def method_rows(payload: dict[str, Any], path: str, method: Optional[str]) -> tu
         method = candidates[0]
     elif method not in methods:
         raise ValueError(f"{path} has no rows of {method!r} (it has {', '.join(methods) or 'none'}).")
-    return method, [r for r in payload["results"] if r["method"] == method]
+    rows = [r for r in payload["results"] if r["method"] == method]
+    cells = [(r["task"], r["context_tokens"], r["depth"]) for r in rows]
+    if len(set(cells)) < len(cells):  # a --combine result: several corpora or seeds share every cell
+        raise ValueError(f"{path} holds several runs of {method!r} (a --combine result?); compare one run's "
+                         "long_context.json with another's.")
+    return method, rows
 
 
 def compare_runs(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -530,7 +535,11 @@ def compare(paths: list[str], methods: Optional[list[str]], out_dir: Path) -> di
     for path, method in zip(paths, names):
         if not Path(path).is_file():
             raise ValueError(f"--compare {path}: no such file; pass two runs' long_context.json.")
-        sides.append(method_rows(json.loads(Path(path).read_text()), path, method))
+        try:
+            payload = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--compare {path}: not a long_context.json ({e}).") from None
+        sides.append(method_rows(payload, path, method))
     rows = compare_runs(sides[0][1], sides[1][1])
     lines = [f"A: {paths[0]} ({sides[0][0]})", f"B: {paths[1]} ({sides[1][0]})", "",
              "| task | tokens | asked | A right | B right | only A | only B | McNemar p |",

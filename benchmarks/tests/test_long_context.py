@@ -406,3 +406,10 @@ def test_compare_refuses_other_questions_old_rows_and_unclear_methods(tmp_path, 
     assert "missing.json: no such file" in capsys.readouterr().err
     assert L.main(["--compare", *map(str, paths), "--methods", "hmt", "hmt", "hmt"]) == 2
     assert "one method for both runs or one per run" in capsys.readouterr().err
+    combined = {"results": [dict(r, seed=s) for s in (0, 1) for r in a["results"]]}  # two seeds, the same cells
+    paths[1].write_text(json.dumps(combined))
+    assert L.main(["--compare", *map(str, paths)]) == 2
+    assert "holds several runs of 'hmt' (a --combine result?)" in capsys.readouterr().err
+    paths[1].write_text("{not json")
+    assert L.main(["--compare", *map(str, paths)]) == 2
+    assert "both.json: not a long_context.json" in capsys.readouterr().err
