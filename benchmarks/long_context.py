@@ -497,7 +497,7 @@ def compare_runs(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> 
     in each, right in only one (``only_a``, ``only_b``) and the exact McNemar p-value of the difference. Raises
     ValueError for rows without per-question outcomes or for cells that asked other questions."""
     cells_b = {(r["task"], r["context_tokens"], r["depth"]): r for r in rows_b}
-    counts: dict[tuple[str, int], list[int]] = {}
+    pairs: dict[tuple[str, int], list[tuple[str, str]]] = {}  # per task and length: (A's, B's) outcome per question
     for a in rows_a:
         key = (a["task"], a["context_tokens"], a["depth"])
         if key not in cells_b:
@@ -510,17 +510,16 @@ def compare_runs(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> 
             raise ValueError(f"{a['task']} at {a['context_tokens']} tokens, depth {a['depth']:.0%}: the two runs asked "
                              "different questions; score both with the same corpus, seed, --needle-offsets, "
                              "--examples and --examples-longest.")
-        c = counts.setdefault((a["task"], a["context_tokens"]), [0, 0, 0, 0, 0])
-        for x, y in zip(a["outcomes"], b["outcomes"]):
-            c[0] += 1
-            c[1] += x == "1"
-            c[2] += y == "1"
-            c[3] += x == "1" and y == "0"
-            c[4] += x == "0" and y == "1"
-    if not counts:
+        pairs.setdefault((a["task"], a["context_tokens"]), []).extend(zip(a["outcomes"], b["outcomes"]))
+    if not pairs:
         raise ValueError("the two runs share no task, length and depth.")
-    return [{"task": task, "context_tokens": n, "asked": c[0], "right_a": c[1], "right_b": c[2], "only_a": c[3],
-             "only_b": c[4], "p": mcnemar_p(c[3], c[4])} for (task, n), c in sorted(counts.items())]
+    rows = []
+    for (task, n), both in sorted(pairs.items()):
+        only_a, only_b = both.count(("1", "0")), both.count(("0", "1"))
+        rows.append({"task": task, "context_tokens": n, "asked": len(both),
+                     "right_a": sum(x == "1" for x, _ in both), "right_b": sum(y == "1" for _, y in both),
+                     "only_a": only_a, "only_b": only_b, "p": mcnemar_p(only_a, only_b)})
+    return rows
 
 
 def compare(paths: list[str], methods: Optional[list[str]], out_dir: Path) -> dict[str, Any]:
