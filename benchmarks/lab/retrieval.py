@@ -91,6 +91,14 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                                 {"placement": "segment", "in_window_fraction": 0.25,
                                                  "decoy_fraction": 0.5, "hmt_max_grad_norm": 1.0,
                                                  "hmt_schedule": "cosine"}),
+    # the same with a decoy in every in-window episode (a quarter of the rows, not an eighth): rows of 32 segments
+    # made recall commit to a distractor over the window; this makes such a read cost twice as often in training
+    "hmt_write_init_null_alldecoy_spread_stable": ({"write_token": "learned",
+                                                    "write_token_init_text": " The secret word is",
+                                                    "recall_null": True},
+                                                   {"placement": "segment", "in_window_fraction": 0.25,
+                                                    "decoy_fraction": 1.0, "hmt_max_grad_norm": 1.0,
+                                                    "hmt_schedule": "cosine"}),
     "hmt_write_gate_stable": ({"write_token": "learned", "memory_gate": True},
                               {"hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
