@@ -99,6 +99,14 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                                    {"placement": "segment", "in_window_fraction": 0.25,
                                                     "decoy_fraction": 1.0, "hmt_max_grad_norm": 1.0,
                                                     "hmt_schedule": "cosine"}),
+    # the decoy recipe with half its rows ending the question just past a segment border (`question_tail`): with
+    # longer rows, the held-out questions that end there are the ones the Python docs lose at 64k
+    "hmt_write_init_null_decoy_border_spread_stable": ({"write_token": "learned",
+                                                        "write_token_init_text": " The secret word is",
+                                                        "recall_null": True},
+                                                       {"placement": "segment", "in_window_fraction": 0.25,
+                                                        "decoy_fraction": 0.5, "question_border_fraction": 0.5,
+                                                        "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_gate_stable": ({"write_token": "learned", "memory_gate": True},
                               {"hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
@@ -134,6 +142,7 @@ class Settings(RetrievalSettings):
     in_window_fraction: float = 0.0  # share of training episodes with the fact inside the last segment (do no harm)
     boundary_fraction: float = 0.0  # share of the other ("segment" placement) facts whose answer opens a segment
     decoy_fraction: float = 0.0  # share of the in-window needle episodes with a decoy key sentence beyond the window
+    question_border_fraction: float = 0.0  # share of rows whose question ends among the first 8 tokens of a segment
     train_tasks: tuple = ("needle",)
     max_train_segments: int = 16
     answer_only_loss: bool = True
@@ -233,9 +242,22 @@ def decoy_depth(s: Settings, segments: int, num_sensory: int, rng: random.Random
     return (start + rng.random() * max(1, end - start)) / length
 
 
+def question_tail(rng: random.Random) -> int:
+    """Tokens a question-border row adds to a whole number of segments less one: 2..9, so the question's last
+    token (the one that predicts the answer) is among the first 8 tokens of a new segment.
+
+    The held-out questions are text that is tokenized again, so their length drifts from the nominal one by a few
+    tokens: on the Python docs about 4 in 10 end this way, the rest of the question and often the fact in the
+    segment before, reached only through sensory memory and the recall of the latest memory. Rows of whole
+    segments end a question there only when their own drift is 2 tokens or more."""
+    return rng.randint(2, 9)
+
+
 def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
     """Episodes of min..max_train_segments segments of ``s.train_tasks``, answer-only loss by default; a share
-    ``decoy_fraction`` of the in-window needle episodes also carries a decoy key beyond the window (`decoy_depth`)."""
+    ``decoy_fraction`` of the in-window needle episodes also carries a decoy key beyond the window (`decoy_depth`),
+    and a share ``question_border_fraction`` of the rows (3 segments or more) ends its question just past a segment
+    border (`question_tail`), its fact placed as in a row of one segment fewer."""
     rng = random.Random(adapter_seed(s) + 21)
     rows = {"input_ids": [], "completion_mask": []}
     total = s.hmt_steps * s.hmt_batch
@@ -245,11 +267,14 @@ def train_dataset(tokenizer, stream, vocab, s: Settings, num_sensory: int):
         if s.curriculum:  # read in order (train_hmt samples sequentially): short first, the maximum by half-way
             longest = low + round((s.max_train_segments - low) * min(1.0, i / (s.curriculum_ramp_fraction * total)))
         segments = rng.randint(low, longest)
-        length = segments * s.segment_length - 1
-        depth, in_window = fact_depth(s, segments, num_sensory, rng)
+        full = segments  # whole segments before the question's end
+        if s.question_border_fraction > 0 and segments >= 3 and rng.random() < s.question_border_fraction:
+            full = segments - 1  # the question spills 1-8 tokens into one more, short segment (`question_tail`)
+        length = full * s.segment_length - 1 + (question_tail(rng) if full < segments else 0)
+        depth, in_window = fact_depth(s, full, num_sensory, rng)
         decoy = None
         if in_window and s.decoy_fraction > 0 and rng.random() < s.decoy_fraction:
-            decoy = decoy_depth(s, segments, num_sensory, rng)
+            decoy = decoy_depth(s, full, num_sensory, rng)
         ids, answer_at = T.episode_ids(tokenizer, T.random_episode(tokenizer, stream, vocab, length, rng, s.train_tasks,
                                                                    depth=depth, decoy_depth=decoy))
         rows["input_ids"].append(ids)

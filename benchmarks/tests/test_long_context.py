@@ -277,6 +277,27 @@ def test_boundary_facts_open_a_segment_with_their_answer_beyond_the_window(corpu
         R.fact_depth(replace(s, placement="depth"), 8, 4, rng)  # not silently ignored
 
 
+def test_question_border_rows_end_the_question_just_past_a_segment_border(corpus):
+    tok, stream, vocab = corpus
+    s = replace(R.quick(), placement="segment", in_window_fraction=0.5, question_border_fraction=1.0,
+                segment_length=32, hmt_steps=10, hmt_batch=4, min_train_segments=3, max_train_segments=6,
+                curriculum=False)
+    keys = {tok(" " + k, add_special_tokens=False).input_ids[0] for k in vocab.keys}
+    rows = R.train_dataset(tok, stream, vocab, s, num_sensory=4)
+    spilled = 0
+    for ids, mask in zip(rows["input_ids"], rows["completion_mask"]):
+        answer_at = mask.index(1)
+        last = answer_at - 1  # the position that predicts the answer
+        assert (answer_at + 1) // 32 <= 6  # still at most max_train_segments segments
+        spilled += last % 32 <= 9  # among the first 8 tokens of its segment, give or take the re-tokenization
+        key = next(i for i in range(answer_at) if ids[i] in keys)
+        assert ids[key] == ids[answer_at]
+    assert spilled >= 36  # of 40 rows (re-tokenizing the decoded text moves a few by a token or two)
+    plain = R.train_dataset(tok, stream, vocab, replace(s, question_border_fraction=0.0), num_sensory=4)
+    ends = [(mask.index(1) - 1) % 32 for mask in plain["completion_mask"]]
+    assert sum(e <= 9 for e in ends) <= 8  # whole segments: the question ends at the end of one
+
+
 def test_decoy_episodes_answer_the_key_in_the_window_with_another_key_beyond_it(corpus):
     tok, stream, vocab = corpus
     s = replace(R.quick(), placement="segment", in_window_fraction=1.0, decoy_fraction=1.0, segment_length=32,
