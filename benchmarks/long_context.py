@@ -52,7 +52,6 @@ per-question ``outcomes`` were recorded must be scored again):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -74,7 +73,7 @@ from benchmarks.lab.retrieval import METHODS, Settings, quick, train_method
 # ---- evaluation ------------------------------------------------------------------------------------------
 def evaluate(lm, task_names: list[str], task_dir: Path) -> list[dict[str, Any]]:
     """Per-sample accuracy of ``lm`` on the local tasks, through lm-eval's simple_evaluate: one row per question,
-    with its lm-eval ``doc_id`` and `question_digest`."""
+    with its lm-eval ``doc_id`` and `benchmarks.lab.tasks.question_digest`."""
     import lm_eval  # here: lm-eval is optional (the [eval] extra), needed only when a run evaluates
     from lm_eval.tasks import TaskManager
 
@@ -85,14 +84,8 @@ def evaluate(lm, task_names: list[str], task_dir: Path) -> list[dict[str, Any]]:
         for sample in samples:
             rows.append({"task_name": name, "depth": sample["doc"]["depth"], "length": sample["doc"]["length"],
                          "acc": float(sample["acc"]), "doc_id": int(sample["doc_id"]),
-                         "question": question_digest(sample["doc"])})
+                         "question": T.question_digest(sample["doc"])})
     return rows
-
-
-def question_digest(doc: dict[str, Any]) -> str:
-    """A short fingerprint of one held-out question: its context, candidates and answer."""
-    text = json.dumps([doc["context"], doc["choices"], doc["answer"]], ensure_ascii=False)
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
 
 def aggregate(method: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,7 +102,7 @@ def aggregate(method: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"task": t, "method": method, "context_tokens": n, "depth": d,
                     "accuracy": sum(r["acc"] for r in v) / len(v), "n": len(v),
                     "outcomes": "".join("1" if r["acc"] else "0" for r in v),
-                    "questions": hashlib.sha1("".join(r["question"] for r in v).encode()).hexdigest()[:12]})
+                    "questions": T.questions_digest([r["question"] for r in v])})
     return out
 
 

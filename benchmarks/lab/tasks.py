@@ -18,6 +18,7 @@ a backbone's in-window answers (`in_window_accuracy`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -237,6 +238,18 @@ metric_list:
 metadata:
   version: 1.0
 """
+
+
+def question_digest(doc: dict[str, Any]) -> str:
+    """A short fingerprint of one held-out question: its context, candidates and answer."""
+    text = json.dumps([doc["context"], doc["choices"], doc["answer"]], ensure_ascii=False)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def questions_digest(digests: Sequence[str]) -> str:
+    """The fingerprint of a cell's questions in order (`question_digest` each): equal only for the same questions
+    in the same order, what a result row's ``questions`` holds."""
+    return hashlib.sha1("".join(digests).encode()).hexdigest()[:12]
 
 
 def write_task(directory: Path, name: str, examples: Sequence[dict[str, Any]]) -> Path:

@@ -340,7 +340,7 @@ def test_a_run_log_line_gives_counts_and_intervals():
 def _answers(task: str, length: int, depth: float, outcomes: str, texts: str = "abcdefghij") -> list[dict]:
     """What `evaluate` returns for one cell: one row per question, here given in reverse doc order."""
     return [{"task_name": f"lc_{task}_{length}", "depth": depth, "length": length, "acc": float(o == "1"),
-             "doc_id": i, "question": L.question_digest({"context": texts[i], "choices": ["x", "y"], "answer": 0})}
+             "doc_id": i, "question": T.question_digest({"context": texts[i], "choices": ["x", "y"], "answer": 0})}
             for i, o in reversed(list(enumerate(outcomes)))]
 
 
@@ -352,7 +352,7 @@ def test_aggregate_keeps_every_questions_outcome_in_doc_order_and_a_digest_of_th
     again = L.aggregate("window", _answers("needle", 1024, 0.5, "0000"))[0]
     other = L.aggregate("hmt", _answers("needle", 1024, 0.5, "1101", texts="abcz"))[0]
     assert again["questions"] == rows[0]["questions"] != other["questions"]  # digests the questions, not the answers
-    assert L.question_digest({"context": "a", "choices": ["x"], "answer": 0}) != L.question_digest(
+    assert T.question_digest({"context": "a", "choices": ["x"], "answer": 0}) != T.question_digest(
         {"context": "a", "choices": ["x"], "answer": 1})
 
 
@@ -363,8 +363,8 @@ def test_evaluate_records_each_samples_doc_id_and_question(monkeypatch, tmp_path
     samples = {"lc_needle_64": [{"doc_id": 1, "doc": doc, "acc": 0.0}, {"doc_id": 0, "doc": doc, "acc": 1.0}]}
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: {"samples": samples})
     rows = L.evaluate(object(), ["lc_needle_64"], tmp_path)
-    assert [(r["doc_id"], r["acc"], r["question"]) for r in rows] == [(1, 0.0, L.question_digest(doc)),
-                                                                      (0, 1.0, L.question_digest(doc))]
+    assert [(r["doc_id"], r["acc"], r["question"]) for r in rows] == [(1, 0.0, T.question_digest(doc)),
+                                                                      (0, 1.0, T.question_digest(doc))]
     assert L.aggregate("hmt", rows)[0]["outcomes"] == "10"
 
 
