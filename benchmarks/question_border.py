@@ -17,6 +17,10 @@ same, which the digests check) into the questions that end among the first ``--b
 and the rest, per length, with the needle inside the last segment (depth 100%) on its own. Writes
 ``question_border.json`` and ``question_border.png`` (accuracy on each side of the border, per run) into
 ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results).
+
+With ``--training-rows N`` it also draws the first N training rows each run's adapter was trained on (its stored
+settings and method, the corpus's training documents tokenized with the run's tokenizer) and counts the rows whose
+question ends past a border in the same way: what training showed the adapter of the questions it is asked.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 from transformers import PreTrainedTokenizerFast
 
 from benchmarks.lab import output as O
+from benchmarks.lab import retrieval as R
 from benchmarks.lab import tasks as T
+from benchmarks.lab.corpus import split
+from benchmarks.lab.pretrain import corpus_of
 
 
 def question_ends(tokenizer: Any, task_dir: Path, segment_length: int) -> dict[tuple[int, float], dict[str, Any]]:
@@ -105,6 +113,27 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     O.save_figure(fig, path)
 
 
+def training_row_ends(tokenizer: Any, tokenizer_path: str, settings: dict[str, Any], method: str, rows: int,
+                      border: int, segment_length: int, streams: dict[str, list[int]]) -> dict[str, int]:
+    """The first ``rows`` training rows of ``method`` under a run's stored ``settings`` (``tokenizer`` saved at
+    ``tokenizer_path``): how many end their question past a border (the token that predicts the answer among a
+    segment's first ``border``). ``streams`` caches the tokenized training documents per corpus."""
+    s = R.Settings.from_dict(settings)
+    ms = R.method_settings(method, s)
+    ms = replace(ms, hmt_steps=-(-rows // ms.hmt_batch))
+    if s.corpus not in streams:
+        corpus = corpus_of(s)
+        documents = corpus.documents()
+        if not documents:
+            raise ValueError(corpus.missing_message())
+        texts = split(documents, 0.15)[0]
+        streams[s.corpus] = [t for doc in tokenizer(texts, add_special_tokens=False).input_ids for t in doc]
+    data = R.train_dataset(tokenizer, streams[s.corpus], T.Vocab.of(tokenizer), ms,
+                           R.hmt_config(method, s, tokenizer_path).num_sensory)
+    ends = [(mask.index(1) - 1) % segment_length for mask in data["completion_mask"][:rows]]
+    return {"past": sum(e < border for e in ends), "rows": len(ends)}
+
+
 def _count(side: dict[str, int]) -> str:
     return f"{side['right']} / {side['asked']}"
 
@@ -117,6 +146,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="a question ends past a border when its last token is among a segment's first N (default 8)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="one method for every run, or one per run (default: each run's only HMT method)")
+    p.add_argument("--training-rows", type=int, default=0,
+                   help="also count how many of each adapter's first N training rows end past a border (default 0)")
     O.add_output_arguments(p)
     return p
 
@@ -127,8 +158,8 @@ def run_label(path: str) -> str:
     return (p.parent.name or str(p)) if p.name == "long_context.json" else p.stem
 
 
-def run_rows(path: str, method: Optional[str]) -> tuple[str, list[dict[str, Any]], int]:
-    """(method, its result rows, the run's segment length) of one long_context.json."""
+def run_rows(path: str, method: Optional[str]) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+    """(method, its result rows, the run's stored settings) of one long_context.json."""
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such file; pass runs' long_context.json.")
     try:
@@ -145,7 +176,7 @@ def run_rows(path: str, method: Optional[str]) -> tuple[str, list[dict[str, Any]
     chosen = [r for r in rows if r["method"] == method]
     if not chosen:
         raise ValueError(f"{path} has no rows of method {method!r} (it has: {', '.join(methods)}).")
-    return method, chosen, int(payload["settings"]["segment_length"])
+    return method, chosen, payload["settings"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -158,8 +189,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.methods is not None and len(args.methods) not in (1, len(args.runs)):
         print(f"--methods takes one method or one per run ({len(args.runs)}), got {len(args.methods)}.", file=sys.stderr)
         return 2
-    if args.border_tokens < 1:
-        print(f"--border-tokens must be >= 1, got {args.border_tokens}.", file=sys.stderr)
+    if args.border_tokens < 1 or args.training_rows < 0:
+        print(f"--border-tokens must be >= 1 and --training-rows >= 0, got {args.border_tokens} and "
+              f"{args.training_rows}.", file=sys.stderr)
         return 2
     methods = [None] * len(args.runs) if args.methods is None else (
         args.methods * len(args.runs) if len(args.methods) == 1 else args.methods)
@@ -167,14 +199,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     payload: dict[str, Any] = {"command": O.quoted_command("PYTHONPATH=. python -m benchmarks.question_border", argv),
                                "tasks_from": str(tasks_from), "border_tokens": args.border_tokens, "runs": []}
     cells: dict[int, dict] = {}  # per segment length
+    streams: dict[str, list[int]] = {}  # per corpus
     try:
         for path, method in zip(args.runs, methods):
-            method, rows, segment_length = run_rows(path, method)
+            method, rows, settings = run_rows(path, method)
+            segment_length = int(settings["segment_length"])
             if segment_length not in cells:
                 cells[segment_length] = question_ends(tokenizer, tasks_from / "long_context_tasks", segment_length)
-            split = split_run(rows, cells[segment_length], args.border_tokens, path)
-            payload["runs"].append({"path": path, "label": run_label(path), "method": method,
-                                    "cells": split})
+            entry = {"path": path, "label": run_label(path), "method": method,
+                     "cells": split_run(rows, cells[segment_length], args.border_tokens, path)}
+            if args.training_rows:
+                entry["training_rows"] = training_row_ends(tokenizer, str(tasks_from / "tokenizer"), settings, method,
+                                                           args.training_rows, args.border_tokens, segment_length,
+                                                           streams)
+            payload["runs"].append(entry)
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
@@ -184,6 +222,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for c in run["cells"]:
             lines.append(f"| {run['label']} | {c['context_tokens']} | {_count(c['past'])} | {_count(c['rest'])} | "
                          f"{_count(c['past_in_window'])} ; {_count(c['rest_in_window'])} |")
+    lines += [f"{run['label']}: {run['training_rows']['past']} of its first {run['training_rows']['rows']} training "
+              "rows end past a border" for run in payload["runs"] if "training_rows" in run]
     print("\n".join(lines))
     O.write_result(O.output_dir(args), "question_border", payload, plot)
     return 0

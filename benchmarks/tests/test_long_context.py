@@ -5,7 +5,7 @@ data), with the same losses and weights as the benchmark's own trainer had befor
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import peft
 import pytest
@@ -13,6 +13,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from benchmarks import long_context as L
+from benchmarks import question_border as Q
 from benchmarks.lab import retrieval as R
 from benchmarks.lab import tasks as T
 from benchmarks.lab.backbone import llama
@@ -296,6 +297,21 @@ def test_question_border_rows_end_the_question_just_past_a_segment_border(corpus
     plain = R.train_dataset(tok, stream, vocab, replace(s, question_border_fraction=0.0), num_sensory=4)
     ends = [(mask.index(1) - 1) % 32 for mask in plain["completion_mask"]]
     assert sum(e <= 9 for e in ends) <= 8  # whole segments: the question ends at the end of one
+
+
+def test_question_border_counts_the_training_rows_that_end_past_a_border(corpus, tmp_path):
+    tok, stream, vocab = corpus
+    tok.save_pretrained(tmp_path / "tokenizer")
+    s = asdict(replace(R.quick(), segment_length=32, hmt_batch=4, max_train_segments=6))
+    streams = {s["corpus"]: stream}  # the training stream, as the script would tokenize it from the corpus
+
+    def count(method: str) -> dict[str, int]:
+        return Q.training_row_ends(tok, str(tmp_path / "tokenizer"), s, method, 60, 8, 32, streams)
+
+    border = count("hmt_write_init_null_decoy_border_spread_stable")
+    plain = count("hmt_write_init_null_decoy_spread_stable")
+    assert border["rows"] == plain["rows"] == 60
+    assert plain["past"] <= 6 < 18 <= border["past"]  # whole segments vs half the rows (3 segments or more) past one
 
 
 def test_decoy_episodes_answer_the_key_in_the_window_with_another_key_beyond_it(corpus):
