@@ -68,6 +68,7 @@ from benchmarks.lab import tasks as T
 from benchmarks.lab.corpus import CORPORA
 from benchmarks.lab.pretrain import Prepared, corpus_problem, prepare
 from benchmarks.lab.retrieval import METHODS, Settings, quick, train_method
+from benchmarks.lab.runs import method_rows, read_run
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
@@ -466,26 +467,6 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def method_rows(payload: dict[str, Any], path: str, method: Optional[str]) -> tuple[str, list[dict[str, Any]]]:
-    """The rows of one method of a run's ``long_context.json``: ``method``, or the run's only method other than the
-    sliding window. Raises ValueError when that is missing or ambiguous."""
-    methods = list(dict.fromkeys(r["method"] for r in payload.get("results", [])))
-    if method is None:
-        candidates = [m for m in methods if m != "sliding_window"] or methods
-        if len(candidates) != 1:
-            raise ValueError(f"{path} holds {len(candidates)} methods ({', '.join(candidates) or 'none'}); name the "
-                             "one to compare with --methods.")
-        method = candidates[0]
-    elif method not in methods:
-        raise ValueError(f"{path} has no rows of {method!r} (it has {', '.join(methods) or 'none'}).")
-    rows = [r for r in payload["results"] if r["method"] == method]
-    cells = [(r["task"], r["context_tokens"], r["depth"]) for r in rows]
-    if len(set(cells)) < len(cells):  # a --combine result: several corpora or seeds share every cell
-        raise ValueError(f"{path} holds several runs of {method!r} (a --combine result?); compare one run's "
-                         "long_context.json with another's.")
-    return method, rows
-
-
 def compare_runs(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Two runs' answers to the same questions, per task and length (all depths both scored): questions asked, right
     in each, right in only one (``only_a``, ``only_b``) and the exact McNemar p-value of the difference. Raises
@@ -526,13 +507,7 @@ def compare(paths: list[str], methods: Optional[list[str]], out_dir: Path) -> di
         names = list(methods) * 2 if len(methods) == 1 else list(methods)
     sides = []
     for path, method in zip(paths, names):
-        if not Path(path).is_file():
-            raise ValueError(f"--compare {path}: no such file; pass two runs' long_context.json.")
-        try:
-            payload = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--compare {path}: not a long_context.json ({e}).") from None
-        sides.append(method_rows(payload, path, method))
+        sides.append(method_rows(read_run(path, "--compare"), path, method))
     rows = compare_runs(sides[0][1], sides[1][1])
     lines = [f"A: {paths[0]} ({sides[0][0]})", f"B: {paths[1]} ({sides[1][0]})", "",
              "| task | tokens | asked | A right | B right | only A | only B | McNemar p |",

@@ -39,6 +39,7 @@ from benchmarks.lab import retrieval as R
 from benchmarks.lab import tasks as T
 from benchmarks.lab.corpus import split
 from benchmarks.lab.pretrain import corpus_of
+from benchmarks.lab.runs import method_rows, read_run
 
 
 def question_ends(tokenizer: Any, task_dir: Path, segment_length: int) -> dict[tuple[int, float], dict[str, Any]]:
@@ -160,23 +161,9 @@ def run_label(path: str) -> str:
 
 def run_rows(path: str, method: Optional[str]) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
     """(method, its result rows, the run's stored settings) of one long_context.json."""
-    if not Path(path).is_file():
-        raise ValueError(f"{path}: no such file; pass runs' long_context.json.")
-    try:
-        payload = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a long_context.json ({e}).") from None
-    rows = payload.get("results", [])
-    methods = sorted({r["method"] for r in rows if r["method"] != "sliding_window"})
-    if method is None:
-        if len(methods) != 1:
-            raise ValueError(f"{path} holds {len(methods) or 'no'} HMT methods ({', '.join(methods)}); "
-                             "name one with --methods.")
-        method = methods[0]
-    chosen = [r for r in rows if r["method"] == method]
-    if not chosen:
-        raise ValueError(f"{path} has no rows of method {method!r} (it has: {', '.join(methods)}).")
-    return method, chosen, payload["settings"]
+    payload = read_run(path)
+    method, rows = method_rows(payload, path, method)
+    return method, rows, payload["settings"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

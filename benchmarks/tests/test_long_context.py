@@ -438,7 +438,7 @@ def test_compare_refuses_other_questions_old_rows_and_unclear_methods(tmp_path, 
     paths[0].write_text(json.dumps(a))
     paths[1].write_text(json.dumps(both))
     assert L.main(["--compare", *map(str, paths)]) == 2
-    assert "both.json holds 2 methods (hmt, hmt_other); name the one to compare with --methods" in capsys.readouterr().err
+    assert "both.json holds 2 methods (hmt, hmt_other); name the one with --methods" in capsys.readouterr().err
     assert L.main(["--compare", str(paths[0]), str(tmp_path / "missing.json")]) == 2
     assert "missing.json: no such file" in capsys.readouterr().err
     assert L.main(["--compare", *map(str, paths), "--methods", "hmt", "hmt", "hmt"]) == 2
