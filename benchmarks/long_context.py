@@ -21,10 +21,11 @@ segments, facts spread over every segment, a quarter inside the last one and hal
 the window, a null slot in recall, clipped gradients, cosine rate), ``hmt_write_init_spread_stable`` (the recipe
 before, without the decoys and the slot), its ablations and screens (``hmt`` is the paper's layout,
 ``hmt_write_lora*`` HMT + LoRA, ``hmt_write_no_recall`` the paper's stage 1, ``hmt_write_init_logn_spread_stable``
-the ln N recall scale, ``hmt_write_init_null_alldecoy_spread_stable`` a decoy in every in-window row, ...), and
-``sliding_window`` (the backbone alone). Writes ``long_context.json`` (``command``, ``chance``, ``results`` rows
-of task/method/context_tokens/depth/accuracy/n) and PNGs (needle heatmap per method, accuracy by length) to
-``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results).
+the ln N recall scale, ``hmt_write_init_null_alldecoy_spread_stable`` a decoy in every in-window row,
+``hmt_write_init_null_decoy_border_spread_stable`` half the rows ending the question just past a segment border,
+...), and ``sliding_window`` (the backbone alone). Writes ``long_context.json`` (``command``, ``chance``,
+``results`` rows of task/method/context_tokens/depth/accuracy/n) and PNGs (needle heatmap per method, accuracy by
+length) to ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results).
 
 The held-out needles sit at depths 0 / 25 / 50 / 75 / 100%; every length is a multiple of the segment, so on this
 grid all keys of one depth share one offset inside their segment (at 25% the key opens a segment). ``--needle-offsets

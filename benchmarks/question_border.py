@@ -1,7 +1,7 @@
 """Does an adapter lose the held-out needles whose question ends just past a segment border?
 
-    PYTHONPATH=. python -m benchmarks.question_border --tasks-from benchmarks/output/steps2k-python-docs-s0 \\
-        benchmarks/output/steps2k-python-docs-s0/long_context.json benchmarks/output/seg32-python-docs-s0/long_context.json
+    PYTHONPATH=. python -m benchmarks.question_border --tasks-from benchmarks/output/s24k2-python-docs-s0 \\
+        benchmarks/output/{n100o-steps2k,s24k2}-python-docs-s0/long_context.json --training-rows 640
 
 The long-context benchmark writes its held-out questions as text, and lm-eval tokenizes them again when it scores
 them, so a context of nominal length L (a whole number of segments) comes out a few tokens longer or shorter. When
@@ -174,7 +174,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "benchmarks.long_context wrote (its --output-dir).", file=sys.stderr)
         return 2
     if args.methods is not None and len(args.methods) not in (1, len(args.runs)):
-        print(f"--methods takes one method or one per run ({len(args.runs)}), got {len(args.methods)}.", file=sys.stderr)
+        print(f"--methods takes one method or one per run ({len(args.runs)}), got {len(args.methods)}.",
+              file=sys.stderr)
         return 2
     if args.border_tokens < 1 or args.training_rows < 0:
         print(f"--border-tokens must be >= 1 and --training-rows >= 0, got {args.border_tokens} and "
