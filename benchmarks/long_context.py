@@ -3,7 +3,7 @@
     apt-get install -y python3-doc      # the corpus: the Python documentation's reST sources (Debian)
     apt-get install -y --no-install-recommends r-cran-janeaustenr      # the second corpus (--corpus austen)
     pip install -c constraints-cpu.txt -e ".[test]"
-    PYTHONPATH=. python -m benchmarks.long_context --quick            # ~40 min on one CPU thread
+    PYTHONPATH=. python -m benchmarks.long_context --quick            # ~75 min on one CPU thread
     PYTHONPATH=. python -m benchmarks.long_context                     # the full protocol (hours on a CPU)
 
 Protocol: a BPE tokenizer and a small Llama are trained on SHORT windows (``segment_length`` tokens) of the
@@ -15,15 +15,16 @@ window for the sliding-window baseline, which keeps the last tokens of the conte
 needle at several lengths and depths, BABILong-style facts (qa1, qa2). Answers are single tokens scored by
 log-likelihood over the candidate set (lm-eval ``multiple_choice``); chance is 1 / candidates.
 
-Methods (``METHOD_SPECS``): ``hmt_write_init_null_decoy_spread_stable`` (the recipe of the headline sweep and of
-``--quick``, 2000 steps: learned write token started from the question's last token, training rows of up to 16
-segments, facts spread over every segment, a quarter inside the last one and half of those with a decoy key beyond
-the window, a null slot in recall, clipped gradients, cosine rate), ``hmt_write_init_spread_stable`` (the recipe
-before, without the decoys and the slot), its ablations and screens (``hmt`` is the paper's layout,
-``hmt_write_lora*`` HMT + LoRA, ``hmt_write_no_recall`` the paper's stage 1, ``hmt_write_init_logn_spread_stable``
-the ln N recall scale, ``hmt_write_init_null_alldecoy_spread_stable`` a decoy in every in-window row,
-``hmt_write_init_null_decoy_border_spread_stable`` half the rows ending the question just past a segment border,
-...), and ``sliding_window`` (the backbone alone). Writes ``long_context.json`` (``command``, ``chance``,
+Methods (``METHOD_SPECS``): ``hmt_write_init_null_decoy_border_spread_stable`` (the recipe of ``--quick``, 2000
+steps, training rows of up to 32 segments: learned write token started from the question's last token, facts spread
+over every segment, a quarter inside the last one and half of those with a decoy key beyond the window, half the
+rows ending the question just past a segment border, a null slot in recall, clipped gradients, cosine rate),
+``hmt_write_init_null_decoy_spread_stable`` (the recipe before, of the headline sweep: the same without the border
+rows, run with rows of up to 16 segments), ``hmt_write_init_spread_stable`` (without the decoys and the slot), its
+ablations and screens (``hmt`` is the paper's layout, ``hmt_write_lora*`` HMT + LoRA, ``hmt_write_no_recall`` the
+paper's stage 1, ``hmt_write_init_logn_spread_stable`` the ln N recall scale,
+``hmt_write_init_null_alldecoy_spread_stable`` a decoy in every in-window row, ...), and ``sliding_window`` (the
+backbone alone). Writes ``long_context.json`` (``command``, ``chance``,
 ``results`` rows of task/method/context_tokens/depth/accuracy/n) and PNGs (needle heatmap per method, accuracy by
 length) to ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results).
 
@@ -526,8 +527,9 @@ def compare(paths: list[str], methods: Optional[list[str]], out_dir: Path) -> di
 # ---- command line ------------------------------------------------------------------------------------------
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.long_context", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the headline sweep's run: small backbone, needles at 1k-64k, training rows of up to 16 segments "
-                   "(~25 min on one thread)")
+    p.add_argument("--quick", action="store_true",
+                   help="the recipe's run: small backbone, needles at 1k-64k, training rows of up to 32 segments, half "
+                        "ending the question past a segment border (~75 min on one thread)")
     p.add_argument("--corpus", default=None,
                    help=f"one of {sorted(CORPORA)} (see benchmarks/lab/corpus.py for the install command of each; "
                         "default python-docs)")

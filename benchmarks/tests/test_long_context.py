@@ -243,6 +243,17 @@ def test_combine_reports_the_worst_run_beside_the_mean_and_every_run(tmp_path):
     assert (tmp_path / "out" / "long_context_austen_worst_needle.png").is_file()
 
 
+def test_quick_trains_the_border_recipe_on_rows_of_up_to_32_segments():
+    """The recipe the six-run screen chose (BENCHMARKS.md): what ``--quick`` trains, unless told otherwise."""
+    s = L.settings_from_args(L.make_parser().parse_args(["--quick"]))
+    hmt = [m for m in s.methods if m != "sliding_window"]
+    assert hmt == ["hmt_write_init_null_decoy_border_spread_stable"] and "sliding_window" in s.methods
+    trained = R.method_settings(hmt[0], s)
+    assert (trained.max_train_segments, trained.question_border_fraction, trained.decoy_fraction) == (32, 0.5, 0.5)
+    s = L.settings_from_args(L.make_parser().parse_args(["--quick", "--max-train-segments", "16"]))
+    assert s.max_train_segments == 16
+
+
 def test_train_tasks_from_the_command_line_set_what_hmt_trains_on(corpus):
     tok, stream, vocab = corpus
     s = L.settings_from_args(L.make_parser().parse_args(["--quick", "--train-tasks", "facts_qa1"]))
