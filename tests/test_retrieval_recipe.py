@@ -67,7 +67,7 @@ def test_retrieval_recipe_trains_from_the_command_line_offline(demo_layout, caps
     assert "curriculum over input lengths: from 2 segments" in card
     # the recipe's own report: the adapter against the backbone alone on held-out rows, by length
     result = passkey.accuracy(str(out), None, examples=4, seed=0)
-    assert set(result) == {"1x", "2x", "4x", "8x", "16x", "8x last", "8x last, decoy"}
+    assert set(result) == {"1x", "2x", "4x", "8x", "16x", "8x last", "8x last, decoy", "8x border", "8x last, border"}
     assert all(0.0 <= r[k] <= 1.0 for r in result.values() for k in ("backbone", "hmt"))
 
 
@@ -122,6 +122,34 @@ def test_decoy_rows_answer_the_key_in_the_window_with_another_key_beyond_it():
     assert 0.4 < decoys / len(rows) < 0.6
     with pytest.raises(ValueError, match="decoy goes beyond the window"):
         passkey.passkey_row(task, words, 4, False, random.Random(0), decoy=True)
+
+
+@pytest.mark.parametrize("in_last", [True, False])
+def test_border_rows_end_the_prompt_just_past_a_segment_border(in_last):
+    tokenizer, task, words = passkey._task()
+    rng, L = random.Random(7), passkey.SEGMENT_LENGTH
+    for border in range(1, 9):
+        row = passkey.passkey_row(task, words, 5, in_last, rng, border=border)
+        prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
+        (key,) = tokenizer(row["completion"], add_special_tokens=False).input_ids
+        assert len(prompt) == 5 * L + border and prompt[-1] == task.query_id  # the query mark: the border's token
+        (position,) = [i for i, t in enumerate(prompt) if t in task.key_ids]
+        assert prompt[position] == key
+        if in_last:  # in the backbone's window (the last L prompt tokens), not the query mark
+            assert len(prompt) - L <= position < len(prompt) - 1
+        else:  # out of the last whole segment, the window and the sensory tokens carried into them
+            assert position < 4 * L - passkey.NUM_SENSORY
+    with pytest.raises(ValueError, match="border"):
+        passkey.passkey_row(task, words, 5, False, rng, border=9)
+
+
+def test_training_rows_end_a_share_of_prompts_past_a_border():
+    tokenizer, _, _ = passkey._task()
+    lengths = [len(tokenizer(r["prompt"], add_special_tokens=False).input_ids)
+               for r in passkey.training_rows(400, 8, 0.25, seed=0, decoy_fraction=0.5, border_fraction=0.5)]
+    past = [n % passkey.SEGMENT_LENGTH for n in lengths if (n + 2) % passkey.SEGMENT_LENGTH]
+    assert all(1 <= offset <= 8 for offset in past)  # the query mark among a segment's first 8 tokens
+    assert 0.3 < len(past) / len(lengths) < 0.5  # half of the rows of 3+ segments (6 of 7 draws)
 
 
 def test_the_shipped_rows_are_what_the_script_writes(tmp_path):
