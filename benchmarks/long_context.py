@@ -264,6 +264,19 @@ def plot(payload: dict[str, Any], out_dir: Path) -> None:
     plot_by_length(payload, out_dir / "long_context_by_length.png")
 
 
+def panel_title(method: str, width: int = 34) -> str:
+    """A heatmap panel's title: a method name longer than ``width`` broken after an underscore, and the run
+    (`` (worst: seed 0)``) on a line of its own, so the title fits a 3-inch panel."""
+    name, _, run = method.partition(" (")
+    lines, line = [], ""
+    for part in name.split("_"):
+        if line and len(line) + 1 + len(part) > width:
+            lines, line = lines + [line + "_"], part
+        else:
+            line = f"{line}_{part}" if line else part
+    return "\n".join(lines + [line] + ([f"({run}"] if run else []))
+
+
 def plot_needle(payload: dict[str, Any], path: Path) -> None:
     """Needle heatmaps: accuracy by length x depth, one per method."""
     plt = O.pyplot()
@@ -288,7 +301,7 @@ def plot_needle(payload: dict[str, Any], path: Path) -> None:
                 ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{int(100 * d)}%" for d in depths])
-        ax.set_title(method.replace(" (", "\n("), fontsize=8)  # long method names: the run on a line of its own
+        ax.set_title(panel_title(method), fontsize=8)
         ax.set_xlabel("context tokens")
     for row in axes:
         row[0].set_ylabel("needle depth")
@@ -310,14 +323,14 @@ def plot_by_length(payload: dict[str, Any], path: Path) -> None:
                 if r["task"] == task and r["method"] == method:
                     pts.setdefault(r["context_tokens"], []).extend([r["accuracy"]] * r["n"])
             xs = sorted(pts)
-            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=method)
+            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=panel_title(method))
         ax.axhline(payload["chance"][task], color="grey", ls="--", lw=1, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1.02)
         ax.set_title(task)
         ax.set_xlabel("context tokens")
     axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    axes[0][-1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below: panels keep their width
     O.save_figure(fig, path)
 
 

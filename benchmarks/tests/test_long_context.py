@@ -243,6 +243,14 @@ def test_combine_reports_the_worst_run_beside_the_mean_and_every_run(tmp_path):
     assert (tmp_path / "out" / "long_context_austen_worst_needle.png").is_file()
 
 
+def test_heatmap_titles_break_long_method_names_at_underscores():
+    title = L.panel_title("hmt_write_init_null_decoy_border_spread_stable (worst: seed 0)")
+    lines = title.split("\n")
+    assert "".join(lines[:-1]) == "hmt_write_init_null_decoy_border_spread_stable" and lines[-1] == "(worst: seed 0)"
+    assert len(lines) == 3 and all(len(line) <= 35 for line in lines)
+    assert L.panel_title("sliding_window") == "sliding_window"
+
+
 def test_quick_trains_the_border_recipe_on_rows_of_up_to_32_segments():
     """The recipe the six-run screen chose (BENCHMARKS.md): what ``--quick`` trains, unless told otherwise."""
     s = L.settings_from_args(L.make_parser().parse_args(["--quick"]))
