@@ -3,7 +3,7 @@
     apt-get install -y python3-doc      # the corpus: the Python documentation's reST sources (Debian)
     apt-get install -y --no-install-recommends r-cran-janeaustenr      # the second corpus (--corpus austen)
     pip install -c constraints-cpu.txt -e ".[test]"
-    PYTHONPATH=. python -m benchmarks.long_context --quick            # ~75 min on one CPU thread
+    PYTHONPATH=. python -m benchmarks.long_context --quick            # over an hour on one CPU thread (see --help)
     PYTHONPATH=. python -m benchmarks.long_context                     # the full protocol (hours on a CPU)
 
 Protocol: a BPE tokenizer and a small Llama are trained on SHORT windows (``segment_length`` tokens) of the
@@ -542,7 +542,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.long_context", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="the recipe's run: small backbone, needles at 1k-64k, training rows of up to 32 segments, half "
-                        "ending the question past a segment border (~75 min on one thread)")
+                        "ending the question past a segment border (a run of this recipe took 71-80 min on one "
+                        "thread to train and score 100 questions at 16k and 64k; --quick itself was not timed)")
     p.add_argument("--corpus", default=None,
                    help=f"one of {sorted(CORPORA)} (see benchmarks/lab/corpus.py for the install command of each; "
                         "default python-docs)")

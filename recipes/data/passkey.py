@@ -59,7 +59,7 @@ def passkey_row(task: Any, words: list[str], segments: int, in_last: bool, rng: 
     if not 0 <= border <= 8:
         raise ValueError(f"border is the number of prompt tokens past the last whole segment, 0..8; got {border}.")
     if border:
-        length = segments * SEGMENT_LENGTH + border  # prompt tokens; the query mark is at the border + border - 1
+        length = segments * SEGMENT_LENGTH + border  # prompt tokens; the query mark is the next segment's border-th
         first_in_window = length - SEGMENT_LENGTH
     else:
         length = segments * SEGMENT_LENGTH - 2  # prompt tokens: prompt + key + EOS fill exactly the segments
