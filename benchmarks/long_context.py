@@ -566,15 +566,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--hmt-steps", type=int, default=None)
     p.add_argument("--pretrain-steps", type=int, default=None)
     p.add_argument("--pretrain-lr", type=float, default=None)
+    p.add_argument("--pretrain-batch", type=int, default=None, help="windows per pretraining step (16)")
+    p.add_argument("--pretrain-weight-decay", type=float, default=None, help="AdamW's weight decay in pretraining (0.1)")
     p.add_argument("--episode-fraction", type=float, default=None, help="share of pretraining windows that are episodes")
     p.add_argument("--hidden-size", type=int, default=None)
     p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--num-heads", type=int, default=None)
     p.add_argument("--max-train-segments", type=int, default=None)
     p.add_argument("--target-qa1-in-window", type=float, default=None,
                    help="pretraining also runs until the backbone answers this share of in-window qa1 questions")
     p.add_argument("--pretrain-tasks", nargs="+", default=None,
-                   choices=("needle", "facts_qa1", "facts_qa2", "facts_qa1_drill"),
-                   help="the tasks of pretraining's in-window episodes, drawn uniformly (repeat one to weight it)")
+                   choices=("needle", "facts_qa1", "facts_qa2", "facts_qa1_drill", "facts_qa1_dense"),
+                   help="the tasks of pretraining's in-window episodes, drawn uniformly (repeat one to weight it); "
+                        "facts_qa1_dense: a whole window of qa1 drill without filler, several answers")
     p.add_argument("--pretrain-min-facts", type=int, default=None, metavar="N",
                    help="pretraining's facts episodes have N..6 facts, drawn uniformly (default 6: as the held-out "
                         "tasks)")
@@ -622,7 +626,8 @@ OVERRIDES = ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", 
              "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr", "episode_fraction",
              "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence", "examples",
              "examples_longest", "hmt_seed", "target_qa1_in_window", "pretrain_min_facts",
-             "curriculum_ramp_fraction", "needle_offsets", "eval_recall_window", "eval_recall_sharpen_beyond")
+             "curriculum_ramp_fraction", "needle_offsets", "eval_recall_window", "eval_recall_sharpen_beyond",
+             "pretrain_batch", "pretrain_weight_decay", "num_heads")
 
 #: What may be given with ``--adapters-from`` (the rest would change the backbone, the adapters or their training).
 RESCORE_OPTIONS = ("backbone_cache", "threads", "needle_offsets", "methods", "examples", "examples_longest",

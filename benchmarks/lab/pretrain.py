@@ -76,8 +76,8 @@ def _warmup_cosine(optim, total_steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
 
 
-def _adamw(model, lr: float):
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+def _adamw(model, lr: float, weight_decay: float = 0.1):
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
 
 def _step(model, optim, sched, loss: torch.Tensor) -> None:
@@ -123,25 +123,35 @@ def pretrain_until_plateau(model, stream: torch.Tensor, validation: torch.Tensor
 
 
 # ---- windows with in-window task episodes, until the backbone answers in-window needles -----------------------------
+#: The pretraining-only task of `benchmarks.lab.tasks.facts_dense_row` (a whole window of qa1 drill, several answers).
+DENSE = "facts_qa1_dense"
+
+
 def _episode_batch(tokenizer, stream: torch.Tensor, filler: list[int], vocab, s: RetrievalSettings,
-                   rng: random.Random, gen: torch.Generator) -> tuple[torch.Tensor, list[int]]:
-    """(batch of windows, the rows that are episodes): each row an episode (left-padded, its answer the last token)
-    with probability ``episode_fraction``, else a random window of the corpus."""
+                   rng: random.Random, gen: torch.Generator) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """(batch of windows, the (row, index) of every answer token): each row an episode (left-padded, its answer the
+    last token) with probability ``episode_fraction``, else a random window of the corpus. With `DENSE` among
+    ``pretrain_tasks`` an episode is, in that share, a window of qa1 drill with several answers instead."""
     window = s.segment_length
-    rows, episodes = [], []
+    tasks = tuple(s.pretrain_tasks)
+    rows, answers = [], []
     for i in range(s.pretrain_batch):
         if rng.random() < s.episode_fraction:
-            episode = T.random_episode(tokenizer, filler, vocab, window - 2, rng, tuple(s.pretrain_tasks),
-                                       min_facts=s.pretrain_min_facts)
-            ids, _ = T.episode_ids(tokenizer, episode)
-            ids = ids[-window:]
-            ids = [0] * (window - len(ids)) + ids  # left-padded: the answer is the last token
-            episodes.append(i)
+            if DENSE in tasks and rng.random() < tasks.count(DENSE) / len(tasks):
+                ids, at = T.facts_dense_row(tokenizer, vocab, window, rng)
+                answers += [(i, j) for j in at]
+            else:
+                episode = T.random_episode(tokenizer, filler, vocab, window - 2, rng,
+                                           tuple(t for t in tasks if t != DENSE), min_facts=s.pretrain_min_facts)
+                ids, _ = T.episode_ids(tokenizer, episode)
+                ids = ids[-window:]
+                ids = [0] * (window - len(ids)) + ids  # left-padded: the answer is the last token
+                answers.append((i, window - 1))
         else:
             start = int(torch.randint(0, stream.numel() - window, (1,), generator=gen))
             ids = stream[start : start + window].tolist()
         rows.append(ids)
-    return torch.tensor(rows), episodes
+    return torch.tensor(rows), answers
 
 
 def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: RetrievalSettings,
@@ -150,6 +160,9 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
     backbone answers in-window needles (``target_in_window``) and in-window qa1 questions
     (``target_qa1_in_window``), not before ``pretrain_min_steps``, or ``pretrain_steps`` run out. Both in-window
     accuracies are logged at every check."""
+    if DENSE in s.pretrain_tasks and len(set(s.pretrain_tasks)) == 1:
+        raise ValueError(f"pretrain_tasks {DENSE!r} needs another task beside it (its rows are drills, the held-out "
+                         "questions are not).")
     if not 1 <= s.pretrain_min_facts <= 6:
         raise ValueError(f"pretrain_min_facts must be in 1..6 (facts in a pretraining episode), got "
                          f"{s.pretrain_min_facts}.")
@@ -161,27 +174,30 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
     probe = [T.needle_example(tokenizer, filler, vocab, window - 2, probe_rng.random(), probe_rng) for _ in range(64)]
     qa1_rng = random.Random(s.seed + 13)
     qa1_probe = [T.facts_example(tokenizer, filler, vocab, window - 2, qa1_rng.random(), qa1_rng) for _ in range(64)]
-    optim = _adamw(model, s.pretrain_lr)
+    binding_probe = T.binding_examples(tokenizer, vocab, 64, random.Random(s.seed + 14))
+    optim = _adamw(model, s.pretrain_lr, s.pretrain_weight_decay)
     warmup = max(1, s.pretrain_steps // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / warmup))
     model.train()
     losses, curve = [], []
     for step in range(1, s.pretrain_steps + 1):
-        batch, episodes = _episode_batch(tokenizer, stream, filler, vocab, s, rng, gen)
+        batch, answers = _episode_batch(tokenizer, stream, filler, vocab, s, rng, gen)
         out = model(input_ids=batch, labels=batch.masked_fill(batch == 0, -100))
         loss = out.loss
-        if s.answer_weight > 0 and episodes:  # the answer is 1 token in a window: weight it up, or it is never learned
-            answer_logits = out.logits[episodes, -2]  # (E, V): the position that predicts the last token
-            loss = loss + s.answer_weight * torch.nn.functional.cross_entropy(answer_logits, batch[episodes, -1])
+        if s.answer_weight > 0 and answers:  # an answer is 1 token in a window: weight it up, or it is never learned
+            rows, at = torch.tensor(answers).T
+            answer_logits = out.logits[rows, at - 1]  # (A, V): the positions that predict the answer tokens
+            loss = loss + s.answer_weight * torch.nn.functional.cross_entropy(answer_logits, batch[rows, at])
         _step(model, optim, sched, loss)
         losses.append(out.loss.item())
         if step % s.pretrain_check_every == 0 or step == s.pretrain_steps:
             acc = T.in_window_accuracy(model, tokenizer, probe)
             qa1 = T.in_window_accuracy(model, tokenizer, qa1_probe)
+            binding = T.in_window_accuracy(model, tokenizer, binding_probe)
             curve.append({"step": step, "loss": sum(losses[-20:]) / len(losses[-20:]), "needle_in_window": acc,
-                          "qa1_in_window": qa1})
+                          "qa1_in_window": qa1, "qa1_two_facts": binding})
             log(f"pretraining step {step}: loss {curve[-1]['loss']:.2f}, in-window accuracy: needle {100 * acc:.0f}%, "
-                f"qa1 {100 * qa1:.0f}%")
+                f"qa1 {100 * qa1:.0f}% (two facts, no filler: {100 * binding:.0f}%)")
             if acc >= s.target_in_window and qa1 >= s.target_qa1_in_window and step >= s.pretrain_min_steps:
                 break
     model.eval().requires_grad_(False)
@@ -223,7 +239,7 @@ BACKBONE_FIELDS = ("corpus", "seed", "vocab_size", "hidden_size", "num_layers", 
 
 #: Fields the backbone depends on that came later: in the key only when they differ from their defaults, so the
 #: backbones cached before them keep their keys.
-LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks", "pretrain_min_facts")
+LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks", "pretrain_min_facts", "pretrain_weight_decay")
 
 
 def backbone_key(s: RetrievalSettings) -> str:

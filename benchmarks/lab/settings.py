@@ -62,6 +62,7 @@ class RetrievalSettings(Settings):
     target_qa1_in_window: float = 0.0  # ... and this share of in-window qa1 questions (0: not a stopping condition)
     pretrain_tasks: tuple = ("needle", "needle", "facts_qa1", "facts_qa2")  # an episode's task, drawn from these
     pretrain_min_facts: int = 6  # < 6: a facts episode's number of facts is drawn from this..6 (easier ones mixed in)
+    pretrain_weight_decay: float = 0.1  # AdamW's weight decay in pretraining
 
 
 #: The retrieval backbone of ``--quick`` runs (the one every retrieval result on record uses).

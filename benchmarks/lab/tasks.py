@@ -188,6 +188,46 @@ def facts_drill_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, len
             "length": length}
 
 
+def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Random, people: int = 3,
+                    question_share: float = 0.5) -> tuple[list[int], list[int]]:
+    """A pretraining-only qa1 drill of exactly ``length`` tokens and no filler: moves " NAME went to the PLACE." of
+    ``people`` people and, for a share ``question_share`` of the sentences once someone has moved, a question and its
+    answer " Where is NAME? NAME is in the PLACE." about someone who has (the place of their last move). Returns the
+    ids and the index of every answer token.
+
+    Each answer depends only on which name owns which place, so copying the latest or any place gets 1 in ``people``
+    of them: the rows make the name-to-place binding the only way down, several times per window (the held-out qa1
+    examples carry one answer, among filler)."""
+    where: dict[str, str] = {}
+    names = rng.sample(vocab.names, people)
+    ids: list[int] = []
+    answers: list[int] = []
+    while len(ids) < length:
+        if where and rng.random() < question_share:
+            who = rng.choice(sorted(where))
+            ids += _encode(tokenizer, f" Where is {who}? {who} is in the")
+            answers.append(len(ids))
+            ids += _encode(tokenizer, f" {where[who]}.")
+        else:
+            who, place = rng.choice(names), rng.choice(vocab.places)
+            where[who] = place
+            ids += _encode(tokenizer, f" {who} went to the {place}.")
+    return ids[:length], [i for i in answers if i < length]
+
+
+def binding_examples(tokenizer: Any, vocab: Vocab, n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """``n`` two-fact qa1 questions without filler (" X went to the P. Y went to the Q. Where is X? X is in the"),
+    asking about either person: copying the latest or any place answers half of them, binding the name answers all
+    (the probe of whether a backbone has formed the lookup at all)."""
+    out = []
+    for _ in range(n):
+        (x, y), (px, py) = rng.sample(vocab.names, 2), rng.sample(vocab.places, 2)
+        who, place = rng.choice(((x, px), (y, py)))
+        out.append({"context": f" {x} went to the {px}. {y} went to the {py}. Where is {who}? {who} is in the",
+                    "choices": [" " + p for p in vocab.places], "answer": vocab.places.index(place)})
+    return out
+
+
 def make_examples(task: str, tokenizer: Any, stream: Sequence[int], vocab: Vocab, length: int, n: int,
                   seed: int, segment_length: int = 0, depths: Sequence[float] = DEPTHS) -> list[dict[str, Any]]:
     """``n`` examples of ``task`` ('needle', 'facts_qa1', 'facts_qa2') at ``length`` tokens, ``depths`` in turn.

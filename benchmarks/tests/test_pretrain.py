@@ -41,10 +41,10 @@ def test_pretraining_episodes_come_from_pretrain_tasks() -> None:
     s, tok, _, stream = _tiny(pretrain_tasks=("facts_qa1",))
     question = tok(" Where is", add_special_tokens=False).input_ids
     secret = tok(" The secret word is", add_special_tokens=False).input_ids
-    batch, episodes = pretrain._episode_batch(tok, stream, stream.tolist(), T.Vocab.of(tok),
-                                              replace(s, episode_fraction=1.0, pretrain_batch=6),
-                                              random.Random(0), torch.Generator().manual_seed(0))
-    assert episodes == list(range(6))
+    batch, answers = pretrain._episode_batch(tok, stream, stream.tolist(), T.Vocab.of(tok),
+                                             replace(s, episode_fraction=1.0, pretrain_batch=6),
+                                             random.Random(0), torch.Generator().manual_seed(0))
+    assert answers == [(i, 63) for i in range(6)]  # one answer per episode, its last token
     for row in batch.tolist():
         windows = [row[i : i + len(question)] for i in range(len(row))]
         assert question in windows and secret not in [row[i : i + len(secret)] for i in range(len(row))]
@@ -80,3 +80,48 @@ def test_pretrain_min_facts_mixes_in_episodes_with_fewer_facts_and_is_checked() 
         pretrain.pretrain_with_episodes(model, tok, stream, T.Vocab.of(tok), replace(s, pretrain_min_facts=0),
                                         lambda _: None)
     assert pretrain.backbone_key(replace(s, pretrain_min_facts=2)) != pretrain.backbone_key(s)
+
+
+def test_dense_qa1_rows_carry_several_answers_each_the_last_place_of_the_person_asked() -> None:
+    import random
+
+    import pytest
+
+    s, tok, model, stream = _tiny(pretrain_tasks=("needle", "facts_qa1_dense"))
+    vocab = T.Vocab.of(tok)
+    batch, answers = pretrain._episode_batch(tok, stream, stream.tolist(), vocab,
+                                             replace(s, episode_fraction=1.0, pretrain_batch=24),
+                                             random.Random(0), torch.Generator().manual_seed(0))
+    dense_rows = {r for r, at in answers if at != 63 or sum(1 for x, _ in answers if x == r) > 1}
+    assert dense_rows and len(answers) > 24  # drills among the episodes, several answers in a drill row
+    places = {tok(" " + p, add_special_tokens=False).input_ids[0]: p for p in vocab.places}
+    for r in dense_rows:
+        text = tok.decode(batch[r].tolist())
+        assert "secret" not in text and (batch[r] != 0).all()  # a whole window of drill, no padding
+        for row, at in answers:
+            if row != r:
+                continue
+            before = tok.decode(batch[r, :at].tolist())
+            asked = before.rsplit("Where is ", 1)[1].split("?")[0]
+            last_move = before.rsplit(f"{asked} went to the ", 1)[1].split(".")[0]
+            assert places[int(batch[r, at])] == last_move
+    with pytest.raises(ValueError, match="another task"):
+        pretrain.pretrain_with_episodes(model, tok, stream, vocab, replace(s, pretrain_tasks=("facts_qa1_dense",)),
+                                        lambda _: None)
+    assert pretrain.backbone_key(replace(s, pretrain_weight_decay=0.0)) != pretrain.backbone_key(s)
+
+
+def test_binding_examples_ask_either_person_and_answer_their_place() -> None:
+    import random
+
+    _, tok, _, _ = _tiny()
+    vocab = T.Vocab.of(tok)
+    examples = T.binding_examples(tok, vocab, 40, random.Random(0))
+    asked_first = 0
+    for e in examples:
+        first, second, question = e["context"].split(". ", 2)
+        asked = question.split("Where is ")[1].split("?")[0]
+        owner = first if first.split()[0] == asked else second
+        assert owner.split()[0] == asked and e["choices"][e["answer"]].strip() == owner.split()[-1]
+        asked_first += owner is first
+    assert 0 < asked_first < 40

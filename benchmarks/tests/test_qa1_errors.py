@@ -30,3 +30,32 @@ def test_mentioned_places_are_what_a_copy_without_the_name_chooses_from() -> Non
     e = _example(" Mary went to the office. John went to the office. Sandra went to the hallway. Where is Mary? Mary"
                  " is in the", "office")
     assert Q.mentioned_places(e) == {"office", "hallway"}
+
+
+def test_accuracy_by_facts_asks_filler_free_questions_that_a_reader_of_the_text_answers() -> None:
+    import re
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.lab import tasks as T
+    from benchmarks.lab.corpus import TINY_TEXT
+    from benchmarks.lab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([TINY_TEXT, T.task_sentences(repeats=5)], vocab_size=600)
+    stream = tok(TINY_TEXT, add_special_tokens=False).input_ids
+    seen = []
+
+    class Reader(torch.nn.Module):  # answers from the text: the last place of the person asked about
+        def forward(self, input_ids):
+            text = tok.decode(input_ids[0].tolist())
+            seen.append(text)
+            asked = re.search(r"Where is (\w+)\?", text).group(1)
+            place = [p for n, p in re.findall(r"(\w+) went to the (\w+)\.", text) if n == asked][-1]
+            logits = torch.zeros(1, input_ids.shape[1], len(tok))
+            logits[0, -1, tok(" " + place, add_special_tokens=False).input_ids[0]] = 1.0
+            return SimpleNamespace(logits=logits)
+
+    assert Q.accuracy_by_facts(Reader(), tok, stream, 5, seed=0) == {k: 1.0 for k in Q.FACT_COUNTS}
+    for text in seen:  # only facts and the question: no filler between them
+        assert re.fullmatch(r"( \w+ went to the \w+\.)+ Where is \w+\? \w+ is in the", text)
