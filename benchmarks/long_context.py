@@ -70,7 +70,7 @@ from benchmarks.lab import tasks as T
 from benchmarks.lab.corpus import CORPORA
 from benchmarks.lab.pretrain import Prepared, corpus_problem, prepare
 from benchmarks.lab.retrieval import METHODS, Settings, quick, train_method
-from benchmarks.lab.runs import method_rows, read_run
+from benchmarks.lab.runs import BACKBONE_IN_WINDOW, method_rows, read_run
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
@@ -562,7 +562,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--needle-depths", type=float, nargs="+", default=None,
                    help="held-out needles' relative depths, in turn (default 0 0.25 0.5 0.75 1)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=(*METHODS, BACKBONE_IN_WINDOW),
+                   help=f"the methods to train and score; with --compare, the method of both runs or of each "
+                        f"({BACKBONE_IN_WINDOW}: their backbones' in-window answers)")
     p.add_argument("--hmt-steps", type=int, default=None)
     p.add_argument("--pretrain-steps", type=int, default=None)
     p.add_argument("--pretrain-lr", type=float, default=None)
@@ -688,6 +690,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.compare:
             compare(args.compare, args.methods, O.output_dir(args))
             return 0
+        if args.methods and BACKBONE_IN_WINDOW in args.methods:
+            raise ValueError(f"--methods {BACKBONE_IN_WINDOW} names the backbones' in-window rows of two runs: use it "
+                             "with --compare.")
         s = settings_of_run(args, parser) if args.adapters_from else settings_from_args(args)
         if args.eval_recall_window is not None and args.eval_recall_window < 1:
             raise ValueError(f"--eval-recall-window must be >= 1 memory, got {args.eval_recall_window}.")

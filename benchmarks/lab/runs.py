@@ -20,9 +20,19 @@ def read_run(path: str, option: str = "") -> dict[str, Any]:
         raise ValueError(f"{where}: not a long_context.json ({e}).") from None
 
 
+#: The pseudo-method of a run's backbone answering with the evidence inside its window (the ``backbone_in_window``
+#: rows of its ``long_context.json``): two backbones compared on the same in-window questions.
+BACKBONE_IN_WINDOW = "backbone_in_window"
+
+
 def method_rows(payload: dict[str, Any], path: str, method: Optional[str]) -> tuple[str, list[dict[str, Any]]]:
     """The rows of one method of a run's ``long_context.json``: ``method``, or the run's only method other than the
-    sliding window. Raises ValueError when that is missing or ambiguous."""
+    sliding window; `BACKBONE_IN_WINDOW`: its backbone's in-window rows. Raises ValueError when that is missing or
+    ambiguous."""
+    if method == BACKBONE_IN_WINDOW:
+        if not payload.get(BACKBONE_IN_WINDOW):
+            raise ValueError(f"{path} has no {BACKBONE_IN_WINDOW} rows.")
+        return method, payload[BACKBONE_IN_WINDOW]
     methods = list(dict.fromkeys(r["method"] for r in payload.get("results", [])))
     if method is None:
         candidates = [m for m in methods if m != "sliding_window"] or methods

@@ -469,3 +469,21 @@ def test_compare_refuses_other_questions_old_rows_and_unclear_methods(tmp_path, 
     paths[1].write_text("{not json")
     assert L.main(["--compare", *map(str, paths)]) == 2
     assert "both.json: not a long_context.json" in capsys.readouterr().err
+
+
+def test_compare_pairs_two_backbones_on_their_in_window_questions_and_only_with_compare(tmp_path, capsys):
+    import json
+
+    a = {"results": [], "backbone_in_window": _scored("backbone_in_window", {1.0: "1000000000"})["results"]}
+    b = {"results": [], "backbone_in_window": _scored("backbone_in_window", {1.0: "1111111000"})["results"]}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, payload in zip(paths, (a, b)):
+        path.write_text(json.dumps(payload))
+    out = tmp_path / "out"
+    assert L.main(["--compare", *map(str, paths), "--methods", "backbone_in_window", "--output-dir", str(out)]) == 0
+    assert "| needle | 65536 | 10 | 1 | 7 | 0 | 6 | 0.0312 |" in capsys.readouterr().out
+    paths[1].write_text(json.dumps({"results": []}))
+    assert L.main(["--compare", *map(str, paths), "--methods", "backbone_in_window"]) == 2
+    assert "has no backbone_in_window rows" in capsys.readouterr().err
+    assert L.main(["--quick", "--methods", "backbone_in_window"]) == 2
+    assert "use it with --compare" in capsys.readouterr().err
