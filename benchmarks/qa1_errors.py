@@ -20,7 +20,7 @@ as often as copying any place the facts mention would (``copy_any_mentioned_plac
 not learned to copy at all answers places ``not_in_context``. It also asks each backbone ``--questions`` questions per
 number of facts (2, 3, 4, 6) with the facts back to back and no filler (`accuracy_by_facts`): a lookup that holds for
 two facts and fades with more is a binding that is there but soft. Writes ``qa1_errors.json`` and ``qa1_errors.png``
-(stacked shares per backbone) to ``--output-dir`` (default benchmarks/output; ``--update-results``:
+(stacked shares per backbone, and accuracy by number of facts) to ``--output-dir`` (default benchmarks/output; ``--update-results``:
 benchmarks/results).
 """
 
@@ -78,7 +78,8 @@ FACT_COUNTS = (2, 3, 4, 6)
 
 def accuracy_by_facts(model, tokenizer, stream: list[int], questions: int, seed: int) -> dict[int, float]:
     """Accuracy on ``questions`` qa1 questions per number of facts in `FACT_COUNTS`, the facts back to back with no
-    filler (2 facts: about 2 people; more: about 3, as the benchmark's 6). Where the lookup from the name asked to
+    filler (the others' moves are about up to 2 more people, and half the questions add an earlier move of the person
+    asked about, as in the benchmark's examples of 6 facts). Where the lookup from the name asked to
     its place gets lost among more facts, this falls with the count while the 2-fact questions stay right."""
     vocab = T.Vocab.of(tokenizer)
     rng = random.Random(seed + 1)
