@@ -138,7 +138,7 @@ def _episode_batch(tokenizer, stream: torch.Tensor, filler: list[int], vocab, s:
     for i in range(s.pretrain_batch):
         if rng.random() < s.episode_fraction:
             if DENSE in tasks and rng.random() < tasks.count(DENSE) / len(tasks):
-                ids, at = T.facts_dense_row(tokenizer, vocab, window, rng)
+                ids, at = T.facts_dense_row(tokenizer, vocab, window, rng, s.drill_people, s.drill_question_share)
                 answers += [(i, j) for j in at]
             else:
                 episode = T.random_episode(tokenizer, filler, vocab, window - 2, rng,
@@ -163,6 +163,12 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
     if DENSE in s.pretrain_tasks and len(set(s.pretrain_tasks)) == 1:
         raise ValueError(f"pretrain_tasks {DENSE!r} needs another task beside it (its rows are drills, the held-out "
                          "questions are not).")
+    if not 2 <= s.drill_people <= len(vocab.names):
+        raise ValueError(f"drill_people must be in 2..{len(vocab.names)} (the names of the task vocabulary), got "
+                         f"{s.drill_people}.")
+    if not 0.0 < s.drill_question_share < 1.0:
+        raise ValueError(f"drill_question_share must be in (0, 1) (the share of a drill's sentences that are "
+                         f"questions), got {s.drill_question_share}.")
     if not 1 <= s.pretrain_min_facts <= 6:
         raise ValueError(f"pretrain_min_facts must be in 1..6 (facts in a pretraining episode), got "
                          f"{s.pretrain_min_facts}.")
@@ -239,7 +245,8 @@ BACKBONE_FIELDS = ("corpus", "seed", "vocab_size", "hidden_size", "num_layers", 
 
 #: Fields the backbone depends on that came later: in the key only when they differ from their defaults, so the
 #: backbones cached before them keep their keys.
-LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks", "pretrain_min_facts", "pretrain_weight_decay")
+LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks", "pretrain_min_facts", "pretrain_weight_decay",
+                         "drill_people", "drill_question_share")
 
 
 def backbone_key(s: RetrievalSettings) -> str:

@@ -111,6 +111,39 @@ def test_dense_qa1_rows_carry_several_answers_each_the_last_place_of_the_person_
     assert pretrain.backbone_key(replace(s, pretrain_weight_decay=0.0)) != pretrain.backbone_key(s)
 
 
+def test_drill_people_and_question_share_shape_the_drill_rows_and_are_checked() -> None:
+    import random
+
+    import pytest
+
+    s, tok, model, stream = _tiny(pretrain_tasks=("needle", "facts_qa1_dense"))
+    vocab = T.Vocab.of(tok)
+
+    def drills(people: int, share: float) -> tuple[set[str], int, int]:
+        names, moves, questions = set(), 0, 0
+        rng = random.Random(0)
+        for _ in range(40):
+            ids, _ = T.facts_dense_row(tok, vocab, 64, rng, people, share)
+            text = tok.decode(ids)
+            names.update(n for n in vocab.names if f"{n} went to" in text)
+            moves, questions = moves + text.count(" went to the "), questions + text.count("Where is ")
+        return names, moves, questions
+
+    few, many = drills(3, 0.5), drills(6, 0.2)
+    assert len(few[0]) == len(vocab.names)  # each window draws its own people from the names
+    assert many[1] / many[2] > 2 * few[1] / few[2]  # a smaller question share: more moves before each question
+    for r in range(20):  # the people of one window
+        ids, _ = T.facts_dense_row(tok, vocab, 64, random.Random(r), 2, 0.2)
+        assert len({n for n in vocab.names if f"{n} went to" in tok.decode(ids)}) <= 2
+    for bad in (dict(drill_people=1), dict(drill_people=len(vocab.names) + 1), dict(drill_question_share=0.0),
+                dict(drill_question_share=1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pretrain.pretrain_with_episodes(model, tok, stream, vocab, replace(s, **bad), lambda _: None)
+    changes = (dict(), dict(drill_people=5), dict(drill_question_share=0.25))
+    keys = {pretrain.backbone_key(replace(s, **c)) for c in changes}
+    assert len(keys) == 3 and pretrain.backbone_key(replace(s, drill_people=3)) == pretrain.backbone_key(s)
+
+
 def test_binding_examples_ask_either_person_and_answer_their_place() -> None:
     import random
 
