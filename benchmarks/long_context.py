@@ -571,8 +571,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-batch", type=int, default=None, help="windows per pretraining step (16)")
     p.add_argument("--pretrain-weight-decay", type=float, default=None, help="AdamW's weight decay in pretraining (0.1)")
     p.add_argument("--episode-fraction", type=float, default=None, help="share of pretraining windows that are episodes")
+    p.add_argument("--pretrain-schedule", choices=("constant", "cosine"), default=None,
+                   help="the pretraining lr after warm-up: constant (the default) or cosine to 10%% at the last step")
     p.add_argument("--drill-people", type=int, default=None,
                    help="people in a facts_qa1_dense drill window (3): more make the name, not recency, decide")
+    p.add_argument("--drill-stale-share", type=float, default=None,
+                   help="share of a drill's questions about the person named longest ago (0): answers far back")
     p.add_argument("--drill-question-share", type=float, default=None,
                    help="share of a drill's sentences that are questions (0.5): less puts more moves before each")
     p.add_argument("--hidden-size", type=int, default=None)
@@ -633,7 +637,8 @@ OVERRIDES = ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", 
              "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence", "examples",
              "examples_longest", "hmt_seed", "target_qa1_in_window", "pretrain_min_facts",
              "curriculum_ramp_fraction", "needle_offsets", "eval_recall_window", "eval_recall_sharpen_beyond",
-             "pretrain_batch", "pretrain_weight_decay", "num_heads", "drill_people", "drill_question_share")
+             "pretrain_batch", "pretrain_weight_decay", "num_heads", "drill_people", "drill_question_share",
+             "pretrain_schedule", "drill_stale_share")
 
 #: What may be given with ``--adapters-from`` (the rest would change the backbone, the adapters or their training).
 RESCORE_OPTIONS = ("backbone_cache", "threads", "needle_offsets", "methods", "examples", "examples_longest",

@@ -19,8 +19,10 @@ A backbone that copies a place from the context but does not bind it to the name
 as often as copying any place the facts mention would (``copy_any_mentioned_place``), and its mistakes are ``other_person`` and ``latest_place``; one that has
 not learned to copy at all answers places ``not_in_context``. It also asks each backbone ``--questions`` questions per
 number of facts (2, 3, 4, 6) with the facts back to back and no filler (`accuracy_by_facts`): a lookup that holds for
-two facts and fades with more is a binding that is there but soft. Writes ``qa1_errors.json`` and ``qa1_errors.png``
-(stacked shares per backbone, and accuracy by number of facts) to ``--output-dir`` (default benchmarks/output; ``--update-results``:
+two facts and fades with more is a binding that is there but soft. And it asks ``--questions`` questions per distance
+(`accuracy_by_distance`: six people move once each, the answer 1 to 6 facts back): a lookup that only reaches a
+sentence or two back is right there and near 1 in 6 further back. Writes ``qa1_errors.json`` and ``qa1_errors.png``
+(stacked shares per backbone, accuracy by number of facts and by distance) to ``--output-dir`` (default benchmarks/output; ``--update-results``:
 benchmarks/results).
 """
 
@@ -91,6 +93,38 @@ def accuracy_by_facts(model, tokenizer, stream: list[int], questions: int, seed:
     return result
 
 
+#: How many facts back the answer sits in `accuracy_by_distance` (1: the last fact before the question).
+DISTANCES = (1, 2, 3, 4, 5, 6)
+
+
+def distance_examples(tokenizer, questions: int, seed: int) -> dict[int, list[dict[str, Any]]]:
+    """``questions`` qa1 questions per distance in `DISTANCES`: six different people move once each, back to back with
+    no filler, and the question asks about the one whose move is that many facts back (1: the last). Every place named
+    once, so only the binding of name to place answers; the count of facts is fixed, only the distance varies."""
+    vocab = T.Vocab.of(tokenizer)
+    people = min(len(vocab.names), len(vocab.places), max(DISTANCES))
+    rng = random.Random(seed + 2)
+    out: dict[int, list[dict[str, Any]]] = {}
+    for back in DISTANCES:
+        if back > people:
+            continue
+        out[back] = []
+        for _ in range(questions):
+            names, places = rng.sample(vocab.names, people), rng.sample(vocab.places, people)
+            who, place = names[people - back], places[people - back]
+            facts = "".join(f" {n} went to the {p}." for n, p in zip(names, places))
+            out[back].append({"context": f"{facts} Where is {who}? {who} is in the",
+                              "choices": [" " + p for p in vocab.places], "answer": vocab.places.index(place)})
+    return out
+
+
+def accuracy_by_distance(model, tokenizer, questions: int, seed: int) -> dict[int, float]:
+    """Accuracy on `distance_examples`: a lookup that reaches only a sentence or two back is right at distance 1-2 and
+    falls to copying another person's place (1 in 6 here) further back, though it answers two facts perfectly."""
+    return {back: T.in_window_accuracy(model, tokenizer, examples)
+            for back, examples in distance_examples(tokenizer, questions, seed).items()}
+
+
 def mentioned_places(example: dict[str, Any]) -> set[str]:
     """The places the example's facts name (the right one among them): a backbone that copies one of them without
     reading the name asked about is right 1 / len(these) of the time."""
@@ -103,11 +137,12 @@ def facts_of(example: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
-    """Left: each backbone's answers by kind, stacked; right: its accuracy by number of facts without filler."""
+    """Left: each backbone's answers by kind, stacked; middle: its accuracy by number of facts without filler; right:
+    by how many facts back the answer is."""
     plt = O.pyplot()
     names = list(payload["backbones"])
-    fig, (ax, by_facts) = plt.subplots(1, 2, figsize=(4.6 + 1.6 * len(names), 3.8),
-                                       gridspec_kw={"width_ratios": [0.8 + 1.6 * len(names), 3.0]})
+    fig, (ax, by_facts, by_distance) = plt.subplots(1, 3, figsize=(7.6 + 1.6 * len(names), 3.8),
+                                                    gridspec_kw={"width_ratios": [0.8 + 1.6 * len(names), 3.0, 3.0]})
     bottom = [0.0] * len(names)
     for kind in KINDS:
         shares = [100 * payload["backbones"][n]["shares"][kind] for n in names]
@@ -129,6 +164,16 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     by_facts.set_xticks(FACT_COUNTS)
     by_facts.set_title("right by number of facts", fontsize=9)
     by_facts.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    for n in names:
+        counts = payload["backbones"][n].get("accuracy_by_distance", {})
+        by_distance.plot([int(k) for k in counts], [100 * v for v in counts.values()], marker="o", label=Path(n).name)
+    by_distance.axhline(100 / max(DISTANCES), color="grey", linestyle=":", linewidth=1, label="1 in 6 (copying)")
+    by_distance.set_xlabel("facts back (6 people, one move each, no filler)")
+    by_distance.set_ylabel("% right")
+    by_distance.set_ylim(0, 105)
+    by_distance.set_xticks(DISTANCES)
+    by_distance.set_title("right by how far back the answer is", fontsize=9)
+    by_distance.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))
     O.save_figure(fig, path)
 
 
@@ -174,11 +219,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         stream = [t for doc in tokenizer(heldout, add_special_tokens=False).input_ids for t in doc]
         entry = sort_answers(model, tokenizer, stream, args.questions, args.window, args.seed)
         entry["accuracy_by_facts_no_filler"] = accuracy_by_facts(model, tokenizer, stream, args.questions, args.seed)
+        entry["accuracy_by_distance"] = accuracy_by_distance(model, tokenizer, args.questions, args.seed)
         payload["backbones"][folder] = entry
         by_facts = ", ".join(f"{k} {100 * v:.0f}%" for k, v in entry["accuracy_by_facts_no_filler"].items())
+        by_distance = ", ".join(f"{k} {100 * v:.0f}%" for k, v in entry["accuracy_by_distance"].items())
         print(f"{folder}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in entry["shares"].items()) + "; copying any "
               f"mentioned place would be right {100 * entry['copy_any_mentioned_place']:.0f}%; right by facts "
-              f"without filler: {by_facts}", flush=True)
+              f"without filler: {by_facts}; by facts back (6 people): {by_distance}", flush=True)
     O.write_result(O.output_dir(args), "qa1_errors", payload, plot)
     return 0
 

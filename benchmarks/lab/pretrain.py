@@ -138,7 +138,8 @@ def _episode_batch(tokenizer, stream: torch.Tensor, filler: list[int], vocab, s:
     for i in range(s.pretrain_batch):
         if rng.random() < s.episode_fraction:
             if DENSE in tasks and rng.random() < tasks.count(DENSE) / len(tasks):
-                ids, at = T.facts_dense_row(tokenizer, vocab, window, rng, s.drill_people, s.drill_question_share)
+                ids, at = T.facts_dense_row(tokenizer, vocab, window, rng, s.drill_people, s.drill_question_share,
+                                            s.drill_stale_share)
                 answers += [(i, j) for j in at]
             else:
                 episode = T.random_episode(tokenizer, filler, vocab, window - 2, rng,
@@ -169,6 +170,11 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
     if not 0.0 < s.drill_question_share < 1.0:
         raise ValueError(f"drill_question_share must be in (0, 1) (the share of a drill's sentences that are "
                          f"questions), got {s.drill_question_share}.")
+    if not 0.0 <= s.drill_stale_share <= 1.0:
+        raise ValueError(f"drill_stale_share must be in [0, 1] (a share of a drill's questions), got "
+                         f"{s.drill_stale_share}.")
+    if s.pretrain_schedule not in ("constant", "cosine"):
+        raise ValueError(f"pretrain_schedule must be 'constant' or 'cosine', got {s.pretrain_schedule!r}.")
     if not 1 <= s.pretrain_min_facts <= 6:
         raise ValueError(f"pretrain_min_facts must be in 1..6 (facts in a pretraining episode), got "
                          f"{s.pretrain_min_facts}.")
@@ -183,7 +189,10 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
     binding_probe = T.binding_examples(tokenizer, vocab, 64, random.Random(s.seed + 14))
     optim = _adamw(model, s.pretrain_lr, s.pretrain_weight_decay)
     warmup = max(1, s.pretrain_steps // 50)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / warmup))
+    if s.pretrain_schedule == "cosine":
+        sched = _warmup_cosine(optim, s.pretrain_steps, warmup)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / warmup))
     model.train()
     losses, curve = [], []
     for step in range(1, s.pretrain_steps + 1):
@@ -246,7 +255,8 @@ BACKBONE_FIELDS = ("corpus", "seed", "vocab_size", "hidden_size", "num_layers", 
 #: Fields the backbone depends on that came later: in the key only when they differ from their defaults, so the
 #: backbones cached before them keep their keys.
 LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks", "pretrain_min_facts", "pretrain_weight_decay",
-                         "drill_people", "drill_question_share")
+                         "drill_people", "drill_question_share", "pretrain_schedule",
+                         "drill_stale_share")
 
 
 def backbone_key(s: RetrievalSettings) -> str:

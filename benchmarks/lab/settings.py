@@ -63,8 +63,10 @@ class RetrievalSettings(Settings):
     pretrain_tasks: tuple = ("needle", "needle", "facts_qa1", "facts_qa2")  # an episode's task, drawn from these
     pretrain_min_facts: int = 6  # < 6: a facts episode's number of facts is drawn from this..6 (easier ones mixed in)
     pretrain_weight_decay: float = 0.1  # AdamW's weight decay in pretraining
+    pretrain_schedule: str = "constant"  # the lr after warm-up: 'constant', or 'cosine' (to 10% at pretrain_steps)
     drill_people: int = 3  # people in a facts_qa1_dense drill window (2..8)
     drill_question_share: float = 0.5  # share of a drill's sentences that are questions once someone has moved
+    drill_stale_share: float = 0.0  # share of a drill's questions about the person named longest ago
 
 
 #: The retrieval backbone of ``--quick`` runs (the one every retrieval result on record uses).

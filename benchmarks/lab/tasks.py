@@ -19,6 +19,7 @@ a backbone's in-window answers (`in_window_accuracy`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -189,7 +190,7 @@ def facts_drill_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, len
 
 
 def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Random, people: int = 3,
-                    question_share: float = 0.5) -> tuple[list[int], list[int]]:
+                    question_share: float = 0.5, stale_share: float = 0.0) -> tuple[list[int], list[int]]:
     """A pretraining-only qa1 drill of exactly ``length`` tokens and no filler: moves " NAME went to the PLACE." of
     ``people`` people and, for a share ``question_share`` of the sentences once someone has moved, a question and its
     answer " Where is NAME? NAME is in the PLACE." about someone who has (the place of their last move). Returns the
@@ -197,20 +198,31 @@ def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Rando
 
     Each answer depends only on which name owns which place, so copying the latest or any place gets 1 in ``people``
     of them: the rows make the name-to-place binding the only way down, several times per window (the held-out qa1
-    examples carry one answer, among filler)."""
+    examples carry one answer, among filler).
+
+    A share ``stale_share`` of the questions asks about the person named longest ago (by a move or an answer), the
+    rest about anyone who has moved: without them most answers sit a sentence or two back, and a lookup that only
+    reaches that far is enough."""
     where: dict[str, str] = {}
+    named: dict[str, int] = {}  # person -> the sentence that last named them
     names = rng.sample(vocab.names, people)
     ids: list[int] = []
     answers: list[int] = []
-    while len(ids) < length:
+    for sentence in itertools.count():
+        if len(ids) >= length:
+            break
         if where and rng.random() < question_share:
-            who = rng.choice(sorted(where))
+            if stale_share > 0 and rng.random() < stale_share:
+                who = min(where, key=named.__getitem__)
+            else:
+                who = rng.choice(sorted(where))
+            named[who] = sentence
             ids += _encode(tokenizer, f" Where is {who}? {who} is in the")
             answers.append(len(ids))
             ids += _encode(tokenizer, f" {where[who]}.")
         else:
             who, place = rng.choice(names), rng.choice(vocab.places)
-            where[who] = place
+            where[who], named[who] = place, sentence
             ids += _encode(tokenizer, f" {who} went to the {place}.")
     return ids[:length], [i for i in answers if i < length]
 

@@ -59,3 +59,23 @@ def test_accuracy_by_facts_asks_filler_free_questions_that_a_reader_of_the_text_
     assert Q.accuracy_by_facts(Reader(), tok, stream, 5, seed=0) == {k: 1.0 for k in Q.FACT_COUNTS}
     for text in seen:  # only facts and the question: no filler between them
         assert re.fullmatch(r"( \w+ went to the \w+\.)+ Where is \w+\? \w+ is in the", text)
+
+
+def test_distance_examples_ask_the_person_that_many_facts_back_each_place_named_once() -> None:
+    import re
+
+    from benchmarks.lab import tasks as T
+    from benchmarks.lab.corpus import TINY_TEXT
+    from benchmarks.lab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([TINY_TEXT, T.task_sentences(repeats=5)], vocab_size=600)
+    by_distance = Q.distance_examples(tok, 8, seed=0)
+    assert set(by_distance) == set(Q.DISTANCES)
+    for back, examples in by_distance.items():
+        assert len(examples) == 8
+        for e in examples:
+            facts = Q.facts_of(e)
+            asked = re.search(r"Where is (\w+)\?", e["context"]).group(1)
+            assert len(facts) == 6 and len({p for _, p in facts}) == 6 and len({n for n, _ in facts}) == 6
+            assert facts[-back] == (asked, e["choices"][e["answer"]].strip())
+            assert re.fullmatch(r"( \w+ went to the \w+\.)+ Where is \w+\? \w+ is in the", e["context"])
