@@ -139,7 +139,7 @@ def _episode_batch(tokenizer, stream: torch.Tensor, filler: list[int], vocab, s:
         if rng.random() < s.episode_fraction:
             if DENSE in tasks and rng.random() < tasks.count(DENSE) / len(tasks):
                 ids, at = T.facts_dense_row(tokenizer, vocab, window, rng, s.drill_people, s.drill_question_share,
-                                            s.drill_stale_share)
+                                            s.drill_stale_share, s.drill_filler_share, filler)
                 answers += [(i, j) for j in at]
             else:
                 episode = T.random_episode(tokenizer, filler, vocab, window - 2, rng,
@@ -173,6 +173,9 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
     if not 0.0 <= s.drill_stale_share <= 1.0:
         raise ValueError(f"drill_stale_share must be in [0, 1] (a share of a drill's questions), got "
                          f"{s.drill_stale_share}.")
+    if not 0.0 <= s.drill_filler_share < 1.0:
+        raise ValueError(f"drill_filler_share must be in [0, 1) (a share of a drill's sentences), got "
+                         f"{s.drill_filler_share}.")
     if s.pretrain_schedule not in ("constant", "cosine"):
         raise ValueError(f"pretrain_schedule must be 'constant' or 'cosine', got {s.pretrain_schedule!r}.")
     if not 1 <= s.pretrain_min_facts <= 6:
@@ -256,7 +259,7 @@ BACKBONE_FIELDS = ("corpus", "seed", "vocab_size", "hidden_size", "num_layers", 
 #: backbones cached before them keep their keys.
 LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks", "pretrain_min_facts", "pretrain_weight_decay",
                          "drill_people", "drill_question_share", "pretrain_schedule",
-                         "drill_stale_share")
+                         "drill_stale_share", "drill_filler_share")
 
 
 def backbone_key(s: RetrievalSettings) -> str:

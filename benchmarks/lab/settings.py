@@ -67,6 +67,7 @@ class RetrievalSettings(Settings):
     drill_people: int = 3  # people in a facts_qa1_dense drill window (2..8)
     drill_question_share: float = 0.5  # share of a drill's sentences that are questions once someone has moved
     drill_stale_share: float = 0.0  # share of a drill's questions about the person named longest ago
+    drill_filler_share: float = 0.0  # share of a drill's sentences that are a few tokens of corpus text instead
 
 
 #: The retrieval backbone of ``--quick`` runs (the one every retrieval result on record uses).

@@ -190,7 +190,8 @@ def facts_drill_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, len
 
 
 def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Random, people: int = 3,
-                    question_share: float = 0.5, stale_share: float = 0.0) -> tuple[list[int], list[int]]:
+                    question_share: float = 0.5, stale_share: float = 0.0, filler_share: float = 0.0,
+                    stream: Sequence[int] = ()) -> tuple[list[int], list[int]]:
     """A pretraining-only qa1 drill of exactly ``length`` tokens and no filler: moves " NAME went to the PLACE." of
     ``people`` people and, for a share ``question_share`` of the sentences once someone has moved, a question and its
     answer " Where is NAME? NAME is in the PLACE." about someone who has (the place of their last move). Returns the
@@ -202,7 +203,10 @@ def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Rando
 
     A share ``stale_share`` of the questions asks about the person named longest ago (by a move or an answer), the
     rest about anyone who has moved: without them most answers sit a sentence or two back, and a lookup that only
-    reaches that far is enough."""
+    reaches that far is enough. A share ``filler_share`` of the sentences is instead 4-16 tokens of ``stream`` (text
+    of the corpus), so a question need not follow the facts it asks about."""
+    if filler_share > 0 and not stream:
+        raise ValueError("filler_share > 0 needs a stream of corpus tokens to take filler from.")
     where: dict[str, str] = {}
     named: dict[str, int] = {}  # person -> the sentence that last named them
     names = rng.sample(vocab.names, people)
@@ -211,7 +215,9 @@ def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Rando
     for sentence in itertools.count():
         if len(ids) >= length:
             break
-        if where and rng.random() < question_share:
+        if filler_share > 0 and rng.random() < filler_share:
+            ids += _filler(stream, rng.randint(4, 16), rng)
+        elif where and rng.random() < question_share:
             if stale_share > 0 and rng.random() < stale_share:
                 who = min(where, key=named.__getitem__)
             else:

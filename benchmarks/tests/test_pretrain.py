@@ -144,6 +144,44 @@ def test_drill_people_and_question_share_shape_the_drill_rows_and_are_checked() 
     assert len(keys) == 3 and pretrain.backbone_key(replace(s, drill_people=3)) == pretrain.backbone_key(s)
 
 
+def test_stale_questions_ask_the_person_named_longest_ago_and_filler_keeps_the_answers_right() -> None:
+    import random
+    import re
+
+    import pytest
+
+    s, tok, model, stream = _tiny(pretrain_tasks=("needle", "facts_qa1_dense"))
+    vocab = T.Vocab.of(tok)
+    places = {tok(" " + p, add_special_tokens=False).input_ids[0]: p for p in vocab.places}
+    corpus = stream.tolist()
+    for r in range(10):
+        ids, at = T.facts_dense_row(tok, vocab, 64, random.Random(r), 3, 0.5, stale_share=1.0)
+        named, where, sentence = {}, {}, 0
+        for move, asked in re.findall(r" (\w+) went to the \w+\.| Where is (\w+)\?", tok.decode(ids[: at[-1]])):
+            if asked:  # every question asks whoever has gone unnamed longest
+                assert named[asked] == min(named[w] for w in where)
+            who = move or asked
+            named[who], sentence = sentence, sentence + 1
+            where[who] = True
+    fillers = 0
+    for r in range(10):
+        ids, at = T.facts_dense_row(tok, vocab, 64, random.Random(r), 3, 0.5, 0.5, filler_share=0.4, stream=corpus)
+        text = tok.decode(ids)
+        fillers += len(re.sub(r" (\w+ went to the \w+|Where is \w+\? \w+ is in the \w+)\.", "", text).strip()) > 0
+        for a in at:  # filler between the facts and the question, the answer is still the last move's place
+            before = tok.decode(ids[:a])
+            asked = before.rsplit("Where is ", 1)[1].split("?")[0]
+            assert places[ids[a]] == before.rsplit(f"{asked} went to the ", 1)[1].split(".")[0]
+    assert fillers >= 8
+    with pytest.raises(ValueError, match="stream"):
+        T.facts_dense_row(tok, vocab, 64, random.Random(0), filler_share=0.3)
+    for bad in (dict(drill_stale_share=1.5), dict(drill_filler_share=1.0), dict(pretrain_schedule="linear")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pretrain.pretrain_with_episodes(model, tok, stream, vocab, replace(s, **bad), lambda _: None)
+    changes = (dict(), dict(drill_stale_share=0.5), dict(drill_filler_share=0.2), dict(pretrain_schedule="cosine"))
+    assert len({pretrain.backbone_key(replace(s, **c)) for c in changes}) == 4
+
+
 def test_binding_examples_ask_either_person_and_answer_their_place() -> None:
     import random
 
