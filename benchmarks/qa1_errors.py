@@ -21,8 +21,10 @@ not learned to copy at all answers places ``not_in_context``. It also asks each 
 number of facts (2, 3, 4, 6) with the facts back to back and no filler (`accuracy_by_facts`): a lookup that holds for
 two facts and fades with more is a binding that is there but soft. And it asks ``--questions`` questions per distance
 (`accuracy_by_distance`: six people move once each, the answer 1 to 6 facts back): a lookup that only reaches a
-sentence or two back is right there and near 1 in 6 further back. Writes ``qa1_errors.json`` and ``qa1_errors.png``
-(stacked shares per backbone, accuracy by number of facts and by distance) to ``--output-dir`` (default benchmarks/output; ``--update-results``:
+sentence or two back is right there and near 1 in 6 further back. Last, two-fact questions with 0, 8, 16 or 32 tokens of
+held-out text before the question (`accuracy_by_gap`): a shortcut that needs the question right after the facts
+falls towards half. Writes ``qa1_errors.json`` and ``qa1_errors.png``
+(stacked shares per backbone, accuracy by number of facts, by distance and by gap) to ``--output-dir`` (default benchmarks/output; ``--update-results``:
 benchmarks/results).
 """
 
@@ -125,6 +127,35 @@ def accuracy_by_distance(model, tokenizer, questions: int, seed: int) -> dict[in
             for back, examples in distance_examples(tokenizer, questions, seed).items()}
 
 
+#: Tokens of held-out text between two facts and the question in `accuracy_by_gap`.
+GAPS = (0, 8, 16, 32)
+
+
+def gap_examples(tokenizer, stream: list[int], questions: int, seed: int) -> dict[int, list[dict[str, Any]]]:
+    """``questions`` two-fact questions (`benchmarks.lab.tasks.binding_examples`) per gap in `GAPS`: that many tokens of
+    held-out text between the second fact and the question (the same facts and questions at every gap)."""
+    vocab = T.Vocab.of(tokenizer)
+    base = T.binding_examples(tokenizer, vocab, questions, random.Random(seed + 3))
+    rng = random.Random(seed + 4)
+    starts = [rng.randrange(0, max(1, len(stream) - max(GAPS))) for _ in base]
+    out: dict[int, list[dict[str, Any]]] = {}
+    for gap in GAPS:
+        out[gap] = []
+        for e, start in zip(base, starts):
+            facts, question = e["context"].split(" Where is ", 1)
+            text = tokenizer.decode(stream[start : start + gap]) if gap else ""
+            out[gap].append({**e, "context": f"{facts}{text} Where is {question}"})
+    return out
+
+
+def accuracy_by_gap(model, tokenizer, stream: list[int], questions: int, seed: int) -> dict[int, float]:
+    """Accuracy on `gap_examples`: a backbone that reads the name answers at every gap; one that learned "the last fact
+    is about the person asked, or the one before it is" from drills where the question follows the facts answers the
+    gap-0 questions and falls towards half (copying) once text comes between."""
+    return {gap: T.in_window_accuracy(model, tokenizer, examples)
+            for gap, examples in gap_examples(tokenizer, stream, questions, seed).items()}
+
+
 def mentioned_places(example: dict[str, Any]) -> set[str]:
     """The places the example's facts name (the right one among them): a backbone that copies one of them without
     reading the name asked about is right 1 / len(these) of the time."""
@@ -138,11 +169,11 @@ def facts_of(example: dict[str, Any]) -> list[tuple[str, str]]:
 
 def plot(payload: dict[str, Any], path: Path) -> None:
     """Left: each backbone's answers by kind, stacked; middle: its accuracy by number of facts without filler; right:
-    by how many facts back the answer is."""
+    by how many facts back the answer is; then two-fact accuracy by the text between the facts and the question."""
     plt = O.pyplot()
     names = list(payload["backbones"])
-    fig, (ax, by_facts, by_distance) = plt.subplots(1, 3, figsize=(7.6 + 1.6 * len(names), 3.8),
-                                                    gridspec_kw={"width_ratios": [0.8 + 1.6 * len(names), 3.0, 3.0]})
+    fig, (ax, by_facts, by_distance, by_gap) = plt.subplots(
+        1, 4, figsize=(10.6 + 1.6 * len(names), 3.8), gridspec_kw={"width_ratios": [0.8 + 1.6 * len(names), 3, 3, 3]})
     bottom = [0.0] * len(names)
     for kind in KINDS:
         shares = [100 * payload["backbones"][n]["shares"][kind] for n in names]
@@ -174,6 +205,16 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     by_distance.set_xticks(DISTANCES)
     by_distance.set_title("right by how far back the answer is", fontsize=9)
     by_distance.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    for n in names:
+        counts = payload["backbones"][n].get("accuracy_by_gap", {})
+        by_gap.plot([int(k) for k in counts], [100 * v for v in counts.values()], marker="o", label=Path(n).name)
+    by_gap.axhline(50, color="grey", linestyle=":", linewidth=1, label="1 in 2 (copying)")
+    by_gap.set_xlabel("tokens of text between 2 facts and the question")
+    by_gap.set_ylabel("% right")
+    by_gap.set_ylim(0, 105)
+    by_gap.set_xticks(GAPS)
+    by_gap.set_title("two facts, then text, then the question", fontsize=9)
+    by_gap.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))
     O.save_figure(fig, path)
 
 
@@ -220,12 +261,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         entry = sort_answers(model, tokenizer, stream, args.questions, args.window, args.seed)
         entry["accuracy_by_facts_no_filler"] = accuracy_by_facts(model, tokenizer, stream, args.questions, args.seed)
         entry["accuracy_by_distance"] = accuracy_by_distance(model, tokenizer, args.questions, args.seed)
+        entry["accuracy_by_gap"] = accuracy_by_gap(model, tokenizer, stream, args.questions, args.seed)
         payload["backbones"][folder] = entry
         by_facts = ", ".join(f"{k} {100 * v:.0f}%" for k, v in entry["accuracy_by_facts_no_filler"].items())
         by_distance = ", ".join(f"{k} {100 * v:.0f}%" for k, v in entry["accuracy_by_distance"].items())
+        by_gap = ", ".join(f"{k} {100 * v:.0f}%" for k, v in entry["accuracy_by_gap"].items())
         print(f"{folder}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in entry["shares"].items()) + "; copying any "
               f"mentioned place would be right {100 * entry['copy_any_mentioned_place']:.0f}%; right by facts "
-              f"without filler: {by_facts}; by facts back (6 people): {by_distance}", flush=True)
+              f"without filler: {by_facts}; by facts back (6 people): {by_distance}; two facts, tokens of text before the "
+              f"question: {by_gap}", flush=True)
     O.write_result(O.output_dir(args), "qa1_errors", payload, plot)
     return 0
 

@@ -79,3 +79,22 @@ def test_distance_examples_ask_the_person_that_many_facts_back_each_place_named_
             assert len(facts) == 6 and len({p for _, p in facts}) == 6 and len({n for n, _ in facts}) == 6
             assert facts[-back] == (asked, e["choices"][e["answer"]].strip())
             assert re.fullmatch(r"( \w+ went to the \w+\.)+ Where is \w+\? \w+ is in the", e["context"])
+
+
+def test_gap_examples_put_that_much_held_out_text_between_the_facts_and_the_question() -> None:
+    from benchmarks.lab import tasks as T
+    from benchmarks.lab.corpus import TINY_TEXT
+    from benchmarks.lab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([TINY_TEXT, T.task_sentences(repeats=5)], vocab_size=600)
+    stream = tok(TINY_TEXT, add_special_tokens=False).input_ids
+    by_gap = Q.gap_examples(tok, stream, 6, seed=0)
+    assert set(by_gap) == set(Q.GAPS) and Q.GAPS[0] == 0
+    for gap, examples in by_gap.items():
+        for e, plain in zip(examples, by_gap[0]):  # the same facts, question and answer at every gap
+            assert e["answer"] == plain["answer"] and Q.facts_of(e) == Q.facts_of(plain) and len(Q.facts_of(e)) == 2
+            facts, question = e["context"].split(" Where is ")
+            assert question == plain["context"].split(" Where is ")[1]
+            between = len(tok(facts, add_special_tokens=False).input_ids) - len(
+                tok(plain["context"].split(" Where is ")[0], add_special_tokens=False).input_ids)
+            assert abs(between - gap) <= 2  # re-tokenizing the text at its edges may merge a token or two
