@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -176,6 +176,9 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
     if not 0.0 <= s.drill_filler_share < 1.0:
         raise ValueError(f"drill_filler_share must be in [0, 1) (a share of a drill's sentences), got "
                          f"{s.drill_filler_share}.")
+    if not 0.0 <= s.drill_hard_after <= 1.0:
+        raise ValueError(f"drill_hard_after must be in [0, 1] (a two-fact probe accuracy; 0: from the start), got "
+                         f"{s.drill_hard_after}.")
     if s.pretrain_schedule not in ("constant", "cosine"):
         raise ValueError(f"pretrain_schedule must be 'constant' or 'cosine', got {s.pretrain_schedule!r}.")
     if not 1 <= s.pretrain_min_facts <= 6:
@@ -198,8 +201,12 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / warmup))
     model.train()
     losses, curve = [], []
+    # drills with stale questions and filler only once the two-fact probe shows the binding (drill_hard_after > 0)
+    hard_from = 0 if s.drill_hard_after <= 0 else None
+    easy = replace(s, drill_stale_share=0.0, drill_filler_share=0.0)
     for step in range(1, s.pretrain_steps + 1):
-        batch, answers = _episode_batch(tokenizer, stream, filler, vocab, s, rng, gen)
+        batch, answers = _episode_batch(tokenizer, stream, filler, vocab, s if hard_from is not None else easy, rng,
+                                        gen)
         out = model(input_ids=batch, labels=batch.masked_fill(batch == 0, -100))
         loss = out.loss
         if s.answer_weight > 0 and answers:  # an answer is 1 token in a window: weight it up, or it is never learned
@@ -216,10 +223,14 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
                           "qa1_in_window": qa1, "qa1_two_facts": binding})
             log(f"pretraining step {step}: loss {curve[-1]['loss']:.2f}, in-window accuracy: needle {100 * acc:.0f}%, "
                 f"qa1 {100 * qa1:.0f}% (two facts, no filler: {100 * binding:.0f}%)")
+            if hard_from is None and binding >= s.drill_hard_after:
+                hard_from = step
+                log(f"pretraining step {step}: the two-fact probe reached {100 * s.drill_hard_after:.0f}%: drills "
+                    f"with stale questions ({s.drill_stale_share}) and filler ({s.drill_filler_share}) from here")
             if acc >= s.target_in_window and qa1 >= s.target_qa1_in_window and step >= s.pretrain_min_steps:
                 break
     model.eval().requires_grad_(False)
-    return {"losses": losses[::10], "curve": curve, "steps": step}
+    return {"losses": losses[::10], "curve": curve, "steps": step, "drills_hard_from": hard_from}
 
 
 # ---- the retrieval benchmarks' shared start: corpus, tokenizer, frozen backbone (cached) ----------------------------
@@ -259,7 +270,7 @@ BACKBONE_FIELDS = ("corpus", "seed", "vocab_size", "hidden_size", "num_layers", 
 #: backbones cached before them keep their keys.
 LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks", "pretrain_min_facts", "pretrain_weight_decay",
                          "drill_people", "drill_question_share", "pretrain_schedule",
-                         "drill_stale_share", "drill_filler_share")
+                         "drill_stale_share", "drill_filler_share", "drill_hard_after")
 
 
 def backbone_key(s: RetrievalSettings) -> str:

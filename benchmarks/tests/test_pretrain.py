@@ -196,3 +196,30 @@ def test_binding_examples_ask_either_person_and_answer_their_place() -> None:
         assert owner.split()[0] == asked and e["choices"][e["answer"]].strip() == owner.split()[-1]
         asked_first += owner is first
     assert 0 < asked_first < 40
+
+
+def test_drill_hard_after_holds_the_stale_questions_and_filler_back_until_the_binding_probe_shows(monkeypatch) -> None:
+    import pytest
+
+    s, tok, model, stream = _tiny(pretrain_tasks=("needle", "facts_qa1_dense"), drill_stale_share=0.5,
+                                  drill_filler_share=0.2, drill_hard_after=0.9)
+    s = replace(s, pretrain_steps=6, target_in_window=1.01)  # no early stop: runs every step
+    seen = []
+    batch = pretrain._episode_batch
+
+    def record(tokenizer, stream_, filler, vocab, settings, rng, gen):
+        seen.append((settings.drill_stale_share, settings.drill_filler_share))
+        return batch(tokenizer, stream_, filler, vocab, settings, rng, gen)
+
+    monkeypatch.setattr(pretrain, "_episode_batch", record)
+    probes = iter([0.0, 0.0, 0.5,   # step 2: needle, qa1, two facts (50%: not yet)
+                   0.0, 0.0, 0.95,  # step 4: the binding shows
+                   0.0, 0.0, 0.0])
+    monkeypatch.setattr(T, "in_window_accuracy", lambda *a: next(probes))
+    done = pretrain.pretrain_with_episodes(model, tok, stream, T.Vocab.of(tok), s, lambda _: None)
+    assert done["drills_hard_from"] == 4
+    assert seen == [(0.0, 0.0)] * 4 + [(0.5, 0.2)] * 2
+    with pytest.raises(ValueError, match="drill_hard_after"):
+        pretrain.pretrain_with_episodes(model, tok, stream, T.Vocab.of(tok), replace(s, drill_hard_after=2.0),
+                                        lambda _: None)
+    assert pretrain.backbone_key(s) != pretrain.backbone_key(replace(s, drill_hard_after=0.0))
