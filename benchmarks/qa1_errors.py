@@ -167,54 +167,52 @@ def facts_of(example: dict[str, Any]) -> list[tuple[str, str]]:
     return re.findall(r"(\w+) went to the (\w+)\.", example["context"])
 
 
+#: The line panels of the figure: (result key, x values, x label, title, the copying level in %, its label).
+LINE_PANELS = (
+    ("accuracy_by_facts_no_filler", FACT_COUNTS, "facts (back to back, no filler)", "right by number of facts",
+     None, None),
+    ("accuracy_by_distance", DISTANCES, "facts back (6 people, one move each, no filler)",
+     "right by how far back the answer is", 100 / max(DISTANCES), "1 in 6 (copying)"),
+    ("accuracy_by_gap", GAPS, "tokens of text between 2 facts and the question", "two facts, then text, then the question",
+     50.0, "1 in 2 (copying)"),
+)
+
+
 def plot(payload: dict[str, Any], path: Path) -> None:
-    """Left: each backbone's answers by kind, stacked; middle: its accuracy by number of facts without filler; right:
-    by how many facts back the answer is; then two-fact accuracy by the text between the facts and the question."""
+    """Top: each backbone's answers by kind, stacked. Below, one line per backbone: accuracy by number of facts without
+    filler, by how many facts back the answer is, and on two facts by the text between the facts and the question."""
     plt = O.pyplot()
     names = list(payload["backbones"])
-    fig, (ax, by_facts, by_distance, by_gap) = plt.subplots(
-        1, 4, figsize=(10.6 + 1.6 * len(names), 3.8), gridspec_kw={"width_ratios": [0.8 + 1.6 * len(names), 3, 3, 3]})
+    fig = plt.figure(figsize=(max(11.0, 2.0 + 1.1 * len(names)), 7.6), layout="constrained")
+    grid = fig.add_gridspec(2, 3)
+    ax = fig.add_subplot(grid[0, :])
     bottom = [0.0] * len(names)
     for kind in KINDS:
         shares = [100 * payload["backbones"][n]["shares"][kind] for n in names]
         ax.bar(range(len(names)), shares, bottom=bottom, label=kind.replace("_", " "))
         bottom = [b + s for b, s in zip(bottom, shares)]
-    ax.set_xticks(range(len(names)), [Path(n).name for n in names], rotation=15, fontsize=7)
+    ax.set_xticks(range(len(names)), [Path(n).name for n in names], rotation=12, fontsize=7)
     ax.set_ylabel("% of in-window qa1 answers")
     copy = [100 * payload["backbones"][n]["copy_any_mentioned_place"] for n in names]
-    ax.scatter(range(len(names)), copy, marker="_", s=900, color="black", zorder=3,
-               label="right by copying any\nmentioned place")
+    ax.scatter(range(len(names)), copy, marker="_", s=600, color="black", zorder=3,
+               label="right by copying any mentioned place")
     ax.set_title(f"in-window qa1 answers by kind ({payload['corpus']}, {payload['questions']} each)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=3)
-    for n in names:
-        counts = payload["backbones"][n].get("accuracy_by_facts_no_filler", {})
-        by_facts.plot([int(k) for k in counts], [100 * v for v in counts.values()], marker="o", label=Path(n).name)
-    by_facts.set_xlabel("facts (back to back, no filler)")
-    by_facts.set_ylabel("% right")
-    by_facts.set_ylim(0, 105)
-    by_facts.set_xticks(FACT_COUNTS)
-    by_facts.set_title("right by number of facts", fontsize=9)
-    by_facts.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))
-    for n in names:
-        counts = payload["backbones"][n].get("accuracy_by_distance", {})
-        by_distance.plot([int(k) for k in counts], [100 * v for v in counts.values()], marker="o", label=Path(n).name)
-    by_distance.axhline(100 / max(DISTANCES), color="grey", linestyle=":", linewidth=1, label="1 in 6 (copying)")
-    by_distance.set_xlabel("facts back (6 people, one move each, no filler)")
-    by_distance.set_ylabel("% right")
-    by_distance.set_ylim(0, 105)
-    by_distance.set_xticks(DISTANCES)
-    by_distance.set_title("right by how far back the answer is", fontsize=9)
-    by_distance.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))
-    for n in names:
-        counts = payload["backbones"][n].get("accuracy_by_gap", {})
-        by_gap.plot([int(k) for k in counts], [100 * v for v in counts.values()], marker="o", label=Path(n).name)
-    by_gap.axhline(50, color="grey", linestyle=":", linewidth=1, label="1 in 2 (copying)")
-    by_gap.set_xlabel("tokens of text between 2 facts and the question")
-    by_gap.set_ylabel("% right")
-    by_gap.set_ylim(0, 105)
-    by_gap.set_xticks(GAPS)
-    by_gap.set_title("two facts, then text, then the question", fontsize=9)
-    by_gap.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    for column, (key, xs, xlabel, title, level, level_label) in enumerate(LINE_PANELS):
+        panel = fig.add_subplot(grid[1, column])
+        for n in names:
+            counts = payload["backbones"][n].get(key, {})
+            panel.plot([int(k) for k in counts], [100 * v for v in counts.values()], marker="o", label=Path(n).name)
+        if level is not None:
+            panel.axhline(level, color="grey", linestyle=":", linewidth=1)
+            panel.text(xs[-1], level + 2, level_label, fontsize=6, color="grey", ha="right")
+        panel.set_xlabel(xlabel, fontsize=8)
+        panel.set_ylabel("% right")
+        panel.set_ylim(0, 105)
+        panel.set_xticks(xs)
+        panel.set_title(title, fontsize=9)
+    handles, labels = panel.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncol=min(4, len(names)))
     O.save_figure(fig, path)
 
 

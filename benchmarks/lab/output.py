@@ -166,7 +166,9 @@ def plot_rate_bars(rows: list[dict[str, Any]], path: Path, names: Callable[[list
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
-    """Lay out, write and close a figure (cropped to what it draws, so a legend beside the axes is kept whole)."""
-    fig.tight_layout()
+    """Lay out (unless the figure has its own layout engine), write and close a figure (cropped to what it draws, so a
+    legend beside the axes is kept whole)."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     pyplot().close(fig)
