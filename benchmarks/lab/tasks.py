@@ -192,18 +192,18 @@ def facts_drill_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, len
 def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Random, people: int = 3,
                     question_share: float = 0.5, stale_share: float = 0.0, filler_share: float = 0.0,
                     stream: Sequence[int] = ()) -> tuple[list[int], list[int]]:
-    """A pretraining-only qa1 drill of exactly ``length`` tokens and no filler: moves " NAME went to the PLACE." of
-    ``people`` people and, for a share ``question_share`` of the sentences once someone has moved, a question and its
-    answer " Where is NAME? NAME is in the PLACE." about someone who has (the place of their last move). Returns the
-    ids and the index of every answer token.
+    """A pretraining-only qa1 drill of exactly ``length`` tokens (no filler unless ``filler_share``): moves " NAME went
+    to the PLACE." of ``people`` people and, for a share ``question_share`` of the sentences once someone has moved, a
+    question and its answer " Where is NAME? NAME is in the PLACE." about someone who has (the place of their last
+    move). Returns the ids and the index of every answer token.
 
     Each answer depends only on which name owns which place, so copying the latest or any place gets 1 in ``people``
-    of them: the rows make the name-to-place binding the only way down, several times per window (the held-out qa1
-    examples carry one answer, among filler).
+    of them, several times per window (the held-out qa1 examples carry one answer, among filler). With the defaults
+    they still leave a shortcut: most questions follow a sentence or two after the last mention of the person asked,
+    and backbones drilled on them answer only there (BENCHMARKS.md, the drill variants).
 
     A share ``stale_share`` of the questions asks about the person named longest ago (by a move or an answer), the
-    rest about anyone who has moved: without them most answers sit a sentence or two back, and a lookup that only
-    reaches that far is enough. A share ``filler_share`` of the sentences is instead 4-16 tokens of ``stream`` (text
+    rest about anyone who has moved. A share ``filler_share`` of the sentences is instead 4-16 tokens of ``stream`` (text
     of the corpus), so a question need not follow the facts it asks about."""
     if filler_share > 0 and not stream:
         raise ValueError("filler_share > 0 needs a stream of corpus tokens to take filler from.")
