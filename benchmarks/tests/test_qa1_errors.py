@@ -32,7 +32,9 @@ def test_mentioned_places_are_what_a_copy_without_the_name_chooses_from() -> Non
     assert Q.mentioned_places(e) == {"office", "hallway"}
 
 
-def test_accuracy_by_facts_asks_filler_free_questions_that_a_reader_of_the_text_answers() -> None:
+def _tiny_tokenizer_and_reader(seen: list[str]):
+    """A tiny tokenizer, held-out ids, and a stand-in model that answers from the text (the last place of the person
+    asked), recording each context it reads in ``seen``."""
     import re
     from types import SimpleNamespace
 
@@ -44,21 +46,35 @@ def test_accuracy_by_facts_asks_filler_free_questions_that_a_reader_of_the_text_
 
     tok = train_tokenizer([TINY_TEXT, T.task_sentences(repeats=5)], vocab_size=600)
     stream = tok(TINY_TEXT, add_special_tokens=False).input_ids
-    seen = []
 
-    class Reader(torch.nn.Module):  # answers from the text: the last place of the person asked about
+    class Reader(torch.nn.Module):
         def forward(self, input_ids):
             text = tok.decode(input_ids[0].tolist())
             seen.append(text)
-            asked = re.search(r"Where is (\w+)\?", text).group(1)
+            asked = re.findall(r"Where is (\w+)\?", text)[-1]
             place = [p for n, p in re.findall(r"(\w+) went to the (\w+)\.", text) if n == asked][-1]
             logits = torch.zeros(1, input_ids.shape[1], len(tok))
             logits[0, -1, tok(" " + place, add_special_tokens=False).input_ids[0]] = 1.0
             return SimpleNamespace(logits=logits)
 
-    assert Q.accuracy_by_facts(Reader(), tok, stream, 5, seed=0) == {k: 1.0 for k in Q.FACT_COUNTS}
+    return tok, stream, Reader()
+
+
+def test_accuracy_by_facts_asks_filler_free_questions_that_a_reader_of_the_text_answers() -> None:
+    import re
+
+    seen: list[str] = []
+    tok, stream, reader = _tiny_tokenizer_and_reader(seen)
+    assert Q.accuracy_by_facts(reader, tok, stream, 5, seed=0) == {k: 1.0 for k in Q.FACT_COUNTS}
     for text in seen:  # only facts and the question: no filler between them
         assert re.fullmatch(r"( \w+ went to the \w+\.)+ Where is \w+\? \w+ is in the", text)
+
+
+def test_a_reader_of_the_text_answers_every_distance_and_gap() -> None:
+    seen: list[str] = []
+    tok, stream, reader = _tiny_tokenizer_and_reader(seen)
+    assert Q.accuracy_by_distance(reader, tok, 4, seed=0) == {k: 1.0 for k in Q.DISTANCES}
+    assert Q.accuracy_by_gap(reader, tok, stream, 4, seed=0) == {k: 1.0 for k in Q.GAPS}
 
 
 def test_distance_examples_ask_the_person_that_many_facts_back_each_place_named_once() -> None:
