@@ -68,7 +68,7 @@ import torch
 from benchmarks.lab import output as O
 from benchmarks.lab import tasks as T
 from benchmarks.lab.corpus import CORPORA
-from benchmarks.lab.pretrain import Prepared, corpus_problem, prepare
+from benchmarks.lab.pretrain import Prepared, check_episode_settings, corpus_problem, prepare
 from benchmarks.lab.retrieval import METHODS, Settings, quick, train_method
 from benchmarks.lab.runs import BACKBONE_IN_WINDOW, method_rows, read_run
 
@@ -710,6 +710,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.eval_recall_window is not None and args.eval_recall_window < 1:
             raise ValueError(f"--eval-recall-window must be >= 1 memory, got {args.eval_recall_window}.")
         check_evaluation(s)
+        check_episode_settings(s)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2

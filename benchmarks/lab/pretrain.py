@@ -155,17 +155,14 @@ def _episode_batch(tokenizer, stream: torch.Tensor, filler: list[int], vocab, s:
     return torch.tensor(rows), answers
 
 
-def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: RetrievalSettings,
-                           log: Callable[[str], None]) -> dict[str, Any]:
-    """Short windows of the corpus, a fraction of them whole task episodes that fit in the window, until the
-    backbone answers in-window needles (``target_in_window``) and in-window qa1 questions
-    (``target_qa1_in_window``), not before ``pretrain_min_steps``, or ``pretrain_steps`` run out. Both in-window
-    accuracies are logged at every check."""
+def check_episode_settings(s: RetrievalSettings, names: int = len(T.NAMES)) -> None:
+    """ValueError naming the first pretraining-episode setting of ``s`` out of its range (``names``: how many names
+    the task vocabulary has, at most `benchmarks.lab.tasks.NAMES`)."""
     if DENSE in s.pretrain_tasks and len(set(s.pretrain_tasks)) == 1:
         raise ValueError(f"pretrain_tasks {DENSE!r} needs another task beside it (its rows are drills, the held-out "
                          "questions are not).")
-    if not 2 <= s.drill_people <= len(vocab.names):
-        raise ValueError(f"drill_people must be in 2..{len(vocab.names)} (the names of the task vocabulary), got "
+    if not 2 <= s.drill_people <= names:
+        raise ValueError(f"drill_people must be in 2..{names} (the names of the task vocabulary), got "
                          f"{s.drill_people}.")
     if not 0.0 < s.drill_question_share < 1.0:
         raise ValueError(f"drill_question_share must be in (0, 1) (the share of a drill's sentences that are "
@@ -184,6 +181,15 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
     if not 1 <= s.pretrain_min_facts <= 6:
         raise ValueError(f"pretrain_min_facts must be in 1..6 (facts in a pretraining episode), got "
                          f"{s.pretrain_min_facts}.")
+
+
+def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: RetrievalSettings,
+                           log: Callable[[str], None]) -> dict[str, Any]:
+    """Short windows of the corpus, a fraction of them whole task episodes that fit in the window, until the
+    backbone answers in-window needles (``target_in_window``) and in-window qa1 questions
+    (``target_qa1_in_window``), not before ``pretrain_min_steps``, or ``pretrain_steps`` run out. Both in-window
+    accuracies are logged at every check."""
+    check_episode_settings(s, len(vocab.names))
     rng = random.Random(s.seed + 11)
     gen = torch.Generator().manual_seed(s.seed + 1)
     filler = stream.tolist()

@@ -487,3 +487,18 @@ def test_compare_pairs_two_backbones_on_their_in_window_questions_and_only_with_
     assert "has no backbone_in_window rows" in capsys.readouterr().err
     assert L.main(["--quick", "--methods", "backbone_in_window"]) == 2
     assert "use it with --compare" in capsys.readouterr().err
+
+
+def test_drill_options_out_of_range_are_one_line_before_any_loading(capsys):
+    import pytest
+
+    base = ["--quick", "--corpus", "no-such-corpus", "--pretrain-tasks", "facts_qa1_dense", "needle"]
+    for option, value, message in (("--drill-people", "1", "drill_people must be in 2..8"),
+                                   ("--drill-question-share", "1.0", "drill_question_share must be in (0, 1)"),
+                                   ("--drill-stale-share", "-0.1", "drill_stale_share must be in [0, 1]"),
+                                   ("--drill-filler-share", "1.0", "drill_filler_share must be in [0, 1)"),
+                                   ("--drill-hard-after", "2", "drill_hard_after must be in [0, 1]")):
+        assert L.main([*base, option, value]) == 2  # before the corpus (which does not exist) is looked for
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        L.main([*base, "--pretrain-schedule", "linear"])
