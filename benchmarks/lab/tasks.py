@@ -19,7 +19,6 @@ a backbone's in-window answers (`in_window_accuracy`).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -212,9 +211,9 @@ def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Rando
     names = rng.sample(vocab.names, people)
     ids: list[int] = []
     answers: list[int] = []
-    for sentence in itertools.count():
-        if len(ids) >= length:
-            break
+    sentence = -1
+    while len(ids) < length:
+        sentence += 1
         if filler_share > 0 and rng.random() < filler_share:
             ids += _filler(stream, rng.randint(4, 16), rng)
         elif where and rng.random() < question_share:
