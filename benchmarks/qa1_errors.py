@@ -16,16 +16,16 @@ argmax answer over the 8 places into one kind:
 * ``not_in_context``: a place no fact mentions.
 
 A backbone that copies a place from the context but does not bind it to the name asked about answers ``right`` about
-as often as copying any place the facts mention would (``copy_any_mentioned_place``), and its mistakes are ``other_person`` and ``latest_place``; one that has
-not learned to copy at all answers places ``not_in_context``. It also asks each backbone ``--questions`` questions per
-number of facts (2, 3, 4, 6) with the facts back to back and no filler (`accuracy_by_facts`): a lookup that holds for
-two facts and fades with more is soft or short-range (the next probes tell which). And it asks ``--questions`` questions per distance
-(`accuracy_by_distance`: six people move once each, the answer 1 to 6 facts back): a lookup that only reaches a
-sentence or two back is right there and near 1 in 6 further back. Last, two-fact questions with 0, 8, 16 or 32
-tokens of held-out text before the question (`accuracy_by_gap`): a shortcut that needs the question right after the
-facts falls towards half. Writes ``qa1_errors.json`` and ``qa1_errors.png`` (stacked shares per backbone, accuracy
-by number of facts, by distance and by gap) to ``--output-dir`` (default benchmarks/output; ``--update-results``:
-benchmarks/results).
+as often as copying any place the facts mention would (``copy_any_mentioned_place``), and its mistakes are
+``other_person`` and ``latest_place``; one that has not learned to copy at all answers places ``not_in_context``. It
+also asks each backbone ``--questions`` questions per number of facts (2, 3, 4, 6) with the facts back to back and no
+filler (`accuracy_by_facts`): a lookup that holds for two facts and fades with more is soft or short-range (the next
+probes tell which). And it asks ``--questions`` questions per distance (`accuracy_by_distance`: six people move once
+each, the answer 1 to 6 facts back): a lookup that only reaches a sentence or two back is right there and near 1 in 6
+further back. Last, two-fact questions with 0, 8, 16 or 32 tokens of held-out text before the question
+(`accuracy_by_gap`): a shortcut that needs the question right after the facts falls towards half. Writes
+``qa1_errors.json`` and ``qa1_errors.png`` (stacked shares per backbone, accuracy by number of facts, by distance and
+by gap) to ``--output-dir`` (default benchmarks/output; ``--update-results``: benchmarks/results).
 """
 
 from __future__ import annotations
