@@ -580,7 +580,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--drill-filler-share", type=float, default=None,
                    help="share of a drill's sentences that are a few tokens of corpus text (0): questions apart from facts")
     p.add_argument("--drill-hard-after", type=float, default=None, metavar="ACC",
-                   help="stale questions and filler in drills only once the two-fact probe reaches ACC (0: at once)")
+                   help="stale questions, filler and spread in drills only once the two-fact probe reaches ACC "
+                        "(0: at once)")
+    p.add_argument("--drill-spread", type=int, default=None, metavar="N",
+                   help="drills as episodes of 1..N moves and a question, the answer 1..N facts back with equal odds "
+                        "(0: off)")
     p.add_argument("--drill-question-share", type=float, default=None,
                    help="share of a drill's sentences that are questions (0.5): less puts more moves before each")
     p.add_argument("--hidden-size", type=int, default=None)
@@ -642,7 +646,7 @@ OVERRIDES = ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", 
              "examples_longest", "hmt_seed", "target_qa1_in_window", "pretrain_min_facts",
              "curriculum_ramp_fraction", "needle_offsets", "eval_recall_window", "eval_recall_sharpen_beyond",
              "pretrain_batch", "pretrain_weight_decay", "num_heads", "drill_people", "drill_question_share",
-             "pretrain_schedule", "drill_stale_share", "drill_filler_share", "drill_hard_after")
+             "pretrain_schedule", "drill_stale_share", "drill_filler_share", "drill_hard_after", "drill_spread")
 
 #: What may be given with ``--adapters-from`` (the rest would change the backbone, the adapters or their training).
 RESCORE_OPTIONS = ("backbone_cache", "threads", "needle_offsets", "methods", "examples", "examples_longest",

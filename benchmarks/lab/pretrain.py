@@ -139,7 +139,7 @@ def _episode_batch(tokenizer, stream: torch.Tensor, filler: list[int], vocab, s:
         if rng.random() < s.episode_fraction:
             if DENSE in tasks and rng.random() < tasks.count(DENSE) / len(tasks):
                 ids, at = T.facts_dense_row(tokenizer, vocab, window, rng, s.drill_people, s.drill_question_share,
-                                            s.drill_stale_share, s.drill_filler_share, filler)
+                                            s.drill_stale_share, s.drill_filler_share, filler, s.drill_spread)
                 answers += [(i, j) for j in at]
             else:
                 episode = T.random_episode(tokenizer, filler, vocab, window - 2, rng,
@@ -176,6 +176,12 @@ def check_episode_settings(s: RetrievalSettings, names: int = len(T.NAMES)) -> N
     if not 0.0 <= s.drill_hard_after <= 1.0:
         raise ValueError(f"drill_hard_after must be in [0, 1] (a two-fact probe accuracy; 0: from the start), got "
                          f"{s.drill_hard_after}.")
+    if s.drill_spread != 0 and not 2 <= s.drill_spread <= 12:
+        raise ValueError(f"drill_spread must be 0 (off) or in 2..12 (the most moves before a drill question), got "
+                         f"{s.drill_spread}.")
+    if s.drill_spread and (s.drill_stale_share > 0 or s.drill_question_share != 0.5):
+        raise ValueError("drill_spread sets where each drill question goes and whom it asks: it takes neither "
+                         "drill_stale_share nor drill_question_share.")
     if s.pretrain_schedule not in ("constant", "cosine"):
         raise ValueError(f"pretrain_schedule must be 'constant' or 'cosine', got {s.pretrain_schedule!r}.")
     if not 1 <= s.pretrain_min_facts <= 6:
@@ -207,9 +213,9 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / warmup))
     model.train()
     losses, curve = [], []
-    # drills with stale questions and filler only once the two-fact probe shows the binding (drill_hard_after > 0)
+    # drills with stale questions, filler or spread only once the two-fact probe shows the binding (drill_hard_after)
     hard_from = 0 if s.drill_hard_after <= 0 else None
-    easy = replace(s, drill_stale_share=0.0, drill_filler_share=0.0)
+    easy = replace(s, drill_stale_share=0.0, drill_filler_share=0.0, drill_spread=0)
     for step in range(1, s.pretrain_steps + 1):
         batch, answers = _episode_batch(tokenizer, stream, filler, vocab, s if hard_from is not None else easy, rng,
                                         gen)
@@ -232,7 +238,8 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
             if hard_from is None and binding >= s.drill_hard_after:
                 hard_from = step
                 log(f"pretraining step {step}: the two-fact probe reached {100 * s.drill_hard_after:.0f}%: drills "
-                    f"with stale questions ({s.drill_stale_share}) and filler ({s.drill_filler_share}) from here")
+                    f"with stale questions ({s.drill_stale_share}), filler ({s.drill_filler_share}) and spread "
+                    f"({s.drill_spread}) from here")
             if acc >= s.target_in_window and qa1 >= s.target_qa1_in_window and step >= s.pretrain_min_steps:
                 break
     model.eval().requires_grad_(False)
@@ -276,7 +283,7 @@ BACKBONE_FIELDS = ("corpus", "seed", "vocab_size", "hidden_size", "num_layers", 
 #: backbones cached before them keep their keys.
 LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks", "pretrain_min_facts", "pretrain_weight_decay",
                          "drill_people", "drill_question_share", "pretrain_schedule",
-                         "drill_stale_share", "drill_filler_share", "drill_hard_after")
+                         "drill_stale_share", "drill_filler_share", "drill_hard_after", "drill_spread")
 
 
 def backbone_key(s: RetrievalSettings) -> str:

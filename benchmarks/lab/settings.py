@@ -68,7 +68,8 @@ class RetrievalSettings(Settings):
     drill_question_share: float = 0.5  # share of a drill's sentences that are questions once someone has moved
     drill_stale_share: float = 0.0  # share of a drill's questions about the person named longest ago
     drill_filler_share: float = 0.0  # share of a drill's sentences that are a few tokens of corpus text instead
-    drill_hard_after: float = 0.0  # > 0: stale questions and filler only once the two-fact probe reaches this
+    drill_hard_after: float = 0.0  # > 0: stale questions, filler, spread only once the two-fact probe reaches this
+    drill_spread: int = 0  # > 0: drills are episodes of 1..this many moves, the answer uniformly far back among them
 
 
 #: The retrieval backbone of ``--quick`` runs (the one every retrieval result on record uses).

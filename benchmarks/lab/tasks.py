@@ -190,7 +190,7 @@ def facts_drill_example(tokenizer: Any, stream: Sequence[int], vocab: Vocab, len
 
 def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Random, people: int = 3,
                     question_share: float = 0.5, stale_share: float = 0.0, filler_share: float = 0.0,
-                    stream: Sequence[int] = ()) -> tuple[list[int], list[int]]:
+                    stream: Sequence[int] = (), spread: int = 0) -> tuple[list[int], list[int]]:
     """A pretraining-only qa1 drill of exactly ``length`` tokens (no filler unless ``filler_share``): moves " NAME went
     to the PLACE." of ``people`` people and, for a share ``question_share`` of the sentences once someone has moved, a
     question and its answer " Where is NAME? NAME is in the PLACE." about someone who has (the place of their last
@@ -203,9 +203,17 @@ def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Rando
 
     A share ``stale_share`` of the questions asks about the person named longest ago (by a move or an answer), the
     rest about anyone who has moved. A share ``filler_share`` of the sentences is instead 4-16 tokens of ``stream`` (text
-    of the corpus), so a question need not follow the facts it asks about."""
+    of the corpus), so a question need not follow the facts it asks about.
+
+    With ``spread`` > 0 the row is instead a run of episodes, each 1..``spread`` moves and then one question, about a
+    person whose last move sits at a uniformly drawn place among those moves (later moves are the others'; an earlier
+    one of theirs, superseded, in half the episodes that leave room for it): the answer is 1..``spread`` facts back
+    with equal odds, as in the held-out questions, where the drills above put it mostly one or two back
+    (``question_share`` and ``stale_share`` do not apply; ``filler_share`` does, before each move)."""
     if filler_share > 0 and not stream:
         raise ValueError("filler_share > 0 needs a stream of corpus tokens to take filler from.")
+    if spread > 0:
+        return _spread_row(tokenizer, vocab, length, rng, people, spread, filler_share, stream)
     where: dict[str, str] = {}
     named: dict[str, int] = {}  # person -> the sentence that last named them
     names = rng.sample(vocab.names, people)
@@ -229,6 +237,33 @@ def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Rando
             who, place = rng.choice(names), rng.choice(vocab.places)
             where[who], named[who] = place, sentence
             ids += _encode(tokenizer, f" {who} went to the {place}.")
+    return ids[:length], [i for i in answers if i < length]
+
+
+def _spread_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Random, people: int, spread: int,
+                filler_share: float, stream: Sequence[int]) -> tuple[list[int], list[int]]:
+    """`facts_dense_row` with ``spread``: episodes of 1..``spread`` moves and a question, the asked person's last
+    move at a uniform place among them."""
+    names = rng.sample(vocab.names, people)
+    ids: list[int] = []
+    answers: list[int] = []
+    while len(ids) < length:
+        asked, back = rng.choice(names), rng.randint(1, spread)  # the answer: ``back`` moves before the question
+        moves = back + rng.randint(0, spread - back)
+        last = moves - back  # the asked person's last move
+        earlier = rng.randrange(last) if last > 0 and rng.random() < 0.5 else -1  # a superseded move of theirs
+        others = [n for n in names if n != asked]
+        for i in range(moves):
+            if filler_share > 0 and rng.random() < filler_share:
+                ids += _filler(stream, rng.randint(4, 16), rng)
+            who = asked if i in (last, earlier) else rng.choice(others)
+            place = rng.choice(vocab.places)
+            if i == last:
+                answer = place
+            ids += _encode(tokenizer, f" {who} went to the {place}.")
+        ids += _encode(tokenizer, f" Where is {asked}? {asked} is in the")
+        answers.append(len(ids))
+        ids += _encode(tokenizer, f" {answer}.")
     return ids[:length], [i for i in answers if i < length]
 
 

@@ -497,7 +497,8 @@ def test_drill_options_out_of_range_are_one_line_before_any_loading(capsys):
                                    ("--drill-question-share", "1.0", "drill_question_share must be in (0, 1)"),
                                    ("--drill-stale-share", "-0.1", "drill_stale_share must be in [0, 1]"),
                                    ("--drill-filler-share", "1.0", "drill_filler_share must be in [0, 1)"),
-                                   ("--drill-hard-after", "2", "drill_hard_after must be in [0, 1]")):
+                                   ("--drill-hard-after", "2", "drill_hard_after must be in [0, 1]"),
+                                   ("--drill-spread", "1", "drill_spread must be 0 (off) or in 2..12")):
         assert L.main([*base, option, value]) == 2  # before the corpus (which does not exist) is looked for
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -223,3 +223,39 @@ def test_drill_hard_after_holds_the_stale_questions_and_filler_back_until_the_bi
         pretrain.pretrain_with_episodes(model, tok, stream, T.Vocab.of(tok), replace(s, drill_hard_after=2.0),
                                         lambda _: None)
     assert pretrain.backbone_key(s) != pretrain.backbone_key(replace(s, drill_hard_after=0.0))
+
+
+def test_spread_drills_put_the_answer_one_to_n_facts_back_with_even_odds() -> None:
+    import collections
+    import random
+    import re
+
+    import pytest
+
+    s, tok, model, stream = _tiny(pretrain_tasks=("needle", "facts_qa1_dense"))
+    vocab = T.Vocab.of(tok)
+    places = {tok(" " + p, add_special_tokens=False).input_ids[0]: p for p in vocab.places}
+    back = collections.Counter()
+    for r in range(150):
+        ids, at = T.facts_dense_row(tok, vocab, 64, random.Random(r), 3, spread=5)
+        assert len(ids) == 64 and at
+        for a in at:
+            before, asked = tok.decode(ids[:a]).rsplit(" Where is ", 1)
+            episode = re.split(r" Where is \w+\? \w+ is in the \w+\.", before)[-1]  # since the last answer
+            asked = asked.split("?")[0]
+            moves = re.findall(r" (\w+) went to the (\w+)\.", episode)
+            assert 1 <= len(moves) <= 5 and re.sub(r" \w+ went to the \w+\.", "", episode) == ""
+            last = max(i for i, (who, _) in enumerate(moves) if who == asked)  # their last move is in the episode
+            assert places[ids[a]] == moves[last][1]
+            back[len(moves) - last] += 1
+    assert set(back) == {1, 2, 3, 4, 5}
+    total = sum(back.values())
+    assert max(back.values()) < 2.5 * min(back.values()), back  # the default drills: mostly one or two back
+    assert back[1] / total < 0.45
+    for bad, message in ((dict(drill_spread=1), "drill_spread must be 0"), (dict(drill_spread=13), "drill_spread"),
+                         (dict(drill_spread=4, drill_stale_share=0.5), "takes neither"),
+                         (dict(drill_spread=4, drill_question_share=0.25), "takes neither")):
+        with pytest.raises(ValueError, match=message):
+            pretrain.pretrain_with_episodes(model, tok, stream, vocab, replace(s, **bad), lambda _: None)
+    assert pretrain.backbone_key(replace(s, drill_spread=6)) != pretrain.backbone_key(s)
+    assert pretrain.backbone_key(replace(s, drill_spread=0)) == pretrain.backbone_key(s)
