@@ -138,6 +138,8 @@ def check_evaluation(s: Settings) -> None:
     if s.needle_offsets not in ("depth", "spread"):
         raise ValueError(f"needle_offsets must be 'depth' or 'spread', got {s.needle_offsets!r}.")
     T.check_depths(s.needle_depths)
+    if s.facts_tasks and s.facts_examples < 1:
+        raise ValueError(f"facts_examples must be >= 1 per length of each facts task, got {s.facts_examples}.")
     if s.eval_recall_window < 0:
         raise ValueError(f"eval_recall_window must be >= 1 memory (0: the adapter's own), got {s.eval_recall_window}.")
     if s.eval_recall_sharpen_beyond < 0 or s.eval_recall_sharpen_beyond == 1:
@@ -612,6 +614,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="where HMT's training episodes put the supporting fact")
     p.add_argument("--examples", type=int, default=None, help="examples per length (and per in-window probe)")
     p.add_argument("--examples-longest", type=int, default=None, help="examples at the longest length")
+    p.add_argument("--facts-examples", type=int, default=None,
+                   help="at most this many examples per length of each facts task (--quick: 20)")
     p.add_argument("--recall-query", choices=("segment", "previous"), default=None)
     p.add_argument("--all-token-loss", action="store_true", help="train HMT on every token, not only the answer")
     p.add_argument("--seed", type=int, default=None, help="seed of the backbone, its data and the examples (0)")
@@ -643,7 +647,7 @@ def make_parser() -> argparse.ArgumentParser:
 OVERRIDES = ("corpus_dir", "backbone_cache", "placement", "in_window_fraction", "min_train_segments", "threads",
              "hmt_steps", "pretrain_steps", "max_train_segments", "recall_query", "pretrain_lr", "episode_fraction",
              "hidden_size", "num_layers", "answer_weight", "hmt_batch", "hmt_lr", "evidence", "examples",
-             "examples_longest", "hmt_seed", "target_qa1_in_window", "pretrain_min_facts",
+             "examples_longest", "facts_examples", "hmt_seed", "target_qa1_in_window", "pretrain_min_facts",
              "curriculum_ramp_fraction", "needle_offsets", "eval_recall_window", "eval_recall_sharpen_beyond",
              "pretrain_batch", "pretrain_weight_decay", "num_heads", "drill_people", "drill_question_share",
              "pretrain_schedule", "drill_stale_share", "drill_filler_share", "drill_hard_after", "drill_spread")

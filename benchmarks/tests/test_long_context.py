@@ -262,6 +262,17 @@ def test_quick_trains_the_border_recipe_on_rows_of_up_to_32_segments():
     assert s.max_train_segments == 16
 
 
+def test_facts_examples_from_the_command_line_and_checked():
+    import pytest
+
+    assert L.settings_from_args(L.make_parser().parse_args(["--quick"])).facts_examples == 20
+    s = L.settings_from_args(L.make_parser().parse_args(["--quick", "--facts-examples", "50"]))
+    assert s.facts_examples == 50
+    with pytest.raises(ValueError, match="facts_examples must be >= 1"):
+        L.check_evaluation(replace(s, facts_examples=0))
+    L.check_evaluation(replace(s, facts_examples=0, facts_tasks=()))  # no facts task: nothing to count
+
+
 def test_train_tasks_from_the_command_line_set_what_hmt_trains_on(corpus):
     tok, stream, vocab = corpus
     s = L.settings_from_args(L.make_parser().parse_args(["--quick", "--train-tasks", "facts_qa1"]))
