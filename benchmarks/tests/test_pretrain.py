@@ -144,15 +144,20 @@ def test_drill_people_and_question_share_shape_the_drill_rows_and_are_checked() 
     assert len(keys) == 3 and pretrain.backbone_key(replace(s, drill_people=3)) == pretrain.backbone_key(s)
 
 
+def _drill_setup():
+    """A tiny run with drills among its tasks, its task vocabulary and each place's token id -> place."""
+    s, tok, model, stream = _tiny(pretrain_tasks=("needle", "facts_qa1_dense"))
+    vocab = T.Vocab.of(tok)
+    return s, tok, model, stream, vocab, {tok(" " + p, add_special_tokens=False).input_ids[0]: p for p in vocab.places}
+
+
 def test_stale_questions_ask_the_person_named_longest_ago_and_filler_keeps_the_answers_right() -> None:
     import random
     import re
 
     import pytest
 
-    s, tok, model, stream = _tiny(pretrain_tasks=("needle", "facts_qa1_dense"))
-    vocab = T.Vocab.of(tok)
-    places = {tok(" " + p, add_special_tokens=False).input_ids[0]: p for p in vocab.places}
+    s, tok, model, stream, vocab, places = _drill_setup()
     corpus = stream.tolist()
     for r in range(10):
         ids, at = T.facts_dense_row(tok, vocab, 64, random.Random(r), 3, 0.5, stale_share=1.0)
@@ -232,9 +237,7 @@ def test_spread_drills_put_the_answer_one_to_n_facts_back_with_even_odds() -> No
 
     import pytest
 
-    s, tok, model, stream = _tiny(pretrain_tasks=("needle", "facts_qa1_dense"))
-    vocab = T.Vocab.of(tok)
-    places = {tok(" " + p, add_special_tokens=False).input_ids[0]: p for p in vocab.places}
+    s, tok, model, stream, vocab, places = _drill_setup()
     back = collections.Counter()
     for r in range(150):
         ids, at = T.facts_dense_row(tok, vocab, 64, random.Random(r), 3, spread=5)
