@@ -179,7 +179,8 @@ def check_episode_settings(s: RetrievalSettings, names: int = len(T.NAMES)) -> N
     if s.drill_spread != 0 and not 2 <= s.drill_spread <= 12:
         raise ValueError(f"drill_spread must be 0 (off) or in 2..12 (the most moves before a drill question), got "
                          f"{s.drill_spread}.")
-    if s.drill_spread and (s.drill_stale_share > 0 or s.drill_question_share != 0.5):
+    asks_its_own = s.drill_stale_share > 0 or s.drill_question_share != RetrievalSettings.drill_question_share
+    if s.drill_spread and asks_its_own:
         raise ValueError("drill_spread sets where each drill question goes and whom it asks: it takes neither "
                          "drill_stale_share nor drill_question_share.")
     if s.pretrain_schedule not in ("constant", "cosine"):

@@ -206,10 +206,11 @@ def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Rando
     of the corpus), so a question need not follow the facts it asks about.
 
     With ``spread`` > 0 the row is instead a run of episodes, each 1..``spread`` moves and then one question, about a
-    person whose last move sits at a uniformly drawn place among those moves (later moves are the others'; an earlier
-    one of theirs, superseded, in half the episodes that leave room for it): the answer is 1..``spread`` facts back
-    with equal odds, as in the held-out questions, where the drills above put it mostly one or two back
-    (``question_share`` and ``stale_share`` do not apply; ``filler_share`` does, before each move)."""
+    person whose last move is 1..``spread`` moves back with equal odds (the moves after it are the others'; an
+    earlier one of theirs, superseded, in half the episodes that leave room for it), as in the held-out questions,
+    where the drills above put the answer mostly one or two back (``question_share`` and ``stale_share`` do not
+    apply; ``filler_share`` does, before each move). These rows carry a shortcut of their own: the asked person's
+    move opens the episode in about 4 of 10 questions, and a backbone drilled on them learned that (BENCHMARKS.md)."""
     if filler_share > 0 and not stream:
         raise ValueError("filler_share > 0 needs a stream of corpus tokens to take filler from.")
     if spread > 0:
@@ -243,7 +244,7 @@ def facts_dense_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Rando
 def _spread_row(tokenizer: Any, vocab: Vocab, length: int, rng: random.Random, people: int, spread: int,
                 filler_share: float, stream: Sequence[int]) -> tuple[list[int], list[int]]:
     """`facts_dense_row` with ``spread``: episodes of 1..``spread`` moves and a question, the asked person's last
-    move at a uniform place among them."""
+    move 1..``spread`` moves back with equal odds."""
     names = rng.sample(vocab.names, people)
     ids: list[int] = []
     answers: list[int] = []
