@@ -4,6 +4,8 @@ the library), never from another script, and the lab imports no script."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,9 +41,6 @@ def test_the_lab_imports_no_script(module: Path) -> None:
 def test_a_benchmark_run_drops_the_bitsandbytes_notice_before_peft_is_imported() -> None:
     """A fresh interpreter that imports a benchmark has the CLI's narrow bitsandbytes filter on the logger that
     prints the notice, installed before peft's import could emit it (`hmt_adapter_cli.quiet`)."""
-    import subprocess
-    import sys
-
     code = ("import logging, sys; import benchmarks.long_context; "
             "from hmt_adapter_cli.quiet import BNB_LOGGER, _DropNotice; "
             "print(sum(isinstance(f, _DropNotice) for f in logging.getLogger(BNB_LOGGER).filters))")
