@@ -41,7 +41,7 @@ def test_the_lab_imports_no_script(module: Path) -> None:
 def test_a_benchmark_run_drops_the_bitsandbytes_notice_before_peft_is_imported() -> None:
     """A fresh interpreter that imports a benchmark has the CLI's narrow bitsandbytes filter on the logger that
     prints the notice, installed before peft's import could emit it (`hmt_adapter_cli.quiet`)."""
-    code = ("import logging, sys; import benchmarks.long_context; "
+    code = ("import logging; import benchmarks.long_context; "
             "from hmt_adapter_cli.quiet import BNB_LOGGER, _DropNotice; "
             "print(sum(isinstance(f, _DropNotice) for f in logging.getLogger(BNB_LOGGER).filters))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS.parent, capture_output=True, text=True,
