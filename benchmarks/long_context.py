@@ -68,7 +68,7 @@ import torch
 from benchmarks.lab import output as O
 from benchmarks.lab import tasks as T
 from benchmarks.lab.corpus import CORPORA
-from benchmarks.lab.pretrain import Prepared, check_episode_settings, corpus_problem, prepare
+from benchmarks.lab.pretrain import PRETRAIN_TASKS, Prepared, check_episode_settings, corpus_problem, prepare
 from benchmarks.lab.retrieval import METHODS, Settings, quick, train_method
 from benchmarks.lab.runs import BACKBONE_IN_WINDOW, method_rows, read_run
 
@@ -595,10 +595,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-segments", type=int, default=None)
     p.add_argument("--target-qa1-in-window", type=float, default=None,
                    help="pretraining also runs until the backbone answers this share of in-window qa1 questions")
-    p.add_argument("--pretrain-tasks", nargs="+", default=None,
-                   choices=("needle", "facts_qa1", "facts_qa2", "facts_qa1_drill", "facts_qa1_dense"),
+    p.add_argument("--pretrain-tasks", nargs="+", default=None, choices=PRETRAIN_TASKS,
                    help="the tasks of pretraining's in-window episodes, drawn uniformly (repeat one to weight it); "
                         "facts_qa1_dense: a whole window of qa1 drill without filler, several answers")
+    p.add_argument("--pretrain-tasks-bound", nargs="+", default=None, choices=PRETRAIN_TASKS,
+                   help="the tasks of pretraining's episodes once the two-fact probe reaches 90%% (the binding; "
+                        "default: --pretrain-tasks throughout)")
     p.add_argument("--pretrain-min-facts", type=int, default=None, metavar="N",
                    help="pretraining's facts episodes have N..6 facts, drawn uniformly (default 6: as the held-out "
                         "tasks)")
@@ -663,7 +665,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides.update({key: getattr(args, key) for key in OVERRIDES if getattr(args, key) is not None})
     if args.methods:
         overrides["methods"] = tuple(args.methods)
-    for key in ("needle_lengths", "facts_lengths", "pretrain_tasks", "train_tasks", "needle_depths"):
+    for key in ("needle_lengths", "facts_lengths", "pretrain_tasks", "pretrain_tasks_bound", "train_tasks",
+                "needle_depths"):
         if getattr(args, key):
             overrides[key] = tuple(getattr(args, key))
     if args.facts_tasks is not None:

@@ -126,6 +126,13 @@ def pretrain_until_plateau(model, stream: torch.Tensor, validation: torch.Tensor
 #: The pretraining-only task of `benchmarks.lab.tasks.facts_dense_row` (a whole window of qa1 drill, several answers).
 DENSE = "facts_qa1_dense"
 
+#: The tasks a pretraining episode can be (``pretrain_tasks``, ``pretrain_tasks_bound``).
+PRETRAIN_TASKS = ("needle", "facts_qa1", "facts_qa2", "facts_qa1_drill", DENSE)
+
+#: The two-fact probe's accuracy that shows the binding (a name read back to its place with a second person beside
+#: it): from here ``pretrain_tasks_bound`` replaces ``pretrain_tasks``.
+BINDING = 0.9
+
 
 def _episode_batch(tokenizer, stream: torch.Tensor, filler: list[int], vocab, s: RetrievalSettings,
                    rng: random.Random, gen: torch.Generator) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -158,9 +165,14 @@ def _episode_batch(tokenizer, stream: torch.Tensor, filler: list[int], vocab, s:
 def check_episode_settings(s: RetrievalSettings, names: int = len(T.NAMES)) -> None:
     """ValueError naming the first pretraining-episode setting of ``s`` out of its range (``names``: how many names
     the task vocabulary has, at most `benchmarks.lab.tasks.NAMES`)."""
-    if DENSE in s.pretrain_tasks and len(set(s.pretrain_tasks)) == 1:
-        raise ValueError(f"pretrain_tasks {DENSE!r} needs another task beside it (its rows are drills, the held-out "
-                         "questions are not).")
+    for field in ("pretrain_tasks", "pretrain_tasks_bound"):
+        tasks = getattr(s, field)
+        if DENSE in tasks and len(set(tasks)) == 1:
+            raise ValueError(f"{field} {DENSE!r} needs another task beside it (its rows are drills, the held-out "
+                             "questions are not).")
+        unknown = sorted(set(tasks) - set(PRETRAIN_TASKS))
+        if unknown:
+            raise ValueError(f"{field} has unknown tasks {unknown}; choose from {list(PRETRAIN_TASKS)}.")
     if not 2 <= s.drill_people <= names:
         raise ValueError(f"drill_people must be in 2..{names} (the names of the task vocabulary), got "
                          f"{s.drill_people}.")
@@ -217,9 +229,13 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
     # drills with stale questions, filler or spread only once the two-fact probe shows the binding (drill_hard_after)
     hard_from = 0 if s.drill_hard_after <= 0 else None
     easy = replace(s, drill_stale_share=0.0, drill_filler_share=0.0, drill_spread=0)
+    # and the episodes of pretrain_tasks_bound in place of pretrain_tasks once the probe shows it (BINDING)
+    bound_from: Optional[int] = None
     for step in range(1, s.pretrain_steps + 1):
-        batch, answers = _episode_batch(tokenizer, stream, filler, vocab, s if hard_from is not None else easy, rng,
-                                        gen)
+        now = s if hard_from is not None else easy
+        if bound_from is not None:
+            now = replace(now, pretrain_tasks=s.pretrain_tasks_bound)
+        batch, answers = _episode_batch(tokenizer, stream, filler, vocab, now, rng, gen)
         out = model(input_ids=batch, labels=batch.masked_fill(batch == 0, -100))
         loss = out.loss
         if s.answer_weight > 0 and answers:  # an answer is 1 token in a window: weight it up, or it is never learned
@@ -241,10 +257,15 @@ def pretrain_with_episodes(model, tokenizer, stream: torch.Tensor, vocab, s: Ret
                 log(f"pretraining step {step}: the two-fact probe reached {100 * s.drill_hard_after:.0f}%: drills "
                     f"with stale questions ({s.drill_stale_share}), filler ({s.drill_filler_share}) and spread "
                     f"({s.drill_spread}) from here")
+            if s.pretrain_tasks_bound and bound_from is None and binding >= BINDING:
+                bound_from = step
+                log(f"pretraining step {step}: the two-fact probe reached {100 * BINDING:.0f}%: episodes from "
+                    f"{list(s.pretrain_tasks_bound)} from here")
             if acc >= s.target_in_window and qa1 >= s.target_qa1_in_window and step >= s.pretrain_min_steps:
                 break
     model.eval().requires_grad_(False)
-    return {"losses": losses[::10], "curve": curve, "steps": step, "drills_hard_from": hard_from}
+    return {"losses": losses[::10], "curve": curve, "steps": step, "drills_hard_from": hard_from,
+            "tasks_bound_from": bound_from}
 
 
 # ---- the retrieval benchmarks' shared start: corpus, tokenizer, frozen backbone (cached) ----------------------------
@@ -284,7 +305,8 @@ BACKBONE_FIELDS = ("corpus", "seed", "vocab_size", "hidden_size", "num_layers", 
 #: backbones cached before them keep their keys.
 LATER_BACKBONE_FIELDS = ("target_qa1_in_window", "pretrain_tasks", "pretrain_min_facts", "pretrain_weight_decay",
                          "drill_people", "drill_question_share", "pretrain_schedule",
-                         "drill_stale_share", "drill_filler_share", "drill_hard_after", "drill_spread")
+                         "drill_stale_share", "drill_filler_share", "drill_hard_after", "drill_spread",
+                         "pretrain_tasks_bound")
 
 
 def backbone_key(s: RetrievalSettings) -> str:

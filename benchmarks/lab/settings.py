@@ -70,6 +70,7 @@ class RetrievalSettings(Settings):
     drill_filler_share: float = 0.0  # share of a drill's sentences that are a few tokens of corpus text instead
     drill_hard_after: float = 0.0  # > 0: stale questions, filler, spread only once the two-fact probe reaches this
     drill_spread: int = 0  # > 0: drills are episodes of 1..this many moves, the answer uniformly far back among them
+    pretrain_tasks_bound: tuple = ()  # once the two-fact probe reaches 90% (the binding), episodes from these instead
 
 
 #: The retrieval backbone of ``--quick`` runs (the one every retrieval result on record uses).

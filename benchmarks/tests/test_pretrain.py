@@ -230,6 +230,34 @@ def test_drill_hard_after_holds_the_stale_questions_and_filler_back_until_the_bi
     assert pretrain.backbone_key(s) != pretrain.backbone_key(replace(s, drill_hard_after=0.0))
 
 
+def test_pretrain_tasks_bound_replace_the_tasks_once_the_binding_probe_reaches_90_percent(monkeypatch) -> None:
+    import pytest
+
+    drills, prose = ("needle", "facts_qa1_dense", "facts_qa1_dense"), ("needle", "facts_qa1_dense", "facts_qa1")
+    s, tok, model, stream = _tiny(pretrain_tasks=drills, pretrain_tasks_bound=prose)
+    s = replace(s, pretrain_steps=6, target_in_window=1.01)  # no early stop: runs every step
+    seen = []
+    batch = pretrain._episode_batch
+
+    def record(tokenizer, stream_, filler, vocab, settings, rng, gen):
+        seen.append(settings.pretrain_tasks)
+        return batch(tokenizer, stream_, filler, vocab, settings, rng, gen)
+
+    monkeypatch.setattr(pretrain, "_episode_batch", record)
+    probes = iter([0.0, 0.0, 0.85,  # step 2: needle, qa1, two facts (85%: not yet)
+                   0.0, 0.0, 0.9,   # step 4: the binding shows
+                   0.0, 0.0, 0.0])  # step 6: a later dip does not switch back
+    monkeypatch.setattr(T, "in_window_accuracy", lambda *a: next(probes))
+    done = pretrain.pretrain_with_episodes(model, tok, stream, T.Vocab.of(tok), s, lambda _: None)
+    assert done["tasks_bound_from"] == 4
+    assert seen == [drills] * 4 + [prose] * 2
+    for bad, match in ((("facts_qa1_dense",), "pretrain_tasks_bound 'facts_qa1_dense' needs another task"),
+                       (("needle", "qa3"), r"pretrain_tasks_bound has unknown tasks \['qa3'\]")):
+        with pytest.raises(ValueError, match=match):
+            pretrain.check_episode_settings(replace(s, pretrain_tasks_bound=bad))
+    assert pretrain.backbone_key(s) != pretrain.backbone_key(replace(s, pretrain_tasks_bound=()))
+
+
 def test_spread_drills_put_the_answer_one_to_n_facts_back_with_even_odds() -> None:
     import collections
     import random
