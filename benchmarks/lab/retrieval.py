@@ -107,6 +107,15 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                                        {"placement": "segment", "in_window_fraction": 0.25,
                                                         "decoy_fraction": 0.5, "question_border_fraction": 0.5,
                                                         "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
+    # the same with the recall query over 61 of 64 tokens (summary_fraction 0.95): a qa1 question names whose place
+    # it asks at the end of the last segment, and the paper's query (the first half) never sees the name
+    "hmt_write_init_null_decoy_border_query95_spread_stable": ({"write_token": "learned",
+                                                                "write_token_init_text": " The secret word is",
+                                                                "recall_null": True, "summary_fraction": 0.95},
+                                                               {"placement": "segment", "in_window_fraction": 0.25,
+                                                                "decoy_fraction": 0.5,
+                                                                "question_border_fraction": 0.5,
+                                                                "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_gate_stable": ({"write_token": "learned", "memory_gate": True},
                               {"hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
