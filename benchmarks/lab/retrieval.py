@@ -27,6 +27,12 @@ from benchmarks.lab.settings import RETRIEVAL_QUICK, RetrievalSettings
 from hmt_adapter import HMTConfig
 from hmt_adapter_cli import prompt_completion as P
 
+#: The current recipe (`--quick`'s HMT method, `hmt_write_init_null_decoy_border_spread_stable`): its HMTConfig
+#: overrides and its training-recipe overrides, which the variants below start from.
+_BORDER_CONFIG = {"write_token": "learned", "write_token_init_text": " The secret word is", "recall_null": True}
+_BORDER_RECIPE = {"placement": "segment", "in_window_fraction": 0.25, "decoy_fraction": 0.5,
+                  "question_border_fraction": 0.5, "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}
+
 #: method -> (HMTConfig overrides, training-recipe overrides). "write" methods use a learned write token.
 METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hmt": ({}, {}),
@@ -101,21 +107,15 @@ METHOD_SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                                     "hmt_schedule": "cosine"}),
     # the decoy recipe with half its rows ending the question just past a segment border (`question_tail`): with
     # longer rows, the held-out questions that end there are the ones the Python docs lose at 64k
-    "hmt_write_init_null_decoy_border_spread_stable": ({"write_token": "learned",
-                                                        "write_token_init_text": " The secret word is",
-                                                        "recall_null": True},
-                                                       {"placement": "segment", "in_window_fraction": 0.25,
-                                                        "decoy_fraction": 0.5, "question_border_fraction": 0.5,
-                                                        "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
+    "hmt_write_init_null_decoy_border_spread_stable": (_BORDER_CONFIG, _BORDER_RECIPE),
     # the same with the recall query over 61 of 64 tokens (summary_fraction 0.95): a qa1 question names whose place
     # it asks at the end of the last segment, and the paper's query (the first half) never sees the name
-    "hmt_write_init_null_decoy_border_query95_spread_stable": ({"write_token": "learned",
-                                                                "write_token_init_text": " The secret word is",
-                                                                "recall_null": True, "summary_fraction": 0.95},
-                                                               {"placement": "segment", "in_window_fraction": 0.25,
-                                                                "decoy_fraction": 0.5,
-                                                                "question_border_fraction": 0.5,
-                                                                "hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
+    "hmt_write_init_null_decoy_border_query95_spread_stable": ({**_BORDER_CONFIG, "summary_fraction": 0.95},
+                                                               _BORDER_RECIPE),
+    # and with the write token started at " the", the last token of a qa1 question ("X is in the"), not " is"
+    "hmt_write_initqa1_null_decoy_border_query95_spread_stable": ({**_BORDER_CONFIG, "summary_fraction": 0.95,
+                                                                   "write_token_init_text": " X is in the"},
+                                                                  _BORDER_RECIPE),
     "hmt_write_gate_stable": ({"write_token": "learned", "memory_gate": True},
                               {"hmt_max_grad_norm": 1.0, "hmt_schedule": "cosine"}),
     "hmt_write_no_recall": ({"write_token": "learned", "use_recall": False}, {}),
